@@ -1,0 +1,151 @@
+"""The MoST decoder: embeddings -> [attention + (dense SwiGLU | modality-aware MoE)] x L -> norm -> LM head.
+
+Module names follow the HF DeepSeek-V2 checkpoint layout (``model.layers.{i}.self_attn.*``, ``.mlp.*``) so
+weights map one to one. Only the MoE feed-forward layers read the modality marks (MOST_SPEC 2.4).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from most_lightning.model.attention import KVCache, build_attention
+from most_lightning.model.config import MoSTConfig
+from most_lightning.model.experts import GroupedExperts, SwiGLU
+from most_lightning.model.moe import MoELayer
+from most_lightning.model.norm import RMSNorm
+from most_lightning.model.rope import RotaryEmbedding
+from most_lightning.model.router import Router, RouterStats
+
+
+@dataclass
+class MoSTOutput:
+    logits: torch.Tensor
+    aux_loss: torch.Tensor
+    aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)
+    router_stats: list[RouterStats] = field(default_factory=list)
+    past_key_values: KVCache | None = None
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: MoSTConfig, layer_idx: int):
+        super().__init__()
+        self.self_attn = build_attention(config, layer_idx)
+        self.mlp = MoELayer(config) if config.is_moe_layer(layer_idx) else SwiGLU(config.hidden_size,
+                                                                                    config.intermediate_size)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, hidden, modality, cos, sin, mask, cache, token_mask):
+        hidden = hidden + self.self_attn(self.input_layernorm(hidden), cos, sin, mask, cache)
+        normed = self.post_attention_layernorm(hidden)
+        if isinstance(self.mlp, MoELayer):
+            out, routing = self.mlp(normed, modality, token_mask)
+            return hidden + out, routing
+        return hidden + self.mlp(normed), None
+
+
+class MoSTModel(nn.Module):
+    def __init__(self, config: MoSTConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        rope_dim = config.qk_rope_head_dim if config.attention == "mla" else (
+            config.head_dim or config.hidden_size // config.num_heads)
+        self.rotary = RotaryEmbedding(rope_dim, config.rope_theta, config.rope_scaling)
+
+
+def _is_right_padded(attention_mask: torch.Tensor) -> bool:
+    mask = attention_mask.bool()
+    return bool((mask[:, 1:] <= mask[:, :-1]).all())
+
+
+def _attention_mask(attention_mask: torch.Tensor | None, q_len: int, past: int) -> torch.Tensor | None:
+    """Bool [B, 1, Tq, Tk] = causal & key not padding; None when plain causal attention suffices."""
+    if past == 0 and (attention_mask is None or _is_right_padded(attention_mask)):
+        return None  # real tokens never see right padding under a causal mask
+    k_len = past + q_len
+    device = attention_mask.device if attention_mask is not None else None
+    q_pos = torch.arange(past, k_len, device=device)[:, None]
+    causal = torch.arange(k_len, device=device)[None, :] <= q_pos  # [Tq, Tk]
+    if attention_mask is None:
+        return causal[None, None]
+    mask = causal[None] & attention_mask[:, None, :k_len].bool()
+    # A padding query whose keys are all padding would get NaN; let every position see itself.
+    mask |= torch.arange(k_len, device=device)[None, None, :] == q_pos[None]
+    return mask[:, None]
+
+
+class MoSTForCausalLM(nn.Module):
+    def __init__(self, config: MoSTConfig):
+        super().__init__()
+        self.config = config
+        self.model = MoSTModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """HF DeepSeek init: normal(0, initializer_range) for every matrix, ones for norms."""
+        std = self.config.initializer_range
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, std=std)
+            elif isinstance(module, (GroupedExperts, Router)):
+                for param in module.parameters(recurse=False):
+                    nn.init.normal_(param, std=std)
+            elif isinstance(module, RMSNorm):
+                module.weight.fill_(1.0)
+
+    def forward(self, input_ids: torch.Tensor, modality: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                past_key_values: KVCache | None = None, use_cache: bool = False) -> MoSTOutput:
+        """input_ids/modality/position_ids [B, T]; attention_mask [B, past + T] bool (True = real token)."""
+        batch, seq = input_ids.shape
+        if modality is None:
+            modality = torch.zeros_like(input_ids)
+        if modality.shape != input_ids.shape:
+            raise ValueError(f"modality marks {tuple(modality.shape)} must match input_ids {tuple(input_ids.shape)}")
+        if use_cache and past_key_values is None:
+            past_key_values = KVCache(self.config.num_layers)
+        past = past_key_values.seq_len if past_key_values is not None else 0
+        if past + seq > self.config.max_position_embeddings:
+            raise ValueError(f"sequence of {past + seq} tokens exceeds model.max_position_embeddings="
+                             f"{self.config.max_position_embeddings}")
+        if position_ids is None:
+            position_ids = torch.arange(past, past + seq, device=input_ids.device).expand(batch, -1)
+
+        hidden = self.model.embed_tokens(input_ids)
+        cos, sin = self.model.rotary(position_ids, hidden.dtype)
+        mask = _attention_mask(attention_mask, seq, past)
+        token_mask = attention_mask[:, past:] if attention_mask is not None else None
+
+        aux_losses: dict[str, torch.Tensor] = {}
+        stats: list[RouterStats] = []
+        for layer in self.model.layers:
+            hidden, routing = layer(hidden, modality, cos, sin, mask, past_key_values, token_mask)
+            if routing is not None:
+                stats.append(routing.stats)
+                for name, value in routing.aux_losses.items():
+                    aux_losses[name] = aux_losses.get(name, 0) + value
+        logits = self.lm_head(self.model.norm(hidden))
+        aux_loss = sum(aux_losses.values()) if aux_losses else logits.new_zeros(())
+        return MoSTOutput(logits=logits, aux_loss=aux_loss, aux_losses=aux_losses, router_stats=stats,
+                          past_key_values=past_key_values if use_cache else None)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    @torch.no_grad()
+    def generate(self, input_ids, modality, attention_mask=None, max_new_tokens: int = 64, *, eos_id: int,
+                 pad_id: int | None = None, modality_of=None) -> torch.Tensor:
+        from most_lightning.model.generation import greedy_generate
+
+        return greedy_generate(self, input_ids, modality, attention_mask, max_new_tokens, eos_id=eos_id,
+                               pad_id=pad_id, modality_of=modality_of)
