@@ -1,0 +1,94 @@
+"""Unit extractor = feature encoder + k-means quantizer (+ dedup of consecutive repeats).
+
+    extractor = UnitExtractor.fit(train_waveforms, n_units=500)   # MFCC encoder by default
+    units = extractor(wave)                                         # LongTensor [frames] at 25 Hz
+    extractor.save(dir); UnitExtractor.load(dir)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import torch
+
+from .features import FeatureEncoder, MFCCEncoder, build_encoder
+from .quantizer import KMeansQuantizer
+
+CONFIG_FILE = "unit_extractor.json"
+CENTROIDS_FILE = "kmeans.safetensors"
+
+
+def dedup_units(units: Sequence[int] | torch.Tensor) -> list[int]:
+    """Merge runs of the same unit: [5, 5, 7, 7, 7, 5] -> [5, 7, 5] (as SpiritLM/MoST feed units to the LM)."""
+    seq = units.tolist() if isinstance(units, torch.Tensor) else list(units)
+    return [u for i, u in enumerate(seq) if i == 0 or u != seq[i - 1]]
+
+
+def sample_frames(features: Sequence[torch.Tensor], max_frames: int, seed: int = 0) -> torch.Tensor:
+    """Concatenate per-utterance features, keeping a seeded random subset of at most max_frames rows."""
+    x = torch.cat(list(features), dim=0)
+    if x.shape[0] > max_frames:
+        g = torch.Generator().manual_seed(seed)
+        x = x[torch.randperm(x.shape[0], generator=g)[:max_frames]]
+    return x
+
+
+class UnitExtractor:
+    def __init__(self, encoder: FeatureEncoder, quantizer: KMeansQuantizer, dedup: bool = False):
+        if encoder.dim != quantizer.dim:
+            raise ValueError(f"encoder gives {encoder.dim}-d features but the quantizer expects {quantizer.dim}-d")
+        self.encoder = encoder
+        self.quantizer = quantizer
+        self.dedup = dedup
+
+    @property
+    def n_units(self) -> int:
+        return self.quantizer.n_units
+
+    @property
+    def frame_rate(self) -> float:
+        return self.encoder.frame_rate
+
+    @property
+    def sample_rate(self) -> int:
+        return self.encoder.sample_rate
+
+    @classmethod
+    def fit(
+        cls,
+        waveforms: Iterable[torch.Tensor],
+        n_units: int = 500,
+        encoder: FeatureEncoder | None = None,
+        max_frames: int = 200_000,
+        seed: int = 0,
+        dedup: bool = False,
+    ) -> "UnitExtractor":
+        """Fit the quantizer on the encoder's features of `waveforms` (16 kHz mono [T] tensors)."""
+        encoder = encoder or MFCCEncoder()
+        feats = [encoder(w) for w in waveforms]
+        return cls(encoder, KMeansQuantizer.fit(sample_frames(feats, max_frames, seed), n_units, seed=seed), dedup)
+
+    def __call__(self, wave: torch.Tensor) -> torch.Tensor:
+        """[T] waveform at encoder.sample_rate -> LongTensor unit ids (deduplicated if self.dedup)."""
+        units = self.quantizer(self.encoder(wave))
+        return torch.tensor(dedup_units(units), dtype=torch.long) if self.dedup else units
+
+    def save(self, directory: str | os.PathLike) -> None:
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        self.quantizer.save(d / CENTROIDS_FILE)
+        meta = {"encoder": self.encoder.config(), "n_units": self.n_units, "dedup": self.dedup,
+                "frame_rate": self.frame_rate, "quantizer": CENTROIDS_FILE}
+        (d / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> "UnitExtractor":
+        d = Path(directory)
+        if not (d / CONFIG_FILE).is_file():
+            raise FileNotFoundError(f"{d}: no {CONFIG_FILE}; expected a directory written by UnitExtractor.save")
+        meta = json.loads((d / CONFIG_FILE).read_text())
+        return cls(build_encoder(meta["encoder"]), KMeansQuantizer.load(d / meta.get("quantizer", CENTROIDS_FILE)),
+                   bool(meta.get("dedup", False)))

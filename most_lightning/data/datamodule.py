@@ -1,0 +1,305 @@
+"""MoSTDataModule: corpus -> tokenizer -> streamed, mixed, padded batches of the interface contract.
+
+    dm = MoSTDataModule(data_dir="data", corpus={"n_train": 1000}, batch_size=16)
+    dm.tokenizer.vocab_size        # builds/loads the corpus on first use; needed before the model exists
+    trainer.fit(model, datamodule=dm)
+
+Training streams WebDataset shards (endless, explicit rank/worker shard assignment, fixed batches per epoch).
+Validation and test read their (small) splits into memory and are map-style, so a single device makes one
+exact pass and Lightning's DistributedSampler splits them under DDP (padding the last rank with repeats).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from lightning.pytorch import LightningDataModule
+from torch.utils.data import DataLoader, Dataset
+
+from ..text.tokenizer import MoSTTokenizer
+from .collate import GenerationCollator, TeacherForcedCollator
+from .demo_corpus import DemoCorpusRecipe, build_demo_corpus, corpus_dir_for, load_manifest
+from .samples import (BadSamplePolicy, OverlongSampleError, SpeechRecord, decode_speech_sample,
+                      iter_records)
+from .streams import EpochAwareLoader, MixedTaskStream
+from .tasks import TASKS, Example, GenerationExample, TaskFormatter
+
+DEFAULT_TASK_WEIGHTS = {"asr": 0.4, "tts": 0.4, "text": 0.2}  # stage-1 mix of the reference
+
+
+class ListDataset(Dataset):
+    def __init__(self, items: Sequence[Any]):
+        self.items = list(items)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> Any:
+        return self.items[i]
+
+
+def derangement(n: int, seed: int) -> list[int]:
+    """A seeded permutation with no fixed point (Sattolo's algorithm: one random n-cycle); n >= 2."""
+    if n < 2:
+        raise ValueError(f"a derangement needs at least 2 items, got {n}")
+    perm = list(range(n))
+    rng = random.Random(seed)
+    for i in range(n - 1, 0, -1):
+        j = rng.randrange(i)
+        perm[i], perm[j] = perm[j], perm[i]
+    return perm
+
+
+def mismatch_units(records: Sequence[SpeechRecord], seed: int) -> list[list[int]]:
+    """For each record, the units of an utterance of a DIFFERENT sentence (deterministic): the text-prior baseline."""
+    groups: dict[str, list[int]] = {}
+    for i, r in enumerate(records):
+        groups.setdefault(r.transcript, []).append(i)
+    names = list(groups)
+    position = {name: i for i, name in enumerate(names)}
+    perm = derangement(len(names), seed)
+    out = []
+    for i, r in enumerate(records):
+        donors = groups[names[perm[position[r.transcript]]]]
+        out.append(records[donors[i % len(donors)]].units)
+    return out
+
+
+def _plain(value: Any) -> Any:
+    """DictConfig/ListConfig (from Hydra) -> dict/list; leaves other values alone."""
+    try:
+        from omegaconf import DictConfig, ListConfig, OmegaConf
+
+        if isinstance(value, (DictConfig, ListConfig)):
+            return OmegaConf.to_container(value, resolve=True)
+    except ImportError:  # pragma: no cover
+        pass
+    return value
+
+
+class MoSTDataModule(LightningDataModule):
+    def __init__(
+        self,
+        data_dir: str = "data",
+        corpus: DemoCorpusRecipe | Mapping | None = None,
+        corpus_dir: str | None = None,
+        batch_size: int = 16,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        task_weights: Mapping[str, float] | None = None,
+        max_length: int | None = 1024,
+        max_length_policy: str = "drop",
+        on_bad_sample: str = "skip",
+        shuffle_buffer: int = 500,
+        shard_sampling: str = "split",
+        batches_per_epoch: int | None = None,
+        dedup_units: bool = True,
+        verify_audio: str = "header",
+        val_tasks: Sequence[str] = TASKS,
+        val_limit: int | None = None,
+        test_limit: int | None = None,
+        test_asr_mismatched: bool = False,
+        seed: int = 0,
+        build_workers: int | None = None,
+        progress: bool = True,
+        pin_memory: bool = False,
+    ):
+        """
+        data_dir: cache root; the demo corpus goes to <data_dir>/demo/<recipe-hash>.
+        corpus: DemoCorpusRecipe or its fields as a dict (ignored when corpus_dir is given).
+        corpus_dir: an already prepared corpus (a directory with manifest.json) instead of the demo corpus.
+        batches_per_epoch: batches per rank per training epoch; None = about one pass over the train speech.
+        val_limit / test_limit: at most this many utterances (per task) from the split; None = all.
+        test_asr_mismatched: pair each test transcript with another sentence's audio in the ASR generation loader.
+        on_bad_sample: 'skip' (count in batch['n_skipped']) or 'raise' (BadSampleError naming key and shard).
+        max_length_policy: 'drop' (an over-long example is a bad sample) or 'truncate' (count in n_truncated).
+        """
+        super().__init__()
+        self.data_dir = str(data_dir)
+        self.recipe = DemoCorpusRecipe.from_any(_plain(corpus))
+        self.corpus_dir_arg = str(corpus_dir) if corpus_dir else None
+        self.batch_size = int(batch_size)
+        self.eval_batch_size = int(eval_batch_size or batch_size)
+        self.num_workers = int(num_workers)
+        self.task_weights = {str(k): float(v) for k, v in dict(_plain(task_weights) or DEFAULT_TASK_WEIGHTS).items()}
+        self.max_length = max_length
+        self.max_length_policy = max_length_policy
+        self.on_bad_sample = on_bad_sample
+        self.shuffle_buffer = int(shuffle_buffer)
+        self.shard_sampling = shard_sampling
+        self.batches_per_epoch = batches_per_epoch
+        self.dedup_units = bool(dedup_units)
+        self.verify_audio = verify_audio
+        self.val_tasks = tuple(_plain(val_tasks))
+        self.val_limit, self.test_limit = val_limit, test_limit
+        self.test_asr_mismatched = bool(test_asr_mismatched)
+        self.seed = int(seed)
+        self.build_workers, self.progress, self.pin_memory = build_workers, progress, pin_memory
+        BadSamplePolicy(on_bad_sample)
+        if max_length_policy not in ("drop", "truncate"):
+            raise ValueError(f"max_length_policy must be 'drop' or 'truncate', got {max_length_policy!r}")
+        bad_tasks = [t for t in self.val_tasks if t not in TASKS]
+        if bad_tasks:
+            raise ValueError(f"unknown val_tasks {bad_tasks}; known: {TASKS}")
+        unknown = sorted(set(self.task_weights) - set(TASKS))
+        if unknown or not any(w > 0 for w in self.task_weights.values()):
+            raise ValueError(f"task_weights {self.task_weights} must give positive weight to some of {TASKS} "
+                             f"and name no other task{f' (unknown: {unknown})' if unknown else ''}")
+        self._tokenizer: MoSTTokenizer | None = None
+        self._manifest: dict[str, Any] | None = None
+        self._eval_cache: dict[tuple, Any] = {}
+
+    # ------------------------------------------------------------------ corpus
+    @property
+    def corpus_dir(self) -> Path:
+        return Path(self.corpus_dir_arg) if self.corpus_dir_arg else corpus_dir_for(self.recipe, self.data_dir)
+
+    def prepare_data(self) -> None:
+        """Build the demo corpus once (cached by recipe hash; a file lock serialises concurrent builders)."""
+        if self.corpus_dir_arg:
+            load_manifest(self.corpus_dir)  # fail early with a clear message
+        else:
+            build_demo_corpus(self.recipe, self.data_dir, self.build_workers, self.progress)
+
+    @property
+    def manifest(self) -> dict[str, Any]:
+        if self._manifest is None:
+            if not (self.corpus_dir / "manifest.json").is_file():
+                self.prepare_data()
+            self._manifest = load_manifest(self.corpus_dir)
+        return self._manifest
+
+    @property
+    def tokenizer(self) -> MoSTTokenizer:
+        """The corpus tokenizer; builds the corpus first if needed (so the model can be sized before fit)."""
+        if self._tokenizer is None:
+            self._tokenizer = MoSTTokenizer.load(self.corpus_dir / self.manifest.get("tokenizer", "tokenizer"))
+            if self._tokenizer.n_units != self.manifest["n_units"]:
+                raise ValueError(f"tokenizer has {self._tokenizer.n_units} unit tokens but the corpus units "
+                                 f"have {self.manifest['n_units']} values ({self.corpus_dir})")
+        return self._tokenizer
+
+    def shards(self, split: str) -> list[str]:
+        """Absolute shard paths of a speech split ('train', 'validation', 'test') or 'text'."""
+        m = self.manifest
+        entry = m["text"] if split == "text" else m["speech"].get(split)
+        if entry is None:
+            raise KeyError(f"corpus {self.corpus_dir} has no split {split!r}; it has {sorted(m['speech'])} + 'text'")
+        return [str(self.corpus_dir / s["path"]) for s in entry["shards"]]
+
+    def setup(self, stage: str | None = None) -> None:
+        _ = self.tokenizer
+
+    # ------------------------------------------------------------------ ranks
+    def _rank_world(self) -> tuple[int, int]:
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None:
+            return trainer.global_rank, trainer.world_size
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            return torch.distributed.get_rank(), torch.distributed.get_world_size()
+        return 0, 1
+
+    def default_batches_per_epoch(self, world_size: int = 1) -> int:
+        w = self.task_weights
+        total = sum(w.values())
+        speech_share = (w.get("asr", 0) + w.get("tts", 0)) / total
+        if speech_share > 0:
+            samples = self.manifest["speech"]["train"]["utterances"] / speech_share
+        else:
+            samples = self.manifest["text"]["sentences"]
+        return max(1, math.ceil(samples / self.batch_size / world_size))
+
+    # ------------------------------------------------------------------ training
+    def train_dataset(self, rank: int | None = None, world_size: int | None = None) -> MixedTaskStream:
+        r, w = self._rank_world()
+        rank, world_size = (r if rank is None else rank), (w if world_size is None else world_size)
+        return MixedTaskStream(
+            speech_shards=self.shards("train"), text_shards=self.shards("text"), tokenizer=self.tokenizer,
+            batch_size=self.batch_size,
+            batches_per_epoch=self.batches_per_epoch or self.default_batches_per_epoch(world_size),
+            task_weights=self.task_weights, rank=rank, world_size=world_size, seed=self.seed,
+            shuffle_buffer=self.shuffle_buffer, shard_sampling=self.shard_sampling, max_length=self.max_length,
+            max_length_policy=self.max_length_policy, on_bad_sample=self.on_bad_sample,
+            dedup_units=self.dedup_units, verify_audio=self.verify_audio)
+
+    def train_dataloader(self) -> DataLoader:
+        return EpochAwareLoader(self.train_dataset(), batch_size=None, num_workers=self.num_workers,
+                                pin_memory=self.pin_memory, persistent_workers=self.num_workers > 0)
+
+    # ------------------------------------------------------------------ evaluation data (in memory)
+    def speech_records(self, split: str, limit: int | None = None) -> tuple[list[SpeechRecord], int]:
+        """Decoded utterances of a split (first `limit`) and the number of bad samples skipped."""
+        key = ("records", split, limit)
+        if key not in self._eval_cache:
+            policy = BadSamplePolicy(self.on_bad_sample)
+            n_units = self.tokenizer.n_units
+            records = []
+            for rec in iter_records(self.shards(split), lambda s: decode_speech_sample(
+                    s, n_units, self.dedup_units, self.verify_audio), policy):
+                records.append(rec)
+                if limit is not None and len(records) >= limit:
+                    break
+            self._eval_cache[key] = (records, policy.take())
+        return self._eval_cache[key]
+
+    def _formatted(self, records, build, policy: BadSamplePolicy) -> list:
+        out = []
+        for rec, *args in records:
+            try:
+                out.append(build(rec, *args))
+            except OverlongSampleError as err:
+                policy.handle(OverlongSampleError(rec.key, rec.shard, err.reason))
+        return out
+
+    def teacher_forced_examples(self, split: str, tasks: Sequence[str], limit: int | None = None) -> list[Example]:
+        records, n_skipped = self.speech_records(split, limit)
+        policy = BadSamplePolicy(self.on_bad_sample)
+        fmt = TaskFormatter(self.tokenizer, self.max_length, self.max_length_policy)
+        examples: list[Example] = []
+        for task in tasks:  # grouped by task: similar lengths pad less
+            examples += self._formatted([(r,) for r in records],
+                                        lambda r, t=task: fmt.format(t, r.key, r.transcript, r.units), policy)
+        if examples:
+            examples[0].n_skipped = n_skipped + policy.take()
+        return examples
+
+    def asr_generation_examples(self, split: str = "test", mismatched: bool = False,
+                                limit: int | None = None) -> list[GenerationExample]:
+        records, n_skipped = self.speech_records(split, limit)
+        units = mismatch_units(records, self.seed) if mismatched else [r.units for r in records]
+        policy = BadSamplePolicy(self.on_bad_sample)
+        fmt = TaskFormatter(self.tokenizer, self.max_length, self.max_length_policy)
+        examples = self._formatted(list(zip(records, units)),
+                                   lambda r, u: fmt.asr_generation(u, r.transcript, r.key), policy)
+        if examples:
+            examples[0].n_skipped = n_skipped + policy.take()
+        return examples
+
+    # ------------------------------------------------------------------ evaluation loaders
+    def teacher_forced_dataloader(self, split: str, tasks: Sequence[str] = TASKS,
+                                  limit: int | None = None) -> DataLoader:
+        examples = self.teacher_forced_examples(split, tasks, limit)
+        return DataLoader(ListDataset(examples), batch_size=self.eval_batch_size, shuffle=False,
+                          num_workers=self.num_workers, pin_memory=self.pin_memory,
+                          collate_fn=TeacherForcedCollator(self.tokenizer.pad_id, self.tokenizer.modality_of))
+
+    def asr_generation_dataloader(self, split: str = "test", mismatched: bool = False,
+                                  limit: int | None = None) -> DataLoader:
+        examples = self.asr_generation_examples(split, mismatched, limit)
+        return DataLoader(ListDataset(examples), batch_size=self.eval_batch_size, shuffle=False,
+                          num_workers=self.num_workers, pin_memory=self.pin_memory,
+                          collate_fn=GenerationCollator(self.tokenizer.pad_id, self.tokenizer.modality_of))
+
+    def val_dataloader(self) -> DataLoader:
+        return self.teacher_forced_dataloader("validation", self.val_tasks, self.val_limit)
+
+    def test_dataloader(self) -> list[DataLoader]:
+        """[0]: ASR generation over the test split (mismatched audio if test_asr_mismatched); [1]: TTS + text
+        teacher-forced over the test split."""
+        return [self.asr_generation_dataloader("test", self.test_asr_mismatched, self.test_limit),
+                self.teacher_forced_dataloader("test", ("tts", "text"), self.test_limit)]

@@ -1,0 +1,212 @@
+"""Shard sample schema, decoding and validation, and the bad-sample policy.
+
+Speech sample members: `flac` (audio), `txt` (normalised transcript), `json` (metadata: voice, duration,
+sample_rate, split, ...), `units.npy` (int16 unit ids at 25 Hz, NOT deduplicated). Text sample: `txt`, `json`.
+Nothing is unpickled: units are read with numpy `allow_pickle=False`.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Literal
+
+import numpy as np
+import webdataset as wds
+
+from ..audio.io import TARGET_SAMPLE_RATE, AudioDecodeError, audio_info, read_audio
+from ..audio.units import dedup_units
+
+log = logging.getLogger(__name__)
+
+AUDIO_MEMBER, TEXT_MEMBER, META_MEMBER, UNITS_MEMBER = "flac", "txt", "json", "units.npy"
+SPEECH_MEMBERS = (AUDIO_MEMBER, TEXT_MEMBER, META_MEMBER, UNITS_MEMBER)
+TEXT_MEMBERS = (TEXT_MEMBER, META_MEMBER)
+OnBadSample = Literal["skip", "raise"]
+VerifyAudio = Literal["none", "header", "full"]
+
+
+# ---------------------------------------------------------------------------------------------- errors
+class BadSampleError(ValueError):
+    """A sample that cannot be used; names the sample key and its shard."""
+
+    def __init__(self, key: str, shard: str, reason: str):
+        super().__init__(f"bad sample {key!r} in shard {shard}: {reason}")
+        self.key, self.shard, self.reason = key, shard, reason
+
+
+class MissingMemberError(BadSampleError):
+    pass
+
+
+class EmptyTranscriptError(BadSampleError):
+    pass
+
+
+class UndecodableAudioError(BadSampleError):
+    pass
+
+
+class WrongSampleRateError(BadSampleError):
+    pass
+
+
+class InvalidUnitsError(BadSampleError):
+    pass
+
+
+class OverlongSampleError(BadSampleError):
+    pass
+
+
+class CorruptShardError(BadSampleError):
+    """The shard itself cannot be read (not a tar, truncated, unreadable); key is '*'."""
+
+    def __init__(self, shard: str, reason: str):
+        ValueError.__init__(self, f"corrupt shard {shard}: {reason}")
+        self.key, self.shard, self.reason = "*", shard, reason
+
+
+# ---------------------------------------------------------------------------------------------- policy
+class BadSamplePolicy:
+    """'raise' re-raises the BadSampleError; 'skip' counts it (`take()` hands the count to the next batch)."""
+
+    def __init__(self, mode: OnBadSample = "skip", max_warnings: int = 5):
+        if mode not in ("skip", "raise"):
+            raise ValueError(f"on_bad_sample must be 'skip' or 'raise', got {mode!r}")
+        self.mode = mode
+        self.max_warnings = max_warnings
+        self.pending = 0
+        self.total = 0
+
+    def handle(self, error: BadSampleError) -> None:
+        if self.mode == "raise":
+            raise error
+        self.pending += 1
+        self.total += 1
+        if self.total <= self.max_warnings:
+            log.warning("skipping %s%s", error, " (further skips are only counted)" if self.total == self.max_warnings else "")
+
+    def take(self) -> int:
+        n, self.pending = self.pending, 0
+        return n
+
+
+# ---------------------------------------------------------------------------------------------- records
+@dataclass
+class SpeechRecord:
+    key: str
+    shard: str
+    transcript: str
+    units: list[int]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TextRecord:
+    key: str
+    shard: str
+    text: str
+
+
+def _member(sample: dict, name: str, key: str, shard: str) -> bytes:
+    if name not in sample:
+        present = sorted(k for k in sample if not k.startswith("__"))
+        raise MissingMemberError(key, shard, f"no '{name}' member (has {present})")
+    return sample[name]
+
+
+def _transcript(sample: dict, key: str, shard: str) -> str:
+    try:
+        text = _member(sample, TEXT_MEMBER, key, shard).decode("utf-8").strip()
+    except UnicodeDecodeError as exn:
+        raise EmptyTranscriptError(key, shard, f"transcript is not UTF-8 ({exn})") from exn
+    if not text:
+        raise EmptyTranscriptError(key, shard, "empty transcript")
+    return text
+
+
+def _meta(sample: dict, key: str, shard: str) -> dict[str, Any]:
+    raw = sample.get(META_MEMBER)
+    if raw is None:
+        return {}
+    try:
+        meta = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exn:
+        raise BadSampleError(key, shard, f"metadata is not JSON ({exn})") from exn
+    if not isinstance(meta, dict):
+        raise BadSampleError(key, shard, "metadata JSON is not an object")
+    return meta
+
+
+def decode_speech_sample(
+    sample: dict,
+    n_units: int,
+    dedup: bool = True,
+    verify_audio: VerifyAudio = "header",
+    sample_rate: int = TARGET_SAMPLE_RATE,
+) -> SpeechRecord:
+    """Validate and decode one raw webdataset speech sample (member name -> bytes). Raises BadSampleError."""
+    key, shard = sample.get("__key__", "?"), sample.get("__url__", "?")
+    transcript = _transcript(sample, key, shard)
+    meta = _meta(sample, key, shard)
+    if verify_audio != "none":
+        audio = _member(sample, AUDIO_MEMBER, key, shard)
+        try:
+            if verify_audio == "full":
+                _, rate = read_audio(audio, target_sample_rate=None, name=key)
+            else:
+                rate = audio_info(audio, name=key).samplerate
+        except AudioDecodeError as exn:
+            raise UndecodableAudioError(key, shard, exn.reason) from exn
+        if rate != sample_rate:
+            raise WrongSampleRateError(key, shard, f"audio is {rate} Hz, expected {sample_rate} Hz")
+    if "sample_rate" in meta and meta["sample_rate"] != sample_rate:
+        raise WrongSampleRateError(key, shard, f"metadata says {meta['sample_rate']} Hz, expected {sample_rate} Hz")
+    try:
+        units = np.load(io.BytesIO(_member(sample, UNITS_MEMBER, key, shard)), allow_pickle=False)
+    except MissingMemberError:
+        raise
+    except Exception as exn:
+        raise InvalidUnitsError(key, shard, f"cannot read {UNITS_MEMBER} ({exn})") from exn
+    if units.ndim != 1 or units.size == 0 or not np.issubdtype(units.dtype, np.integer):
+        raise InvalidUnitsError(key, shard, f"units must be a non-empty 1-D integer array, got {units.dtype} {units.shape}")
+    if units.min() < 0 or units.max() >= n_units:
+        raise InvalidUnitsError(key, shard, f"unit ids span [{units.min()}, {units.max()}], outside [0, {n_units})")
+    unit_list = units.astype(np.int64).tolist()
+    return SpeechRecord(key, shard, transcript, dedup_units(unit_list) if dedup else unit_list, meta)
+
+
+def decode_text_sample(sample: dict) -> TextRecord:
+    key, shard = sample.get("__key__", "?"), sample.get("__url__", "?")
+    return TextRecord(key, shard, _transcript(sample, key, shard))
+
+
+# ---------------------------------------------------------------------------------------------- reading
+def iter_shard(shard: str, policy: BadSamplePolicy) -> Iterator[dict]:
+    """Raw samples of one .tar shard via webdataset; unreadable shards go through `policy` as CorruptShardError."""
+
+    def on_error(exn: Exception) -> bool:
+        policy.handle(CorruptShardError(shard, f"{type(exn).__name__}: {exn.args[0] if exn.args else exn}"))
+        return False  # stop reading this shard; a truncated tar has nothing more to give
+
+    yield from wds.tarfile_samples([{"url": shard}], handler=on_error)
+
+
+def iter_records(
+    shards: list[str], decode: Callable[[dict], Any], policy: BadSamplePolicy, stride: int = 1, offset: int = 0
+) -> Iterator[Any]:
+    """Decoded records of `shards` in order (only samples offset, offset+stride, ... when stride > 1);
+    bad samples raise or are counted by `policy`."""
+    index = -1
+    for shard in shards:
+        for sample in iter_shard(shard, policy):
+            index += 1
+            if index % stride != offset:
+                continue
+            try:
+                yield decode(sample)
+            except BadSampleError as error:
+                policy.handle(error)

@@ -1,0 +1,185 @@
+"""Training stream: WebDataset shards -> records -> task mix -> teacher-forced batches, per rank and worker.
+
+Shards are assigned explicitly (never webdataset's default node splitter, which raises with several processes):
+- shard_sampling='split': rank r of R takes shards[r::R], worker w of W takes those[w::W] (disjoint), and
+  cycles through them in a new seeded order each pass. With fewer shards than R x W (small text sets), every
+  worker reads all shards in the same order and keeps every (R*W)-th sample instead: still disjoint;
+- shard_sampling='resampled': every worker draws shards at random with replacement (any shard count works).
+Both streams are endless; an epoch is a fixed number of batches per rank (`batches_per_epoch`), so every rank
+yields the same number of batches and DDP cannot hang on uneven ends.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any, Callable, Iterator, Literal, Sequence
+
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from ..text.tokenizer import MoSTTokenizer
+from .collate import collate_teacher_forced
+from .samples import (BadSamplePolicy, OnBadSample, OverlongSampleError, SpeechRecord, TextRecord, VerifyAudio,
+                      decode_speech_sample, decode_text_sample, iter_records)
+from .tasks import TASKS, MaxLengthPolicy, TaskFormatter
+
+ShardSampling = Literal["split", "resampled"]
+
+
+def assign_shards(shards: Sequence[str], rank: int, world_size: int, worker: int,
+                  num_workers: int) -> tuple[list[str], int, int]:
+    """(shards to read, keep every `stride`-th sample, starting at `offset`) for one worker of one rank.
+
+    Disjoint across all ranks and workers. Shard-level when there are enough shards, sample-level otherwise.
+    """
+    slots, slot = world_size * num_workers, rank * num_workers + worker
+    if len(shards) >= slots:
+        return list(shards)[rank::world_size][worker::num_workers], 1, 0
+    return list(shards), slots, slot
+
+
+def shuffled(items: Iterator[Any], buffer_size: int, rng: random.Random) -> Iterator[Any]:
+    """Streaming shuffle: keep a buffer of buffer_size items, emit a random one per new item."""
+    if buffer_size <= 1:
+        yield from items
+        return
+    buf: list[Any] = []
+    for item in items:
+        if len(buf) < buffer_size:
+            buf.append(item)
+            continue
+        i = rng.randrange(buffer_size)
+        yield buf[i]
+        buf[i] = item
+    rng.shuffle(buf)
+    yield from buf
+
+
+def endless_records(shards: Sequence[str], decode: Callable[[dict], Any], policy: BadSamplePolicy,
+                    rng: random.Random, resampled: bool, stride: int = 1, offset: int = 0,
+                    order_rng: random.Random | None = None) -> Iterator[Any]:
+    """Records from `shards` forever (seeded order); stops with an error if a full round gives nothing usable.
+
+    stride/offset keep only samples offset, offset+stride, ... of each round; then the shard order must be the
+    same in every worker, so it comes from `order_rng` (seeded identically everywhere).
+    """
+    shards = list(shards)
+    order_rng = order_rng or rng
+    while True:
+        order = [rng.choice(shards) for _ in shards] if resampled else order_rng.sample(shards, len(shards))
+        got = 0
+        for record in iter_records(order, decode, policy, stride, offset):
+            got += 1
+            yield record
+        if got == 0:
+            share = f" (this worker keeps 1 sample in {stride}: too few samples for all ranks x workers?)" \
+                if stride > 1 else ""
+            raise RuntimeError(f"no usable sample in {len(order)} shard read(s) of {shards[:3]}...{share}: "
+                               f"{policy.total} bad sample(s) skipped; check the corpus or set on_bad_sample='raise'")
+
+
+class MixedTaskStream(IterableDataset):
+    """Endless mixture of ASR/TTS (from speech shards) and text LM (from text shards) batches."""
+
+    def __init__(
+        self,
+        speech_shards: Sequence[str],
+        text_shards: Sequence[str],
+        tokenizer: MoSTTokenizer,
+        batch_size: int,
+        batches_per_epoch: int,
+        task_weights: dict[str, float],
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        shuffle_buffer: int = 500,
+        shard_sampling: ShardSampling = "split",
+        max_length: int | None = None,
+        max_length_policy: MaxLengthPolicy = "drop",
+        on_bad_sample: OnBadSample = "skip",
+        dedup_units: bool = True,
+        verify_audio: VerifyAudio = "header",
+    ):
+        super().__init__()
+        unknown = set(task_weights) - set(TASKS)
+        if unknown:
+            raise ValueError(f"unknown task(s) {sorted(unknown)} in task_weights; known: {TASKS}")
+        self.tasks = [t for t in TASKS if task_weights.get(t, 0) > 0]
+        if not self.tasks:
+            raise ValueError(f"task_weights {task_weights} gives no task a positive weight")
+        self.weights = [float(task_weights[t]) for t in self.tasks]
+        if "text" in self.tasks and not text_shards:
+            raise ValueError("task_weights asks for text LM but the corpus has no text shards")
+        if any(t in self.tasks for t in ("asr", "tts")) and not speech_shards:
+            raise ValueError("task_weights asks for ASR/TTS but the corpus has no speech shards")
+        if shard_sampling not in ("split", "resampled"):
+            raise ValueError(f"shard_sampling must be 'split' or 'resampled', got {shard_sampling!r}")
+        BadSamplePolicy(on_bad_sample)  # validates the name
+        self.speech_shards, self.text_shards = list(speech_shards), list(text_shards)
+        self.tokenizer = tokenizer
+        self.batch_size, self.batches_per_epoch = int(batch_size), int(batches_per_epoch)
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.shuffle_buffer, self.shard_sampling = shuffle_buffer, shard_sampling
+        self.max_length, self.max_length_policy, self.on_bad_sample = max_length, max_length_policy, on_bad_sample
+        self.dedup_units, self.verify_audio = dedup_units, verify_audio
+        self.epoch = 0
+        self._local_passes = 0  # counts passes inside a persistent worker, where set_epoch does not reach
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch
+
+    def _source(self, shards: list[str], decode, policy, rng, worker: int, n_workers: int) -> Iterator[Any]:
+        if self.shard_sampling == "resampled":
+            return shuffled(endless_records(shards, decode, policy, rng, True), self.shuffle_buffer, rng)
+        mine, stride, offset = assign_shards(shards, self.rank, self.world_size, worker, n_workers)
+        order_rng = random.Random(f"{self.seed}/{self.epoch}/{self._local_passes}/order") if stride > 1 else rng
+        records = endless_records(mine, decode, policy, rng, False, stride, offset, order_rng)
+        return shuffled(records, self.shuffle_buffer, rng)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        worker, n_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        n_batches = self.batches_per_epoch // n_workers + (worker < self.batches_per_epoch % n_workers)
+        rng = random.Random(f"{self.seed}/{self.epoch}/{self._local_passes}/{self.rank}/{worker}")
+        self._local_passes += 1
+        policy = BadSamplePolicy(self.on_bad_sample)
+        formatter = TaskFormatter(self.tokenizer, self.max_length, self.max_length_policy)
+        n_units = self.tokenizer.n_units
+
+        def decode_speech(sample: dict) -> SpeechRecord:
+            return decode_speech_sample(sample, n_units, self.dedup_units, self.verify_audio)
+
+        sources: dict[str, Iterator[Any]] = {}
+        if "asr" in self.tasks or "tts" in self.tasks:
+            sources["speech"] = self._source(self.speech_shards, decode_speech, policy, rng, worker, n_workers)
+        if "text" in self.tasks:
+            sources["text"] = self._source(self.text_shards, decode_text_sample, policy, rng, worker, n_workers)
+        for _ in range(n_batches):
+            examples = []
+            while len(examples) < self.batch_size:
+                task = rng.choices(self.tasks, self.weights)[0]
+                if task == "text":
+                    rec: TextRecord = next(sources["text"])
+                    text, units = rec.text, None
+                else:
+                    rec = next(sources["speech"])
+                    text, units = rec.transcript, rec.units
+                try:
+                    examples.append(formatter.format(task, rec.key, text, units))
+                except OverlongSampleError as err:
+                    policy.handle(OverlongSampleError(rec.key, rec.shard, err.reason))
+            batch = collate_teacher_forced(examples, self.tokenizer.pad_id, self.tokenizer.modality_of)
+            batch["n_skipped"] += policy.take()
+            yield batch
+
+
+class EpochAwareLoader(DataLoader):
+    """DataLoader that tells its dataset which pass it is on (Lightning only sets epochs on samplers)."""
+
+    def __iter__(self):
+        self._passes = getattr(self, "_passes", -1) + 1
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(self._passes)
+        return super().__iter__()

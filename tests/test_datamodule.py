@@ -1,0 +1,294 @@
+"""MoSTDataModule: contract batches, task mixing, rank/worker shard splitting, eval loaders, bad-sample policy."""
+
+import collections
+import io
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from most_lightning.data.datamodule import MoSTDataModule, derangement
+from most_lightning.data.samples import (CorruptShardError, EmptyTranscriptError, InvalidUnitsError,
+                                         MissingMemberError, OverlongSampleError, UndecodableAudioError,
+                                         WrongSampleRateError)
+from most_lightning.data.streams import MixedTaskStream, assign_shards
+from most_lightning.data.tasks import IGNORE_INDEX
+from most_lightning.data.testing import TINY_RECIPE, bad_variant, build_tiny_corpus, read_shard, write_shard
+
+CONTRACT_KEYS = {"input_ids", "labels", "modality", "attention_mask", "task", "n_skipped"}
+GEN_KEYS = {"prompt_ids", "prompt_mask", "prompt_modality", "reference_text", "key", "n_skipped"}
+
+
+@pytest.fixture(scope="session")
+def data_root(tmp_path_factory):
+    root = tmp_path_factory.getbasetemp() / "most_data_corpus"  # same cache as test_corpus.py: built once
+    build_tiny_corpus(root)
+    return root
+
+
+def make_dm(data_root, **kw) -> MoSTDataModule:
+    kw.setdefault("batch_size", 4)
+    kw.setdefault("max_length", None)
+    dm = MoSTDataModule(data_dir=str(data_root), corpus=TINY_RECIPE, progress=False, **kw)
+    dm.prepare_data()
+    dm.setup("fit")
+    return dm
+
+
+def stream(dm: MoSTDataModule, shards, **kw) -> MixedTaskStream:
+    args = dict(speech_shards=shards, text_shards=dm.shards("text"), tokenizer=dm.tokenizer, batch_size=2,
+                batches_per_epoch=1, task_weights={"asr": 1.0}, shuffle_buffer=0)
+    args.update(kw)
+    return MixedTaskStream(**args)
+
+
+def all_keys(dm, split):
+    return {s["__key__"] for sh in dm.shards(split) for s in read_shard(sh)}
+
+
+def test_train_batches_follow_the_contract(data_root):
+    dm = make_dm(data_root)
+    tok = dm.tokenizer
+    loader = dm.train_dataloader()
+    batches = list(loader)
+    assert len(batches) == len(loader) == dm.default_batches_per_epoch() == 7  # 20 utt / 0.8 speech share / 4
+    for b in batches:
+        assert CONTRACT_KEYS <= set(b)
+        B, T = b["input_ids"].shape
+        assert B == 4 and b["labels"].shape == b["modality"].shape == b["attention_mask"].shape == (B, T)
+        assert b["input_ids"].dtype == b["labels"].dtype == b["modality"].dtype == torch.long
+        assert b["attention_mask"].dtype == torch.bool and isinstance(b["n_skipped"], int) and b["n_skipped"] == 0
+        mask = b["attention_mask"]
+        lengths = mask.sum(1)
+        assert torch.equal(mask, torch.arange(T)[None] < lengths[:, None])  # right padding
+        assert (b["input_ids"][~mask] == tok.pad_id).all() and (b["labels"][~mask] == IGNORE_INDEX).all()
+        assert torch.equal(b["modality"], tok.modality_of(b["input_ids"]) * mask)
+        for row, task in enumerate(b["task"]):
+            ids, labels, n = b["input_ids"][row], b["labels"][row], lengths[row]
+            labeled = (labels[:n] != IGNORE_INDEX).nonzero().flatten()
+            assert torch.equal(labels[labeled], ids[labeled])  # labels are aligned with input_ids
+            if task == "text":
+                assert labeled.tolist() == list(range(1, n))
+            else:  # response = BOS + output + EOS, contiguous at the end
+                assert labeled.tolist() == list(range(n - len(labeled), n)) and ids[labeled[0]] == tok.bos_id
+                audio_in_response = b["modality"][row, labeled].sum().item()
+                assert (audio_in_response > 0) == (task == "tts")
+
+
+def test_mixing_weights_are_respected(data_root):
+    dm = make_dm(data_root, batch_size=8, batches_per_epoch=100, task_weights={"asr": 0.5, "tts": 0.3, "text": 0.2})
+    counts = collections.Counter(t for b in dm.train_dataloader() for t in b["task"])
+    n = sum(counts.values())
+    assert n == 800
+    for task, p in {"asr": 0.5, "tts": 0.3, "text": 0.2}.items():
+        assert abs(counts[task] / n - p) < 4 * (p * (1 - p) / n) ** 0.5, counts
+    only_asr = make_dm(data_root, batches_per_epoch=5, task_weights={"asr": 1.0, "tts": 0.0, "text": 0})
+    assert {t for b in only_asr.train_dataloader() for t in b["task"]} == {"asr"}
+    with pytest.raises(ValueError, match="unknown: \\['chat'\\]"):
+        MoSTDataModule(data_dir=str(data_root / "unused"), task_weights={"asr": 1, "chat": 1})
+    with pytest.raises(ValueError, match="positive weight"):
+        MoSTDataModule(data_dir=str(data_root / "unused"), task_weights={"asr": 0})
+
+
+def test_rank_and_worker_shards_are_disjoint(data_root):
+    dm = make_dm(data_root)
+    shards = dm.shards("train")
+    assert len(shards) == 5
+    parts = [assign_shards(shards, r, 2, w, 2) for r in range(2) for w in range(2)]
+    assert all(stride == 1 for _, stride, _ in parts)
+    assert sorted(s for p, _, _ in parts for s in p) == sorted(shards)
+    # fewer shards than ranks x workers: every worker reads all shards and keeps its own samples
+    assert [assign_shards(shards, r, 2, w, 3)[1:] for r in range(2) for w in range(3)] == [(6, i) for i in range(6)]
+    # whole streams: each rank only ever sees its own shards, and the two ranks never share a key
+    seen = {}
+    for rank in range(2):
+        ds = dm.train_dataset(rank=rank, world_size=2)
+        loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2)
+        keys = [k for b in loader for k in b["key"]]
+        seen[rank] = {k for k in keys if not k.startswith("text")}
+        seen[f"text{rank}"] = {k for k in keys if k.startswith("text")}
+        own = {s["__key__"] for sh in shards[rank::2] for s in read_shard(sh)}
+        assert seen[rank] and seen[rank] <= own
+    assert not seen[0] & seen[1]
+    assert not seen["text0"] & seen["text1"]  # 3 text shards < 4 slots: split by sample, still disjoint
+    # resampled shards work for any shard count
+    res = dm.train_dataset(rank=1, world_size=8)
+    res.shard_sampling = "resampled"
+    assert len(list(torch.utils.data.DataLoader(res, batch_size=None, num_workers=2))) == len(res)
+
+
+def test_epochs_reshuffle_and_workers_share_the_batch_count(data_root):
+    dm = make_dm(data_root, num_workers=2, batches_per_epoch=5)
+    loader = dm.train_dataloader()
+    first = [k for b in loader for k in b["key"]]
+    second = [k for b in loader for k in b["key"]]
+    assert len(first) == len(second) == 20 and first != second
+
+
+def test_validation_is_one_exact_pass_over_all_tasks(data_root):
+    dm = make_dm(data_root, eval_batch_size=5)
+    examples = [(k, t) for b in dm.val_dataloader() for k, t in zip(b["key"], b["task"])]
+    keys = all_keys(dm, "validation")
+    assert sorted(examples) == sorted((k, t) for k in keys for t in ("asr", "tts", "text"))
+    limited = make_dm(data_root, val_limit=2, val_tasks=["asr"])
+    assert sum(len(b["task"]) for b in limited.val_dataloader()) == 2
+
+
+def test_test_loaders_generation_and_teacher_forced(data_root):
+    dm = make_dm(data_root, eval_batch_size=4)
+    tok = dm.tokenizer
+    gen, tf = dm.test_dataloader()
+    batches = list(gen)
+    assert sum(len(b["key"]) for b in batches) == TINY_RECIPE.n_test
+    b = batches[0]
+    assert GEN_KEYS <= set(b) and b["prompt_ids"].dtype == torch.long and b["prompt_mask"].dtype == torch.bool
+    assert b["prompt_mask"][:, -1].all()  # left padding: every prompt ends in the last column
+    P = b["prompt_ids"].shape[1]
+    starts = P - b["prompt_mask"].sum(1)
+    assert torch.equal(b["prompt_mask"], torch.arange(P)[None] >= starts[:, None])
+    assert torch.equal(b["prompt_modality"], tok.modality_of(b["prompt_ids"]) * b["prompt_mask"])
+    records, _ = dm.speech_records("test")
+    assert b["reference_text"] == [r.transcript for r in records[:4]]
+    assert {t for batch in tf for t in batch["task"]} == {"tts", "text"}
+    # text-prior baseline: same references, every prompt carries the units of another sentence
+    mism = [b for b in dm.asr_generation_dataloader("test", mismatched=True)]
+    assert [t for b in mism for t in b["reference_text"]] == [r.transcript for r in records]
+    by_units = {tuple(r.units): r.transcript for r in records}
+    for b in mism:
+        for row, ref in enumerate(b["reference_text"]):
+            units = tuple(tok.decode_units(b["prompt_ids"][row][b["prompt_mask"][row]]))
+            assert units in by_units and by_units[units] != ref
+
+
+def test_derangement_has_no_fixed_points():
+    for n in (2, 3, 10, 101):
+        perm = derangement(n, seed=n)
+        assert sorted(perm) == list(range(n)) and all(perm[i] != i for i in range(n))
+    assert derangement(10, 0) == derangement(10, 0)
+    with pytest.raises(ValueError):
+        derangement(1, 0)
+
+
+BAD_KINDS = {"garbage_audio": UndecodableAudioError, "missing_transcript": MissingMemberError,
+             "empty_transcript": EmptyTranscriptError, "wrong_sample_rate": WrongSampleRateError,
+             "missing_units": MissingMemberError}
+
+
+@pytest.fixture(scope="module")
+def good_samples(data_root):
+    dm = make_dm(data_root)
+    return read_shard(dm.shards("train")[0])
+
+
+@pytest.mark.parametrize("kind", sorted(BAD_KINDS))
+def test_bad_sample_raises_naming_key_and_shard(data_root, good_samples, tmp_path, kind):
+    dm = make_dm(data_root, on_bad_sample="raise")
+    shard = write_shard(tmp_path / f"{kind}.tar", [bad_variant(good_samples[0], kind), *good_samples[1:]])
+    with pytest.raises(BAD_KINDS[kind]) as err:
+        next(iter(stream(dm, [str(shard)], on_bad_sample="raise")))
+    assert f"{good_samples[0]['__key__']}_{kind}" in str(err.value) and str(shard) in str(err.value)
+
+
+def test_bad_samples_are_skipped_and_counted(data_root, good_samples, tmp_path):
+    dm = make_dm(data_root)
+    bad = [bad_variant(good_samples[0], kind) for kind in BAD_KINDS]
+    shard = write_shard(tmp_path / "mixed.tar", [*bad, *good_samples])
+    batch = next(iter(stream(dm, [str(shard)], batch_size=len(good_samples), on_bad_sample="skip")))
+    assert batch["n_skipped"] == len(bad) and len(batch["key"]) == len(good_samples)
+    assert set(batch["key"]) == {s["__key__"] for s in good_samples}
+
+
+def test_invalid_units_and_wrong_metadata_rate_are_bad_samples(data_root, good_samples, tmp_path):
+    dm = make_dm(data_root, on_bad_sample="raise")
+    out_of_range = dict(good_samples[0], **{"units.npy": _npy([1, 2, 999])})
+    shard = write_shard(tmp_path / "units.tar", [out_of_range])
+    with pytest.raises(InvalidUnitsError, match="outside"):
+        next(iter(stream(dm, [str(shard)], on_bad_sample="raise")))
+    meta = json.loads(good_samples[0]["json"])
+    lying = dict(good_samples[0], json=json.dumps({**meta, "sample_rate": 22050}).encode())
+    shard = write_shard(tmp_path / "meta.tar", [lying])
+    with pytest.raises(WrongSampleRateError, match="22050"):
+        next(iter(stream(dm, [str(shard)], on_bad_sample="raise")))
+
+
+def _npy(values):
+    buf = io.BytesIO()
+    np.save(buf, np.asarray(values, dtype=np.int16))
+    return buf.getvalue()
+
+
+def test_corrupt_shards_raise_or_are_counted(data_root, good_samples, tmp_path):
+    dm = make_dm(data_root)
+    good = write_shard(tmp_path / "good.tar", good_samples)
+    truncated = tmp_path / "truncated.tar"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 3])
+    garbage = tmp_path / "garbage.tar"
+    garbage.write_bytes(b"\x00garbage" * 1000)
+    for broken in (truncated, garbage, tmp_path / "missing.tar"):
+        with pytest.raises(CorruptShardError, match=broken.name):
+            list(stream(dm, [str(broken)], batch_size=len(good_samples), on_bad_sample="raise"))
+    batch = next(iter(stream(dm, [str(garbage), str(truncated), str(good)], batch_size=len(good_samples) + 1,
+                             on_bad_sample="skip", shard_sampling="split", seed=3)))
+    assert batch["n_skipped"] >= 2 and len(batch["key"]) == len(good_samples) + 1
+    with pytest.raises(RuntimeError, match="no usable sample"):
+        next(iter(stream(dm, [str(garbage)], on_bad_sample="skip")))
+
+
+def test_overlong_samples_follow_the_policy(data_root, good_samples, tmp_path):
+    dm = make_dm(data_root)
+    shard = str(write_shard(tmp_path / "ok.tar", good_samples))
+    with pytest.raises(OverlongSampleError, match="max_length 30") as err:
+        next(iter(stream(dm, [shard], max_length=30, on_bad_sample="raise")))
+    assert "ok.tar" in str(err.value)
+    text_only = next(iter(stream(dm, [shard], max_length=30, on_bad_sample="skip",
+                                 task_weights={"asr": 1, "text": 1}, batch_size=6, seed=1)))
+    assert text_only["n_skipped"] > 0 and set(text_only["task"]) == {"text"}
+    cut = next(iter(stream(dm, [shard], max_length=30, max_length_policy="truncate")))
+    assert cut["input_ids"].shape[1] == 30 and cut["n_truncated"] == 2
+
+
+def test_eval_loaders_apply_the_bad_sample_policy(data_root, good_samples, tmp_path):
+    dm = make_dm(data_root)
+    corpus = tmp_path / "corpus"
+    shutil.copytree(dm.corpus_dir, corpus)
+    val_shard = corpus / json.loads((corpus / "manifest.json").read_text())["speech"]["validation"]["shards"][0]["path"]
+    samples = read_shard(val_shard)
+    write_shard(val_shard, [bad_variant(samples[0], "empty_transcript"), *samples[1:],
+                            bad_variant(samples[1], "garbage_audio")])
+    skip = MoSTDataModule(corpus_dir=str(corpus), batch_size=4, max_length=None)
+    batches = list(skip.val_dataloader())
+    assert sum(b["n_skipped"] for b in batches) == 2
+    assert sum(len(b["task"]) for b in batches) == 3 * (len(samples) - 1)
+    strict = MoSTDataModule(corpus_dir=str(corpus), batch_size=4, max_length=None, on_bad_sample="raise")
+    with pytest.raises(EmptyTranscriptError, match=samples[0]["__key__"]):
+        strict.val_dataloader()
+
+
+def test_hydra_instantiates_it_from_plain_config(data_root):
+    cfg = OmegaConf.create({
+        "_target_": "most_lightning.data.MoSTDataModule", "data_dir": str(data_root),
+        "corpus": {k: v for k, v in TINY_RECIPE.canonical().items() if k != "version"} | {"voices": list(TINY_RECIPE.voices)},
+        "task_weights": {"asr": 0.4, "tts": 0.4, "text": 0.2}, "val_tasks": ["asr", "text"], "batch_size": 2,
+        "max_length": None, "progress": False})
+    dm = instantiate(cfg)
+    assert dm.corpus_dir == make_dm(data_root).corpus_dir  # same recipe -> same cache entry
+    assert dm.tokenizer.n_units == TINY_RECIPE.n_units and dm.val_tasks == ("asr", "text")
+    with pytest.raises(FileNotFoundError, match="manifest.json"):
+        MoSTDataModule(corpus_dir=str(data_root / "nowhere")).prepare_data()
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_two_processes_get_equal_batch_counts_and_disjoint_speech(data_root, tmp_path):
+    from most_lightning.data.testing import ddp_stream_probe
+
+    torch.multiprocessing.spawn(ddp_stream_probe, nprocs=2,
+                                args=(2, str(tmp_path / "init"), str(data_root), str(tmp_path), 2))
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert ranks[0]["batches"] == ranks[1]["batches"] > 0  # equal counts: DDP cannot hang on an uneven end
+    speech = [{k for k in r["keys"] if not k.startswith("text")} for r in ranks]
+    assert speech[0] and speech[1] and not speech[0] & speech[1]
