@@ -1,0 +1,24 @@
+"""Lightning side of MoST: the LitModule, its losses/metrics and callbacks.
+
+Exports load lazily so that light helpers (e.g. model_config, used to reject a bad config at start-up)
+do not pay for importing Lightning.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "ExpertLoadAccumulator": "most_lightning.lit.expert_load",
+    "ExpertLoadMonitor": "most_lightning.lit.callbacks",
+    "MoSTLitModule": "most_lightning.lit.module",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'most_lightning.lit' has no attribute {name!r}")

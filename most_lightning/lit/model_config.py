@@ -1,0 +1,74 @@
+"""Hydra's `model` + `router` groups -> a validated MoSTConfig.
+
+conf/model/*.yaml name a preset and list the fields a user is likely to override; `null` keeps the preset's
+value. The vocabulary size is not a model choice: it comes from the datamodule's tokenizer at run time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from most_lightning.model import ConfigError, MoSTConfig, ROUTERS, RouterConfig, expert_partition
+
+# Model-group keys that are not MoSTConfig fields.
+_NON_FIELDS = ("preset",)
+
+
+def _plain(cfg: Mapping | DictConfig | None) -> dict[str, Any]:
+    if cfg is None:
+        return {}
+    if isinstance(cfg, DictConfig):
+        return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+    return dict(cfg)
+
+
+def build_router_config(router: Mapping | DictConfig) -> RouterConfig:
+    values = _plain(router)
+    name = values.get("name")
+    if name not in ROUTERS:  # checked here too so the message also says how to pick a conf/router file
+        raise ConfigError(
+            f"router.name={name!r} is not a known router; known routers: {sorted(ROUTERS)}. "
+            "Pick one with `router=<file in conf/router>` or register a new class with @register_router."
+        )
+    known = {f.name for f in dataclasses.fields(RouterConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"router config has unknown keys {unknown}; RouterConfig fields are {sorted(known)}")
+    return RouterConfig(**values)
+
+
+def build_model_config(
+    model: Mapping | DictConfig, router: Mapping | DictConfig, vocab_size: int | None
+) -> MoSTConfig:
+    """MoSTConfig from the model group (preset + overrides), the router group and the tokenizer's vocab size."""
+    values = {k: v for k, v in _plain(model).items() if v is not None}
+    preset = values.pop("preset", None)
+    known = {f.name for f in dataclasses.fields(MoSTConfig)}
+    unknown = sorted(set(values) - known - set(_NON_FIELDS))
+    if unknown:
+        raise ConfigError(f"model config has unknown keys {unknown}; MoSTConfig fields are {sorted(known)}")
+    values["router"] = build_router_config(router)
+    if vocab_size is not None:
+        values["vocab_size"] = int(vocab_size)
+    if preset is not None:
+        return MoSTConfig.from_preset(preset, **values)
+    return MoSTConfig(**values)
+
+
+def moe_layer_ids(config: MoSTConfig) -> list[int]:
+    return [i for i in range(config.num_layers) if config.is_moe_layer(i)]
+
+
+def audio_expert_ids(config: MoSTConfig) -> tuple[int, ...] | None:
+    """The audio group's routed experts under the configured partition (also meaningful for vanilla routing,
+    as the reference split that routing ignores); None if the split is impossible for this config."""
+    try:
+        return expert_partition(
+            config.n_routed_experts, config.audio_expert_fraction, config.top_k, config.partition
+        ).audio
+    except ConfigError:
+        return None

@@ -1,0 +1,337 @@
+"""MoSTLitModule: trains and evaluates a MoSTForCausalLM on mixed ASR / TTS / text-LM batches.
+
+Logged names (split = train | val | test):
+  train/loss              LM loss only (cross entropy over response tokens); the optimised loss is this + aux
+  train/aux_loss, train/aux/<name>   router losses (already weighted), each one separately
+  <split>/loss_text, loss_audio (train) or nll_text, nll_audio (val/test)   by modality of the TARGET token
+  <split>/loss_task_<task> (train) or nll_task_<task> (val/test)            by task (asr, tts, text)
+  val|test/tts_unit_nll, tts_unit_acc   teacher-forced, on the unit tokens of TTS responses
+  test/text_nll                        text-LM NLL (= test/nll_task_text)
+  test/asr_wer, asr_cer                greedy ASR (KV cache), normalised transcripts, torchmetrics
+  test/asr_wer_mismatched              the same with audio from another utterance: the text-prior baseline
+  <split>/expert_load/...              see ExpertLoadAccumulator.summary
+  <split>/n_skipped                    bad samples the data loaders skipped (train: running total)
+  train/n_truncated                    over-long samples cut to max_length (running total)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from lightning import LightningModule
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from most_lightning.eval.asr import TranscriptErrorRates
+from most_lightning.lit.expert_load import ExpertLoadAccumulator
+from most_lightning.lit.losses import MODALITY_NAMES, TASK_NAMES, TokenLosses, shifted_token_losses
+from most_lightning.lit.metrics import TokenMean
+from most_lightning.lit.model_config import audio_expert_ids, build_model_config, moe_layer_ids
+from most_lightning.lit.schedule import linear_warmup_decay
+from most_lightning.model import MoSTForCausalLM
+
+DEFAULT_OPTIMIZER = dict(lr=3e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0)
+DEFAULT_SCHEDULER = dict(warmup_steps=0, min_lr_ratio=0.0, total_steps=None)
+DEFAULT_EVALUATION = dict(asr_max_new_tokens=96, n_asr_examples=8)
+
+# Teacher-forced metrics shared by validation and test.
+_TEACHER_FORCED = (
+    ["nll"]
+    + [f"nll_{m}" for m in MODALITY_NAMES]
+    + [f"nll_task_{t}" for t in TASK_NAMES]
+    + ["tts_unit_nll", "tts_unit_acc"]
+)
+
+
+def _plain(cfg: Mapping | None) -> dict[str, Any] | None:
+    if cfg is None:
+        return None
+    if isinstance(cfg, DictConfig):
+        return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dict(cfg).items()}
+
+
+def _count_skipped(value: Any) -> int:
+    if value is None:
+        return 0
+    if isinstance(value, torch.Tensor):
+        return int(value.sum())
+    if isinstance(value, (list, tuple)):
+        return sum(int(v) for v in value)
+    return int(value)
+
+
+class MoSTLitModule(LightningModule):
+    def __init__(
+        self,
+        model: Mapping,
+        router: Mapping,
+        vocab_size: int | None = None,
+        optimizer: Mapping | None = None,
+        scheduler: Mapping | None = None,
+        evaluation: Mapping | None = None,
+        expert_load_every_n_steps: int | None = None,
+        tokenizer: Any = None,
+    ) -> None:
+        """model/router: the Hydra groups (see build_model_config); vocab_size: the tokenizer's.
+        optimizer: AdamW lr/betas/eps/weight_decay; scheduler: warmup_steps, min_lr_ratio, total_steps (None =
+        the trainer's max_steps); evaluation: asr_max_new_tokens, n_asr_examples. tokenizer: used at test time
+        for generation (default: the datamodule's)."""
+        super().__init__()
+        # plain containers (not DictConfig) so checkpoints load with torch.load(weights_only=True)
+        self.save_hyperparameters(
+            dict(model=_plain(model), router=_plain(router), vocab_size=vocab_size, optimizer=_plain(optimizer),
+                 scheduler=_plain(scheduler), evaluation=_plain(evaluation),
+                 expert_load_every_n_steps=expert_load_every_n_steps)
+        )
+        self.model_config = build_model_config(model, router, vocab_size)
+        self.model = MoSTForCausalLM(self.model_config)
+        self.optimizer_settings = {**DEFAULT_OPTIMIZER, **dict(optimizer or {})}
+        self.scheduler_settings = {**DEFAULT_SCHEDULER, **dict(scheduler or {})}
+        self.evaluation_settings = {**DEFAULT_EVALUATION, **dict(evaluation or {})}
+        self.expert_load_every_n_steps = expert_load_every_n_steps
+        self._tokenizer = tokenizer
+
+        self.layer_ids = moe_layer_ids(self.model_config)
+        self.audio_experts = audio_expert_ids(self.model_config)
+        self.expert_load = {
+            "train_interval": ExpertLoadAccumulator(),
+            "train": ExpertLoadAccumulator(),  # whole fit, for the expert-load monitor
+            "val": ExpertLoadAccumulator(),
+            "test": ExpertLoadAccumulator(),
+        }
+        self.val_metrics = nn.ModuleDict({name: TokenMean() for name in _TEACHER_FORCED})
+        self.test_metrics = nn.ModuleDict({name: TokenMean() for name in _TEACHER_FORCED})
+        self.asr_metrics = nn.ModuleDict({"asr": TranscriptErrorRates(), "asr_mismatched": TranscriptErrorRates()})
+        self.asr_examples: dict[str, list[dict[str, str]]] = {}
+        self._asr_sets_seen: set[str] = set()
+        self.expert_load_snapshot: dict[str, ExpertLoadAccumulator] = {}  # last logged, summed over ranks
+        self.n_skipped = {"train": 0, "val": 0, "test": 0}
+        self.n_truncated = 0
+        # indices of test dataloaders whose ASR prompts carry another utterance's audio (None = ask the batch
+        # or the datamodule)
+        self.mismatched_test_loaders: set[int] | None = None
+
+    # ------------------------------------------------------------------ plumbing
+    @property
+    def tokenizer(self) -> Any:
+        if self._tokenizer is not None:
+            return self._tokenizer
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        tokenizer = getattr(datamodule, "tokenizer", None)
+        if tokenizer is None:
+            raise RuntimeError(
+                "MoSTLitModule needs a tokenizer for generation: pass tokenizer=... or use a datamodule "
+                "that exposes .tokenizer"
+            )
+        return tokenizer
+
+    @tokenizer.setter
+    def tokenizer(self, value: Any) -> None:
+        self._tokenizer = value
+
+    def forward(self, batch: Mapping[str, Any]):
+        return self.model(batch["input_ids"], batch["modality"], attention_mask=batch.get("attention_mask"))
+
+    def _unit_target_mask(self, losses: TokenLosses) -> torch.Tensor:
+        """Target tokens that are speech units (audio marks minus the begin/end-of-audio markers)."""
+        mask = losses.modality_mask(1)
+        tokenizer = self._tokenizer or getattr(getattr(self._trainer, "datamodule", None), "tokenizer", None)
+        if tokenizer is not None:
+            for marker in (tokenizer.boa_id, tokenizer.eoa_id):
+                mask = mask & (losses.target_ids != marker)
+        return mask
+
+    # ------------------------------------------------------------------ training
+    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
+        out = self(batch)
+        losses = shifted_token_losses(out.logits, batch["labels"], batch["modality"])
+        lm_loss = losses.mean()
+        loss = lm_loss + out.aux_loss
+
+        size = batch["input_ids"].shape[0]
+        self.log("train/loss", lm_loss.detach(), on_step=True, on_epoch=False, prog_bar=True, batch_size=size)
+        logged = {"train/aux_loss": out.aux_loss.detach()}
+        logged |= {f"train/aux/{k}": v.detach() for k, v in out.aux_losses.items()}
+        for m, name in enumerate(MODALITY_NAMES):
+            mask = losses.modality_mask(m)
+            if bool((mask & losses.valid).any()):
+                logged[f"train/loss_{name}"] = losses.mean(mask).detach()
+        for task in sorted(set(batch["task"])):
+            logged[f"train/loss_task_{task}"] = losses.mean(losses.task_mask(batch["task"], task)).detach()
+        self.n_skipped["train"] += _count_skipped(batch.get("n_skipped"))
+        logged["train/n_skipped"] = float(self.n_skipped["train"])
+        self.n_truncated += _count_skipped(batch.get("n_truncated"))
+        logged["train/n_truncated"] = float(self.n_truncated)
+        logged["train/n_tokens"] = losses.n_tokens.float()
+        self.log_dict(logged, on_step=True, on_epoch=False, batch_size=size)
+
+        self._track_expert_load(out.router_stats)
+        return loss
+
+    def _track_expert_load(self, router_stats: Sequence) -> None:
+        self.expert_load["train"].update(router_stats)
+        interval = self.expert_load["train_interval"]
+        interval.update(router_stats)
+        every = self.expert_load_every_n_steps or (self.trainer.log_every_n_steps if self._trainer else 50)
+        if (self.global_step + 1) % max(every, 1) == 0:
+            self._log_expert_load("train", interval, on_step=True)
+            interval.reset()
+
+    def _global_sum(self, value: float) -> torch.Tensor:
+        total = torch.tensor(float(value), device=self.device)
+        if self._trainer is not None and self.trainer.world_size > 1:
+            total = self.trainer.strategy.reduce(total, reduce_op="sum")
+        return total
+
+    def _log_expert_load(self, split: str, acc: ExpertLoadAccumulator, on_step: bool = False) -> dict[str, float]:
+        reduce = None
+        if self._trainer is not None and self.trainer.world_size > 1:
+            reduce = lambda t: self.trainer.strategy.reduce(t, reduce_op="sum")  # noqa: E731
+        acc = acc.reduced(reduce)
+        self.expert_load_snapshot[split] = acc
+        summary = acc.summary(self.audio_experts, self.layer_ids)
+        logged = {f"{split}/expert_load/{k}": v for k, v in summary.items()}
+        if logged and self._trainer is not None:
+            # already summed over ranks; sync_dist at epoch level only averages identical values (and keeps
+            # Lightning from warning)
+            self.log_dict(logged, on_step=on_step, on_epoch=not on_step, sync_dist=not on_step)
+        return logged
+
+    # ------------------------------------------------------------------ teacher-forced evaluation
+    def _teacher_forced_update(self, batch: Mapping[str, Any], metrics: nn.ModuleDict, split: str) -> None:
+        out = self(batch)
+        losses = shifted_token_losses(out.logits, batch["labels"], batch["modality"])
+        metrics["nll"].update(*losses.sum_and_count())
+        for m, name in enumerate(MODALITY_NAMES):
+            metrics[f"nll_{name}"].update(*losses.sum_and_count(losses.modality_mask(m)))
+        for task in TASK_NAMES:
+            metrics[f"nll_task_{task}"].update(*losses.sum_and_count(losses.task_mask(batch["task"], task)))
+        units = self._unit_target_mask(losses) & losses.task_mask(batch["task"], "tts") & losses.valid
+        metrics["tts_unit_nll"].update(*losses.sum_and_count(units))
+        metrics["tts_unit_acc"].update((losses.correct & units).sum(), units.sum())
+        self.expert_load[split].update(out.router_stats)
+        self.n_skipped[split] += _count_skipped(batch.get("n_skipped"))
+
+    def _log_metrics(self, split: str, metrics: nn.ModuleDict) -> None:
+        values = {f"{split}/{name}": metric.compute() for name, metric in metrics.items()}
+        if split == "test":
+            values["test/text_nll"] = values["test/nll_task_text"]
+        # NaN = nothing of that kind in the split (e.g. no TTS sample): leave it out rather than log NaN.
+        values = {k: v for k, v in values.items() if not torch.isnan(v)}
+        values[f"{split}/n_skipped"] = self._global_sum(self.n_skipped[split])
+        self.log_dict(values, sync_dist=True)  # values are already global (torchmetrics sync); see above
+        for metric in metrics.values():
+            metric.reset()
+        self._log_expert_load(split, self.expert_load[split])
+        self.expert_load[split].reset()
+        self.n_skipped[split] = 0
+
+    def on_validation_epoch_start(self) -> None:
+        self.expert_load["val"].reset()
+
+    def validation_step(self, batch: Mapping[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._teacher_forced_update(batch, self.val_metrics, "val")
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_metrics("val", self.val_metrics)
+
+    # ------------------------------------------------------------------ test: teacher forcing + ASR generation
+    def on_test_epoch_start(self) -> None:
+        self.expert_load["test"].reset()
+        self.asr_examples = {}
+        self._asr_sets_seen = set()
+
+    def test_step(self, batch: Mapping[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
+        if "prompt_ids" in batch:
+            name = "asr_mismatched" if self._is_mismatched(batch, dataloader_idx) else "asr"
+            self._asr_generation_update(batch, name)
+        else:
+            self._teacher_forced_update(batch, self.test_metrics, "test")
+
+    def _is_mismatched(self, batch: Mapping[str, Any], dataloader_idx: int) -> bool:
+        """Mismatched-audio ASR loaders: flagged in the batch, named by index (run.py sets
+        mismatched_test_loaders), or else the datamodule's test_asr_mismatched switch."""
+        if "mismatched" in batch:
+            return bool(batch["mismatched"])
+        if self.mismatched_test_loaders is not None:
+            return dataloader_idx in self.mismatched_test_loaders
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        return bool(getattr(datamodule, "test_asr_mismatched", False))
+
+    @torch.no_grad()
+    def transcribe(self, batch: Mapping[str, Any]) -> list[str]:
+        """Greedy ASR hypotheses for a generation batch (left-padded prompts)."""
+        tok = self.tokenizer
+        new_tokens = self.model.generate(
+            batch["prompt_ids"],
+            batch["prompt_modality"],
+            batch["prompt_mask"],
+            max_new_tokens=int(self.evaluation_settings["asr_max_new_tokens"]),
+            eos_id=tok.eos_id,
+            pad_id=tok.pad_id,
+            modality_of=tok.modality_of,
+        )
+        hypotheses = []
+        for row in new_tokens.tolist():
+            if tok.eos_id in row:
+                row = row[: row.index(tok.eos_id)]
+            hypotheses.append(tok.decode_text(row))
+        return hypotheses
+
+    def _asr_generation_update(self, batch: Mapping[str, Any], name: str) -> None:
+        hypotheses = self.transcribe(batch)
+        self.asr_metrics[name].update(hypotheses, batch["reference_text"])
+        self._asr_sets_seen.add(name)
+        examples = self.asr_examples.setdefault(name, [])
+        keys = batch.get("key") or [""] * len(hypotheses)
+        for key, ref, hyp in zip(keys, batch["reference_text"], hypotheses):
+            if len(examples) < int(self.evaluation_settings["n_asr_examples"]):
+                examples.append({"key": key, "reference": ref, "hypothesis": hyp})
+        self.n_skipped["test"] += _count_skipped(batch.get("n_skipped"))
+
+    def on_test_epoch_end(self) -> None:
+        for name, metric in self.asr_metrics.items():
+            if name not in self._asr_sets_seen:  # every rank runs every loader, so this agrees across ranks
+                continue
+            scores = metric.compute()
+            self.log_dict(
+                {
+                    f"test/{name}_wer": scores["wer"],
+                    f"test/{name}_cer": scores["cer"],
+                    f"test/{name}_n_utterances": scores["n_utterances"].float(),
+                },
+                sync_dist=True,
+            )
+            metric.reset()
+        self._log_metrics("test", self.test_metrics)
+
+    # ------------------------------------------------------------------ optimisation
+    def configure_optimizers(self) -> dict[str, Any]:
+        settings = self.optimizer_settings
+        decay, no_decay = [], []
+        for param in self.model.parameters():
+            if param.requires_grad:
+                (decay if param.ndim >= 2 else no_decay).append(param)  # norms/biases: no weight decay
+        optimizer = torch.optim.AdamW(
+            [
+                {"params": decay, "weight_decay": float(settings["weight_decay"]), "name": "matrices"},
+                {"params": no_decay, "weight_decay": 0.0, "name": "vectors"},
+            ],
+            lr=float(settings["lr"]),
+            betas=tuple(float(b) for b in settings["betas"]),
+            eps=float(settings["eps"]),
+        )
+        sched = self.scheduler_settings
+        total = sched.get("total_steps") or self.trainer.estimated_stepping_batches
+        if total is None or total == float("inf"):
+            raise ValueError(
+                "the linear LR schedule needs a finite number of steps: set trainer.max_steps "
+                "or lit.scheduler.total_steps"
+            )
+        scheduler = linear_warmup_decay(
+            optimizer, int(sched["warmup_steps"]), int(total), float(sched["min_lr_ratio"])
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -1,0 +1,143 @@
+"""Train a MoST model, test it on the held-out split, write metrics.json into the run directory.
+
+    python run.py                                   # tiny MoST on the demo corpus, CPU, a couple of minutes
+    python run.py router=vanilla model.n_shared_experts=0
+    python run.py -m router=vanilla,modality_aware model.n_shared_experts=0,2
+    python run.py experiment=demo_long logger=many
+    python run.py --cfg job                         # print the composed config
+
+Returns cfg.optimized_metric so Hydra sweepers can optimise it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+# paths.root_dir defaults to this folder, wherever run.py is started from
+os.environ.setdefault("MOST_LIGHTNING_ROOT", str(Path(__file__).resolve().parent))
+
+
+# printed at the end of testing (everything is in metrics.json)
+HEADLINE_METRICS = ("test/asr_wer", "test/asr_cer", "test/asr_mismatched_wer", "test/tts_unit_acc",
+                    "test/tts_unit_nll", "test/text_nll", "test/expert_load/audio_to_audio_group",
+                    "test/expert_load/load_max_over_mean_text", "test/expert_load/load_max_over_mean_audio")
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Fit and test as the config says; returns every scalar metric (also written to metrics.json)."""
+    # Heavy imports here so that `python run.py --help` / `--cfg job` answer at once, and a bad model/router
+    # config fails before Lightning is even imported or any data is prepared (vocab_size: the preset's for now).
+    from most_lightning.lit.model_config import build_model_config
+
+    build_model_config(cfg.model, cfg.router, vocab_size=None)
+
+    import lightning as L
+    from lightning.pytorch.utilities import rank_zero_only
+
+    from most_lightning.lit.runtime import (
+        best_checkpoint_metrics,
+        checkpoint_for_test,
+        instantiate_callbacks,
+        instantiate_loggers,
+        route_lightning_logs_through_root,
+        scalar_metrics,
+        write_json,
+    )
+
+    route_lightning_logs_through_root()
+    log_info = rank_zero_only(logging.getLogger("most_lightning.run").info)
+
+    if cfg.get("seed") is not None:
+        L.seed_everything(cfg.seed, workers=True)
+    output_dir = Path(cfg.paths.output_dir)
+
+    log_info(f"datamodule <{cfg.data._target_}>")
+    datamodule = hydra.utils.instantiate(cfg.data)
+    datamodule.prepare_data()  # builds and caches the corpus + tokenizer on the first run
+    datamodule.setup("fit")
+    tokenizer = datamodule.tokenizer
+
+    module = hydra.utils.instantiate(
+        cfg.lit, model=cfg.model, router=cfg.router, vocab_size=tokenizer.vocab_size, _convert_="partial"
+    )
+    module.tokenizer = tokenizer
+    n_params = sum(p.numel() for p in module.model.parameters())
+    log_info(f"model: {n_params / 1e6:.2f}M parameters, vocab {tokenizer.vocab_size}, "
+                   f"router {module.model_config.router.name}")
+
+    loggers = instantiate_loggers(cfg.get("logger"))
+    callbacks = instantiate_callbacks(cfg.get("callbacks"), have_loggers=bool(loggers))
+    trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    for logger in loggers:
+        logger.log_hyperparams({"run": OmegaConf.to_container(job_config(cfg), resolve=True),
+                                "model/n_params": n_params})
+
+    metrics: dict[str, float] = {"model/n_params": float(n_params)}
+    if cfg.get("train", True):
+        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        metrics |= scalar_metrics(trainer.callback_metrics) | best_checkpoint_metrics(trainer)
+    if cfg.get("test", True):
+        if cfg.get("train", True):
+            ckpt = checkpoint_for_test(trainer, cfg.get("test_weights", "best"))
+        else:  # test only: the weights given by ckpt_path (or the freshly initialised model)
+            ckpt = cfg.get("ckpt_path")
+        log_info(f"testing with {ckpt or 'the weights in memory'}")
+        loaders, mismatched = make_test_loaders(datamodule, cfg.get("test_asr_mismatched", False))
+        module.mismatched_test_loaders = mismatched
+        # verbose=False: Lightning would print the same epoch-level table once per test loader
+        trainer.test(module, dataloaders=loaders, ckpt_path=ckpt, verbose=False)
+        metrics |= scalar_metrics(trainer.callback_metrics)
+        log_info("test: " + ", ".join(
+            f"{name.removeprefix('test/')} {metrics[name]:.4g}" for name in HEADLINE_METRICS if name in metrics))
+
+    if trainer.is_global_zero:
+        # .hydra/config.yaml keeps the interpolations; this is what the run actually used
+        OmegaConf.save(job_config(cfg), output_dir / "config_resolved.yaml", resolve=True)
+        write_json(output_dir / "metrics.json", metrics)
+        if module.asr_examples:
+            write_json(output_dir / "asr_examples.json", module.asr_examples)
+        log_info(f"metrics written to {output_dir / 'metrics.json'}")
+    return metrics
+
+
+def job_config(cfg: DictConfig) -> DictConfig:
+    """The run's config without Hydra's own node (present when composed with return_hydra_config)."""
+    return OmegaConf.masked_copy(cfg, [key for key in cfg if key != "hydra"])
+
+
+def make_test_loaders(datamodule: Any, add_mismatched_asr: bool) -> tuple[list, set[int]]:
+    """The datamodule's test loaders ([0] ASR generation, [1] teacher-forced TTS + text), plus, if asked, an ASR
+    loader whose audio comes from other sentences (the text-prior baseline); returns the mismatched indices."""
+    loaders = list(datamodule.test_dataloader())
+    mismatched = {0} if getattr(datamodule, "test_asr_mismatched", False) else set()
+    if add_mismatched_asr and not mismatched:
+        loaders.append(datamodule.asr_generation_dataloader("test", mismatched=True, limit=datamodule.test_limit))
+        mismatched.add(len(loaders) - 1)
+    return loaders, mismatched
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="run")
+def main(cfg: DictConfig) -> Any:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    from most_lightning.lit.runtime import optimized_metric
+
+    metrics = train(cfg)
+    try:
+        return optimized_metric(metrics, cfg.get("optimized_metric"))
+    except KeyError as err:
+        if HydraConfig.get().mode == RunMode.MULTIRUN:  # a sweeper needs the value: fail loudly
+            raise
+        logging.getLogger("most_lightning.run").warning(err.args[0])
+        return None
+
+
+if __name__ == "__main__":
+    main()
