@@ -1,0 +1,253 @@
+"""MoE layer speed against a dense SwiGLU with the same active FLOPs (forward + backward, CPU by default).
+
+All rows run side by side in one process, interleaved repetition by repetition, so that drifts in machine
+speed hit every row alike. On a shared machine, a repetition during which other processes used the CPUs is
+re-run (up to --retries times) and the table says how many stayed contended.
+
+    python experiments/bench_moe.py            # shapes S and M, 2 threads
+    python experiments/bench_moe.py --quick    # smoke run: shape S, 512 tokens, 2 repetitions
+
+Rows: dense SwiGLU of width top_k * I + shared width; our MoELayer (router + GroupedExperts + shared expert)
+with each expert dispatch and router; transformers' DeepseekV2Moe with its eager and grouped_mm experts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+
+SHAPES = {
+    # name: (hidden, experts, expert width, top_k, shared width)
+    "S": (512, 16, 256, 4, 512),
+    "M": (1024, 64, 352, 6, 704),
+    "tiny": (256, 8, 128, 2, 128),  # the MoE layers of the `tiny` preset (bench_model_step.py)
+}
+
+
+# ----------------------------------------------------------------------------------------------- timing
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def _busy_cpu_seconds() -> float:
+    """CPU seconds the machine spent busy (user, system, irq, softirq, steal). Time of niced processes is left
+    out: the scheduler lets them run only when nothing else wants the CPUs, so they barely slow us down."""
+    with open("/proc/stat") as stat:
+        user, _nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in stat.readline().split()[1:9])
+    return (user + system + irq + softirq + steal) / _CLOCK_TICKS
+
+
+def timed(fn: Callable[[], object]) -> tuple[float, float]:
+    """(wall seconds of fn(), CPU seconds that OTHER processes used meanwhile)."""
+    busy0, own0, t0 = _busy_cpu_seconds(), sum(os.times()[:2]), time.perf_counter()
+    fn()
+    wall = time.perf_counter() - t0
+    others = (_busy_cpu_seconds() - busy0) - (sum(os.times()[:2]) - own0)
+    return wall, max(others, 0.0)
+
+
+@dataclass
+class Row:
+    name: str
+    step: Callable[[], object]
+    times: list[float] = field(default_factory=list)
+    contended: int = 0
+
+
+def wait_for_quiet(max_wait: float, window: float = 1.0) -> float:
+    """Sleep until other processes leave the CPUs idle for one window, at most ``max_wait`` seconds; returns
+    the seconds waited."""
+    start = time.monotonic()
+    while time.monotonic() - start < max_wait:
+        _, others = timed(lambda: time.sleep(window))
+        if others < 0.1 * window:
+            break
+    return time.monotonic() - start
+
+
+def run_interleaved(rows: list[Row], reps: int, warmup: int = 1, retries: int = 3, wait_budget: float = 300.0,
+                    quiet: bool = False) -> None:
+    """Time each row once per repetition, rows interleaved. A repetition disturbed by other processes (they
+    used more than 5% of one CPU meanwhile, jiffy resolution allowing) is re-run, up to ``retries`` times,
+    after waiting for a quiet machine (``wait_budget`` seconds of waiting in all); the last try counts either
+    way and is reported as contended."""
+    for row in rows:
+        for _ in range(warmup):
+            row.step()
+    for rep in range(reps):
+        for row in rows:
+            for attempt in range(retries + 1):
+                wall, others = timed(row.step)
+                clean = others <= 0.05 * wall + 0.02
+                if clean or attempt == retries:
+                    break
+                wait_budget -= wait_for_quiet(min(wait_budget, 60.0))
+            row.times.append(wall)
+            row.contended += not clean
+        if not quiet:
+            print(f"  rep {rep + 1}/{reps} done", file=sys.stderr, flush=True)
+
+
+def print_table(title: str, rows: list[Row], baseline: str, note: str = "") -> dict[str, float]:
+    """Median/min per row and ratios of medians to the baseline row; returns {name: median ratio}."""
+    base = next(r for r in rows if r.name == baseline)
+    base_med, base_min = statistics.median(base.times), min(base.times)
+    ratios, lines = {}, []
+    for row in rows:
+        med, best = statistics.median(row.times), min(row.times)
+        ratios[row.name] = med / base_med
+        lines.append((row.name, f"{med * 1e3:.1f}", f"{best * 1e3:.1f}", f"{med / base_med:.3f}x",
+                      f"{best / base_min:.3f}x", f"{row.contended}/{len(row.times)}"))
+    header = ("row", "median ms", "min ms", "ratio (median)", "ratio (min)", "contended")
+    try:
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(title=title, caption=note or None)
+        for i, name in enumerate(header):
+            table.add_column(name, justify="left" if i == 0 else "right")
+        for line in lines:
+            table.add_row(*line)
+        Console(width=140).print(table)
+    except ImportError:
+        print(title)
+        for line in [header, *lines]:
+            print(f"{line[0]:44s}" + "".join(f"{c:>16s}" for c in line[1:]))
+        if note:
+            print(note)
+    return ratios
+
+
+# ----------------------------------------------------------------------------------------------- rows
+def dense_swiglu(hidden: int, width: int) -> nn.Module:
+    from most_lightning.model.experts import SwiGLU
+
+    return SwiGLU(hidden, width)  # a plain nn.Linear SwiGLU, no tricks: the honest baseline
+
+
+def most_moe_layer(hidden: int, experts: int, width: int, top_k: int, shared: int, dispatch: str, router: str):
+    from most_lightning.model import MoSTConfig, RouterConfig
+    from most_lightning.model.moe import MoELayer
+
+    if shared % width:
+        raise ValueError(f"shared width {shared} must be a multiple of the expert width {width}")
+    config = MoSTConfig(hidden_size=hidden, moe_intermediate_size=width, n_routed_experts=experts, top_k=top_k,
+                        n_shared_experts=shared // width, expert_dispatch=dispatch, num_layers=2,
+                        router=RouterConfig(name=router))
+    layer = MoELayer(config)
+    layer.experts.reset_parameters(std=0.02)
+    return layer
+
+
+def transformers_moe(hidden: int, experts: int, width: int, top_k: int, shared: int, implementation: str):
+    from transformers.models.deepseek_v2.configuration_deepseek_v2 import DeepseekV2Config
+    from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2Moe
+
+    config = DeepseekV2Config(hidden_size=hidden, moe_intermediate_size=width, n_routed_experts=experts,
+                              num_experts_per_tok=top_k, n_shared_experts=shared // width, topk_method="greedy",
+                              norm_topk_prob=False, routed_scaling_factor=1.0, n_group=1, topk_group=1,
+                              hidden_act="silu", mlp_bias=False)
+    config._experts_implementation = implementation
+    layer = DeepseekV2Moe(config)
+    with torch.no_grad():  # transformers leaves these uninitialised (router: zeros) outside from_pretrained
+        for param in layer.parameters():
+            nn.init.normal_(param, std=0.02)
+    return layer
+
+
+def build_rows(shape: str, tokens: int, seq_len: int, rows_filter: str | None) -> list[Row]:
+    hidden, experts, width, top_k, shared = SHAPES[shape]
+    torch.manual_seed(0)
+    batch = tokens // seq_len
+    x = torch.randn(batch, seq_len, hidden)
+    grad = torch.randn(batch, seq_len, hidden)
+    modality = torch.zeros(batch, seq_len, dtype=torch.long)
+    modality[:, seq_len // 2:] = 1  # half text, half audio tokens
+
+    def make_step(module: nn.Module, kind: str) -> Callable[[], None]:
+        inp = x.clone().requires_grad_()
+
+        def step() -> None:
+            module.zero_grad(set_to_none=True)
+            inp.grad = None
+            if kind == "most":
+                out, routing = module(inp, modality)
+                outputs, grads = [out], [grad]
+                if routing.aux_loss is not None:
+                    outputs.append(routing.aux_loss)
+                    grads.append(torch.ones_like(routing.aux_loss))
+                torch.autograd.backward(outputs, grads)
+            else:
+                module(inp).backward(grad)
+
+        return step
+
+    builders: list[tuple[str, Callable[[], nn.Module], str]] = [
+        (f"dense SwiGLU width {top_k * width + shared}", lambda: dense_swiglu(hidden, top_k * width + shared),
+         "plain"),
+    ]
+    for dispatch in ("loop", "grouped_mm"):
+        for router in ("vanilla", "modality_aware"):
+            builders.append((f"MoST MoELayer {dispatch} / {router}",
+                             lambda d=dispatch, r=router: most_moe_layer(hidden, experts, width, top_k, shared, d, r),
+                             "most"))
+    for impl in ("eager", "grouped_mm"):
+        builders.append((f"transformers DeepseekV2Moe {impl}",
+                         lambda i=impl: transformers_moe(hidden, experts, width, top_k, shared, i), "plain"))
+    rows = []
+    for name, build, kind in builders:
+        if rows_filter and not (name.startswith("dense") or any(f in name for f in rows_filter.split(","))):
+            continue
+        module = build().train()
+        rows.append(Row(name, make_step(module, kind)))
+    return rows
+
+
+def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--shapes", default=None, help="comma-separated subset of " + ",".join(SHAPES) +
+                        " (default: S,M; S with --quick)")
+    parser.add_argument("--tokens", type=int, default=4096)
+    parser.add_argument("--seq-len", type=int, default=1024)
+    parser.add_argument("--reps", type=int, default=None, help="repetitions per row (default: S 15, M 9)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--retries", type=int, default=3, help="re-runs of a repetition disturbed by other processes")
+    parser.add_argument("--wait-budget", type=float, default=300.0,
+                        help="seconds to wait in all for a quiet machine before re-running disturbed repetitions")
+    parser.add_argument("--rows", default=None, help="only rows whose name contains one of these (comma-separated)")
+    parser.add_argument("--quick", action="store_true", help="smoke run: shape S, 512 tokens, 2 repetitions")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.tokens, args.seq_len, args.reps, args.retries = 512, 256, 2, 0
+        args.shapes = args.shapes or "S"
+    args.shapes = args.shapes or "S,M"
+    torch.set_num_threads(args.threads)
+    command = "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(sys.argv[1:] if argv is None else argv)])
+    print(f"command: {command}\ntorch {torch.__version__}, {torch.get_num_threads()} threads, fp32, "
+          f"forward+backward, {args.tokens} tokens")
+    results = {}
+    for shape in args.shapes.split(","):
+        hidden, experts, width, top_k, shared = SHAPES[shape]
+        rows = build_rows(shape, args.tokens, args.seq_len, args.rows)
+        reps = args.reps or (15 if shape == "S" else 9)
+        run_interleaved(rows, reps, retries=args.retries, wait_budget=args.wait_budget, quiet=args.quick)
+        title = (f"shape {shape}: hidden {hidden}, {experts} experts x {width}, top-{top_k}, shared {shared}, "
+                 f"{args.tokens} tokens")
+        results[shape] = print_table(title, rows, rows[0].name,
+                                     note=f"ratios to the dense row; medians of {reps} interleaved repetitions")
+    for shape, ratios in results.items():
+        ours = {k: v for k, v in ratios.items() if k.startswith("MoST")}
+        print(f"{shape}: " + ", ".join(f"{k.removeprefix('MoST MoELayer ')} {v:.3f}x" for k, v in ours.items()))
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,206 @@
+"""SwiGLU feed-forward blocks: the dense MLP and the stacked routed experts of an MoE layer.
+
+``GroupedExperts`` computes, dropless, y[n] = sum_j w[n, j] * expert_{e[n, j]}(x[n]) with
+expert(x) = (silu(x W_g^T) * (x W_u^T)) W_d^T. Its token copies are sorted by expert, then one of two
+dispatch paths runs the per-expert matmuls:
+
+- ``"loop"``: a Python loop over the experts inside one autograd Function (CPU default, test oracle for the
+  other path). Each expert gathers its tokens, runs its whole SwiGLU and scatters its output back while its
+  rows are still in cache, and the backward is written by hand. This keeps every elementwise op on a small,
+  cache-resident block and never builds [N*k, H] buffers, which is what makes it about as fast as a dense
+  SwiGLU of the same active FLOPs on a CPU (experiments/bench_moe.py). Weight gradients are written straight
+  into slices of one stacked tensor: indexing ``w[e]`` under autograd would instead add a full-size zero
+  gradient per expert (O(E^2) memory traffic, NOTES.md).
+- ``"grouped_mm"``: ``torch.nn.functional.grouped_mm`` over the sorted tokens (fused grouped GEMM on
+  Hopper-class GPUs; on the CPU it runs one matmul per group and is slower than the loop).
+
+Experts that receive no tokens still get an all-zero gradient (DDP needs every parameter to get one).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+Dispatch = Literal["auto", "grouped_mm", "loop"]
+DISPATCHES = ("auto", "grouped_mm", "loop")
+
+
+class SwiGLU(nn.Module):
+    """Dense SwiGLU MLP without biases: down(silu(gate(x)) * up(x)). Dense layers and shared experts."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def sort_by_expert(expert_indices: torch.Tensor, n_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Order the N*k (token, slot) pairs by expert.
+
+    Returns ``order`` [N*k] (flat slot positions sorted by expert, stable), ``token_index`` [N*k] (the token of
+    each sorted pair) and ``counts`` [E] (pairs per expert).
+    """
+    flat = expert_indices.reshape(-1)
+    order = flat.argsort(stable=True)
+    return order, order // expert_indices.shape[1], torch.bincount(flat, minlength=n_experts)
+
+
+class _LoopSwiGLUExperts(torch.autograd.Function):
+    """Grouped SwiGLU over experts with a hand-written backward; see the module docstring.
+
+    Inputs: x [N, H], token_index [M] (tokens sorted by expert), weights [M] (gate weights in the same
+    order), counts (python list of M's split per expert), gate/up [E, I, H], down [E, H, I]. Saves only the
+    pre-activations (gate and up outputs, [M, I] each); everything else is recomputed per expert in cache.
+    """
+
+    @staticmethod
+    def forward(ctx, x, token_index, weights, counts, gate, up, down):
+        n_pairs, inter = token_index.shape[0], gate.shape[1]
+        out = torch.zeros_like(x)
+        gate_out = x.new_empty(n_pairs, inter)
+        up_out = x.new_empty(n_pairs, inter)
+        for e, (start, end) in _segments(counts):
+            tokens = token_index[start:end]
+            x_e = x.index_select(0, tokens)
+            a = torch.mm(x_e, gate[e].T, out=gate_out[start:end])
+            b = torch.mm(x_e, up[e].T, out=up_out[start:end])
+            # The gate weight scales the [n, I] activation rather than the (larger) [n, H] output.
+            h = F.silu(a).mul_(b).mul_(weights[start:end, None])
+            out.index_add_(0, tokens, torch.mm(h, down[e].T))
+        ctx.save_for_backward(x, token_index, weights, gate_out, up_out, gate, up, down)
+        ctx.counts = counts
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, token_index, weights, gate_out, up_out, gate, up, down = ctx.saved_tensors
+        need_x, need_w, need_params = ctx.needs_input_grad[0], ctx.needs_input_grad[2], any(ctx.needs_input_grad[4:])
+        grad_out = grad_out.contiguous()
+        grad_x = torch.zeros_like(x) if need_x else None
+        grad_w = torch.empty_like(weights) if need_w else None
+        # Every expert's slice gets written below (zeros for experts without tokens): no zero-fill pass.
+        grad_gate, grad_up, grad_down = ((torch.empty_like(gate), torch.empty_like(up), torch.empty_like(down))
+                                         if need_params else (None, None, None))
+        for e, (start, end) in _segments(ctx.counts, skip_empty=False):
+            if start == end:
+                if need_params:
+                    for grad in (grad_gate, grad_up, grad_down):
+                        grad[e].zero_()
+                continue
+            tokens, w = token_index[start:end], weights[start:end, None]
+            a, b = gate_out[start:end], up_out[start:end]
+            g_out = grad_out.index_select(0, tokens)
+            g_h = torch.mm(g_out, down[e])  # gradient w.r.t. the weighted activation w * h
+            silu_a = F.silu(a)
+            h = silu_a * b
+            if need_w:
+                torch.sum(g_h * h, dim=1, out=grad_w[start:end])
+            if need_params:
+                torch.mm(g_out.T, h.mul_(w), out=grad_down[e])
+            g_h.mul_(w)
+            g_a = torch.ops.aten.silu_backward(g_h * b, a)
+            g_b = g_h.mul_(silu_a)
+            if need_params:
+                x_e = x.index_select(0, tokens)
+                torch.mm(g_a.T, x_e, out=grad_gate[e])
+                torch.mm(g_b.T, x_e, out=grad_up[e])
+            if need_x:
+                grad_x.index_add_(0, tokens, torch.mm(g_a, gate[e]).addmm_(g_b, up[e]))
+        return grad_x, None, grad_w, None, grad_gate, grad_up, grad_down
+
+
+def _segments(counts: list[int], skip_empty: bool = True):
+    """(expert, (start, end)) of each expert's rows in the sorted order."""
+    start = 0
+    for e, count in enumerate(counts):
+        if count or not skip_empty:
+            yield e, (start, start + count)
+        start += count
+
+
+def _grouped_mm_experts(x, token_index, weights, counts, gate, up, down):
+    """Same maths with F.grouped_mm and plain autograd (no host sync: offsets stay on the device)."""
+    offsets = torch.cumsum(counts, 0, dtype=torch.int32)
+    x_sorted = x.index_select(0, token_index)
+    a = F.grouped_mm(x_sorted, gate.transpose(1, 2), offs=offsets)
+    b = F.grouped_mm(x_sorted, up.transpose(1, 2), offs=offsets)
+    h = F.silu(a) * b * weights[:, None]
+    y_sorted = F.grouped_mm(h, down.transpose(1, 2), offs=offsets)
+    # index_add's backward hands grouped_mm a contiguous gradient (its backward fails on stride-0 ones).
+    return torch.zeros_like(x).index_add(0, token_index, y_sorted)
+
+
+class GroupedExperts(nn.Module):
+    """``n_experts`` SwiGLU experts stored stacked like nn.Linear weights (checkpoint import is a stack()).
+
+    gate_proj [E, I, H], up_proj [E, I, H], down_proj [E, H, I]. ``dispatch``: "loop", "grouped_mm", or
+    "auto": grouped_mm for bf16/fp16 on CUDA GPUs of compute capability >= 8.0 (a fused kernel there, which
+    needs rows of a multiple of 16 bytes), the loop everywhere else.
+    """
+
+    def __init__(self, hidden_size: int, intermediate_size: int, n_experts: int, dispatch: Dispatch = "auto"):
+        super().__init__()
+        if dispatch not in DISPATCHES:
+            raise ValueError(f"expert dispatch {dispatch!r} is unknown; choose one of {DISPATCHES}")
+        self.hidden_size, self.intermediate_size, self.n_experts = hidden_size, intermediate_size, n_experts
+        self.dispatch = dispatch
+        self.gate_proj = nn.Parameter(torch.empty(n_experts, intermediate_size, hidden_size))
+        self.up_proj = nn.Parameter(torch.empty(n_experts, intermediate_size, hidden_size))
+        self.down_proj = nn.Parameter(torch.empty(n_experts, hidden_size, intermediate_size))
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self, std: float | None = None) -> None:
+        """normal(0, std) if ``std`` is given, else nn.Linear's default init (kaiming uniform) per expert."""
+        for weight in (self.gate_proj, self.up_proj, self.down_proj):
+            if std is not None:
+                nn.init.normal_(weight, std=std)
+            else:  # bound of nn.Linear's kaiming_uniform_(a=sqrt(5)): 1 / sqrt(fan_in)
+                nn.init.uniform_(weight, -1 / math.sqrt(weight.shape[-1]), 1 / math.sqrt(weight.shape[-1]))
+
+    def stacked_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(gate [E, I, H], up [E, I, H], down [E, H, I]), whatever the storage layout."""
+        return self.gate_proj, self.up_proj, self.down_proj
+
+    def resolved_dispatch(self, x: torch.Tensor) -> str:
+        if self.dispatch != "auto":
+            return self.dispatch
+        aligned = all(n * x.element_size() % 16 == 0 for n in (self.hidden_size, self.intermediate_size))
+        if (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and aligned
+                and torch.cuda.get_device_capability(x.device) >= (8, 0)):
+            return "grouped_mm"
+        return "loop"
+
+    def forward(self, x: torch.Tensor, expert_indices: torch.Tensor, expert_weights: torch.Tensor) -> torch.Tensor:
+        """x [N, H]; expert_indices [N, k] (distinct per row); expert_weights [N, k] -> [N, H]."""
+        if x.dim() != 2 or x.shape[1] != self.hidden_size:
+            raise ValueError(f"experts expect x of shape [N, {self.hidden_size}], got {tuple(x.shape)}")
+        if expert_indices.shape != expert_weights.shape or expert_indices.shape[0] != x.shape[0]:
+            raise ValueError(f"expert_indices {tuple(expert_indices.shape)} and expert_weights "
+                             f"{tuple(expert_weights.shape)} must both be [N={x.shape[0]}, k]")
+        gate, up, down = self.stacked_weights()
+        if torch.is_autocast_enabled(x.device.type):
+            # Neither path is covered by autocast's op lists: cast by hand, as autocast does for nn.Linear.
+            dtype = torch.get_autocast_dtype(x.device.type)
+            x, gate, up, down = (t.to(dtype) for t in (x, gate, up, down))
+        elif x.dtype != gate.dtype:
+            raise TypeError(f"experts got {x.dtype} input but hold {gate.dtype} weights; cast the module "
+                            f"(experts.to({x.dtype})) or run under torch.autocast")
+        order, token_index, counts = sort_by_expert(expert_indices, self.n_experts)
+        weights = expert_weights.to(x.dtype).reshape(-1).index_select(0, order)
+        if self.resolved_dispatch(x) == "grouped_mm":
+            return _grouped_mm_experts(x, token_index, weights, counts, gate, up, down)
+        return _LoopSwiGLUExperts.apply(x, token_index, weights, counts.tolist(), gate, up, down)
+
+    def extra_repr(self) -> str:
+        return (f"hidden_size={self.hidden_size}, intermediate_size={self.intermediate_size}, "
+                f"n_experts={self.n_experts}, dispatch={self.dispatch!r}")
