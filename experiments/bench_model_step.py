@@ -24,47 +24,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_moe import Row, print_table, run_interleaved  # noqa: E402
 
 from most_lightning.model import MoSTConfig, MoSTForCausalLM  # noqa: E402
+from most_lightning.model.hf_compat import to_hf_deepseek_config, to_hf_state_dict  # noqa: E402
 
 
 def hf_config(c: MoSTConfig, experts_implementation: str):
     """The transformers DeepseekV2Config with the same architecture numbers as ``c``."""
-    from transformers import DeepseekV2Config
-
-    if c.attention != "mla":
-        raise ValueError(f"transformers' DeepSeek-V2 needs MLA attention; the preset uses {c.attention!r}")
-    rope = {"rope_type": "default", "rope_theta": c.rope_theta}
-    if c.rope_scaling:
-        if c.rope_scaling.get("type") != "yarn":
-            raise ValueError(f"only YaRN rope scaling maps onto DeepSeek-V2, not {c.rope_scaling.get('type')!r}")
-        rope = {"rope_type": "yarn", "rope_theta": c.rope_theta,
-                **{k: v for k, v in c.rope_scaling.items() if k != "type"}}
-    config = DeepseekV2Config(
-        vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
-        moe_intermediate_size=c.moe_intermediate_size, num_hidden_layers=c.num_layers,
-        num_attention_heads=c.num_heads, num_key_value_heads=c.num_heads, n_shared_experts=c.n_shared_experts,
-        n_routed_experts=c.n_routed_experts, num_experts_per_tok=c.top_k,
-        first_k_dense_replace=c.first_k_dense_replace, kv_lora_rank=c.kv_lora_rank, q_lora_rank=c.q_lora_rank,
-        qk_nope_head_dim=c.qk_nope_head_dim, qk_rope_head_dim=c.qk_rope_head_dim, v_head_dim=c.v_head_dim,
-        rope_parameters=rope, max_position_embeddings=c.max_position_embeddings, rms_norm_eps=c.rms_norm_eps,
-        norm_topk_prob=False, topk_method="greedy", routed_scaling_factor=1.0,
-        tie_word_embeddings=c.tie_word_embeddings, n_group=1, topk_group=1,
-    )
+    config = to_hf_deepseek_config(c, n_group=1, topk_group=1)
     config._experts_implementation = experts_implementation
     return config
-
-
-def hf_state_dict(model: MoSTForCausalLM) -> dict[str, torch.Tensor]:
-    """Our weights in transformers' key layout: stacked experts -> fused gate_up_proj (gate over up)."""
-    state = {}
-    for key, value in model.state_dict().items():
-        if ".mlp.experts." in key:
-            prefix = key.split(".mlp.experts.")[0] + ".mlp.experts"
-            gate, up, down = model.get_submodule(prefix).stacked_weights()
-            state[prefix + ".gate_up_proj"] = torch.cat((gate, up), dim=1).detach().clone()
-            state[prefix + ".down_proj"] = down.detach().clone()
-        else:
-            state[key] = value.clone()
-    return state
 
 
 def training_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ids: torch.Tensor,
@@ -121,7 +88,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     for impl in ("eager", "grouped_mm"):
         theirs = DeepseekV2ForCausalLM(hf_config(reference.config, impl)).train()
-        missing, unexpected = theirs.load_state_dict(hf_state_dict(reference), strict=False)
+        missing, unexpected = theirs.load_state_dict(to_hf_state_dict(reference), strict=False)
         if unexpected or [k for k in missing if "rotary" not in k]:
             raise RuntimeError(f"weight copy into transformers failed: missing {missing}, unexpected {unexpected}")
         optimizer = torch.optim.AdamW(theirs.parameters(), lr=1e-4, betas=(0.9, 0.95))

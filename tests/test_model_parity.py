@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from most_lightning.model import MoSTConfig, MoSTForCausalLM
+from most_lightning.model.hf_compat import to_hf_deepseek_config, to_hf_state_dict
 
 transformers = pytest.importorskip("transformers")
 
@@ -29,39 +30,6 @@ def small_config(**overrides) -> MoSTConfig:
     return MoSTConfig(**values)
 
 
-def hf_deepseek_config(c: MoSTConfig):
-    rope = {"rope_type": "default", "rope_theta": c.rope_theta}
-    if c.rope_scaling:
-        rope = {"rope_type": "yarn", "rope_theta": c.rope_theta,
-                **{k: v for k, v in c.rope_scaling.items() if k != "type"}}
-    return transformers.DeepseekV2Config(
-        vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
-        moe_intermediate_size=c.moe_intermediate_size, num_hidden_layers=c.num_layers,
-        num_attention_heads=c.num_heads, num_key_value_heads=c.num_heads, n_shared_experts=c.n_shared_experts,
-        n_routed_experts=c.n_routed_experts, num_experts_per_tok=c.top_k,
-        first_k_dense_replace=c.first_k_dense_replace, kv_lora_rank=c.kv_lora_rank, q_lora_rank=c.q_lora_rank,
-        qk_nope_head_dim=c.qk_nope_head_dim, qk_rope_head_dim=c.qk_rope_head_dim, v_head_dim=c.v_head_dim,
-        rope_parameters=rope, max_position_embeddings=c.max_position_embeddings, rms_norm_eps=c.rms_norm_eps,
-        norm_topk_prob=False, topk_method="greedy", routed_scaling_factor=1.0, tie_word_embeddings=False,
-        attn_implementation="eager",
-    )
-
-
-def to_hf_state_dict(model: MoSTForCausalLM) -> dict[str, torch.Tensor]:
-    """Our stacked expert tensors -> transformers' fused layout (gate_up_proj = gate over up)."""
-    state = {}
-    for key, value in model.state_dict().items():
-        if ".mlp.experts." in key:
-            prefix = key.split(".mlp.experts.")[0] + ".mlp.experts."
-            experts = model.get_submodule(prefix[:-1])
-            gate, up, down = experts.stacked_weights()
-            state[prefix + "gate_up_proj"] = torch.cat((gate, up), dim=1)
-            state[prefix + "down_proj"] = down
-        else:
-            state[key] = value
-    return state
-
-
 @pytest.mark.parametrize("q_lora_rank", [None, 24])
 @pytest.mark.parametrize("rope_scaling", [YARN, None], ids=["yarn", "plain-rope"])
 def test_logits_match_transformers_deepseek_v2(q_lora_rank, rope_scaling):
@@ -70,7 +38,7 @@ def test_logits_match_transformers_deepseek_v2(q_lora_rank, rope_scaling):
     ours = MoSTForCausalLM(config).eval()
     for p in ours.parameters():  # larger weights than the 0.02 init so that every path matters
         torch.nn.init.normal_(p, std=0.2) if p.dim() > 1 else torch.nn.init.uniform_(p, 0.5, 1.5)
-    theirs = transformers.DeepseekV2ForCausalLM(hf_deepseek_config(config)).eval()
+    theirs = transformers.DeepseekV2ForCausalLM(to_hf_deepseek_config(config, attn_implementation="eager")).eval()
     missing, unexpected = theirs.load_state_dict(to_hf_state_dict(ours), strict=False)
     assert not unexpected and not [k for k in missing if "rotary" not in k]
 
