@@ -1,9 +1,13 @@
 """GroupedExperts: both dispatch paths against a naive per-token reference; the dense SwiGLU by hand."""
 
+import contextlib
+import threading
+
 import pytest
 import torch
 import torch.nn.functional as F
 
+import most_lightning.model.experts as experts_module
 from most_lightning.model.experts import GroupedExperts, SwiGLU, _LoopSwiGLUExperts, sort_by_expert
 
 HIDDEN, INTER, N_EXPERTS = 16, 12, 6
@@ -47,6 +51,19 @@ def run_naive(params, x, indices, weights, grad_out):
     return [out] + [t.grad for t in leaves]
 
 
+@contextlib.contextmanager
+def expert_worker_threads(n: int):
+    """Let the loop path split even these tiny inputs over ``n`` CPU threads (1: run serially)."""
+    previous_threads, previous_macs = torch.get_num_threads(), experts_module.MIN_MACS_PER_WORKER
+    torch.set_num_threads(n)
+    experts_module.MIN_MACS_PER_WORKER = 1
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous_threads)
+        experts_module.MIN_MACS_PER_WORKER = previous_macs
+
+
 NAMES = ["output", "grad x", "grad weights", "grad gate_proj", "grad up_proj", "grad down_proj"]
 
 
@@ -58,8 +75,9 @@ def test_dispatch_paths_match_naive_reference(top_k, n_used):
     x, grad_out = torch.randn(29, HIDDEN), torch.randn(29, HIDDEN)
     indices, weights = routing(29, top_k, n_used)
     expected = run_naive(params, x, indices, weights, grad_out)
-    for dispatch in ("loop", "grouped_mm"):
-        got = run(dispatch, params, x, indices, weights, grad_out)
+    for dispatch in ("loop", "loop-threads", "grouped_mm"):
+        with expert_worker_threads(3 if dispatch == "loop-threads" else 1):
+            got = run(dispatch.removesuffix("-threads"), params, x, indices, weights, grad_out)
         for name, g, e in zip(NAMES, got, expected):
             torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5, msg=lambda m: f"{dispatch} {name}: {m}")
     # Idle experts get a gradient, and it is zero (DDP requires every parameter to receive one).
@@ -169,3 +187,21 @@ def test_frozen_experts_still_pass_gradients_to_inputs():
     torch.testing.assert_close(x.grad, expected[1], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(weights.grad, expected[2], rtol=1e-4, atol=1e-5)
     assert all(p.grad is None for p in experts.parameters())
+
+
+def test_worker_threads_leave_thread_settings_alone():
+    """The loop path runs its CPU workers with one intra-op thread each and must restore every setting."""
+    torch.manual_seed(0)
+    experts = GroupedExperts(HIDDEN, INTER, N_EXPERTS, dispatch="loop")
+    indices, weights = routing(40, 2, N_EXPERTS)
+    x = torch.randn(40, HIDDEN, requires_grad=True)
+    with expert_worker_threads(2):
+        experts(x, indices, weights).sum().backward()
+        assert torch.get_num_threads() == 2
+        seen = []
+        thread = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))  # a fresh thread
+        thread.start(), thread.join()
+        assert seen == [2]
+    counts = [5, 0, 9, 1, 4]
+    parts = experts_module._split_rows(counts, 2)
+    assert parts == [[(0, 0, 5), (2, 5, 9)], [(2, 9, 14), (3, 14, 15), (4, 15, 19)]]  # expert 2 is cut in two

@@ -11,6 +11,11 @@ dispatch paths runs the per-expert matmuls:
   SwiGLU of the same active FLOPs on a CPU (experiments/bench_moe.py). Weight gradients are written straight
   into slices of one stacked tensor: indexing ``w[e]`` under autograd would instead add a full-size zero
   gradient per expert (O(E^2) memory traffic, NOTES.md).
+  On the CPU, large batches are shared out among torch.get_num_threads() worker threads that each run
+  their rows with ONE intra-op thread, instead of running every small op with all OpenMP threads. On an idle
+  machine that is within a few percent either way, but when other processes compete for the cores, the
+  hundreds of small OpenMP parallel regions (each waiting at a barrier for a descheduled thread) made the
+  layer 4-10x slower than a dense SwiGLU; split by rows it stayed within ~1.2-1.35x.
 - ``"grouped_mm"``: ``torch.nn.functional.grouped_mm`` over the sorted tokens (fused grouped GEMM on
   Hopper-class GPUs; on the CPU it runs one matmul per group and is slower than the loop).
 
@@ -20,11 +25,15 @@ Experts that receive no tokens still get an all-zero gradient (DDP needs every p
 from __future__ import annotations
 
 import math
-from typing import Literal
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 Dispatch = Literal["auto", "grouped_mm", "loop"]
 DISPATCHES = ("auto", "grouped_mm", "loop")
@@ -60,71 +69,175 @@ class _LoopSwiGLUExperts(torch.autograd.Function):
     Inputs: x [N, H], token_index [M] (tokens sorted by expert), weights [M] (gate weights in the same
     order), counts (python list of M's split per expert), gate/up [E, I, H], down [E, H, I]. Saves only the
     pre-activations (gate and up outputs, [M, I] each); everything else is recomputed per expert in cache.
+    Work comes in pieces (expert e, rows start:end of the sorted order); an expert may be cut in two pieces
+    that run on different threads.
     """
 
     @staticmethod
     def forward(ctx, x, token_index, weights, counts, gate, up, down):
         n_pairs, inter = token_index.shape[0], gate.shape[1]
-        out = torch.zeros_like(x)
         gate_out = x.new_empty(n_pairs, inter)
         up_out = x.new_empty(n_pairs, inter)
-        for e, (start, end) in _segments(counts):
-            tokens = token_index[start:end]
-            x_e = x.index_select(0, tokens)
-            a = torch.mm(x_e, gate[e].T, out=gate_out[start:end])
-            b = torch.mm(x_e, up[e].T, out=up_out[start:end])
-            # The gate weight scales the [n, I] activation rather than the (larger) [n, H] output.
-            h = F.silu(a).mul_(b).mul_(weights[start:end, None])
-            out.index_add_(0, tokens, torch.mm(h, down[e].T))
+
+        def run(pieces: list[Piece], add_rows: AddRows) -> None:
+            for e, start, end in pieces:
+                tokens = token_index[start:end]
+                x_e = x.index_select(0, tokens)
+                a = torch.mm(x_e, gate[e].T, out=gate_out[start:end])
+                b = torch.mm(x_e, up[e].T, out=up_out[start:end])
+                # The gate weight scales the [n, I] activation rather than the (larger) [n, H] output.
+                h = F.silu(a).mul_(b).mul_(weights[start:end, None])
+                add_rows(tokens, torch.mm(h, down[e].T))
+
+        out = torch.zeros_like(x)
+        _run_pieces(run, counts, out, x.shape[1] * inter)
         ctx.save_for_backward(x, token_index, weights, gate_out, up_out, gate, up, down)
         ctx.counts = counts
         return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out):
         x, token_index, weights, gate_out, up_out, gate, up, down = ctx.saved_tensors
+        counts, starts = ctx.counts, _starts(ctx.counts)
         need_x, need_w, need_params = ctx.needs_input_grad[0], ctx.needs_input_grad[2], any(ctx.needs_input_grad[4:])
         grad_out = grad_out.contiguous()
-        grad_x = torch.zeros_like(x) if need_x else None
+        grad_x = torch.zeros_like(x)
         grad_w = torch.empty_like(weights) if need_w else None
-        # Every expert's slice gets written below (zeros for experts without tokens): no zero-fill pass.
-        grad_gate, grad_up, grad_down = ((torch.empty_like(gate), torch.empty_like(up), torch.empty_like(down))
-                                         if need_params else (None, None, None))
-        for e, (start, end) in _segments(ctx.counts, skip_empty=False):
-            if start == end:
+        # An expert's first piece writes its weight-gradient slices directly (no zero-fill pass); a later
+        # piece of the same expert, possibly on another thread, returns its share to be added at the end.
+        grad_params = (torch.empty_like(down), torch.empty_like(gate), torch.empty_like(up)) if need_params else ()
+
+        def run(pieces: list[Piece], add_rows: AddRows) -> list[tuple[int, tuple[torch.Tensor, ...]]]:
+            shares = []
+            for e, start, end in pieces:
+                tokens, w = token_index[start:end], weights[start:end, None]
+                a, b = gate_out[start:end], up_out[start:end]
+                if start == starts[e]:
+                    targets = tuple(grad[e] for grad in grad_params)
+                else:
+                    targets = tuple(torch.empty_like(grad[e]) for grad in grad_params)
+                    if need_params:
+                        shares.append((e, targets))
+                g_out = grad_out.index_select(0, tokens)
+                g_h = torch.mm(g_out, down[e])  # gradient w.r.t. the weighted activation w * h
+                silu_a = F.silu(a)
+                h = silu_a * b
+                if need_w:
+                    torch.sum(g_h * h, dim=1, out=grad_w[start:end])
                 if need_params:
-                    for grad in (grad_gate, grad_up, grad_down):
-                        grad[e].zero_()
-                continue
-            tokens, w = token_index[start:end], weights[start:end, None]
-            a, b = gate_out[start:end], up_out[start:end]
-            g_out = grad_out.index_select(0, tokens)
-            g_h = torch.mm(g_out, down[e])  # gradient w.r.t. the weighted activation w * h
-            silu_a = F.silu(a)
-            h = silu_a * b
-            if need_w:
-                torch.sum(g_h * h, dim=1, out=grad_w[start:end])
-            if need_params:
-                torch.mm(g_out.T, h.mul_(w), out=grad_down[e])
-            g_h.mul_(w)
-            g_a = torch.ops.aten.silu_backward(g_h * b, a)
-            g_b = g_h.mul_(silu_a)
-            if need_params:
-                x_e = x.index_select(0, tokens)
-                torch.mm(g_a.T, x_e, out=grad_gate[e])
-                torch.mm(g_b.T, x_e, out=grad_up[e])
-            if need_x:
-                grad_x.index_add_(0, tokens, torch.mm(g_a, gate[e]).addmm_(g_b, up[e]))
-        return grad_x, None, grad_w, None, grad_gate, grad_up, grad_down
+                    torch.mm(g_out.T, h.mul_(w), out=targets[0])
+                g_h.mul_(w)
+                g_a = torch.ops.aten.silu_backward(g_h * b, a)
+                g_b = g_h.mul_(silu_a)
+                if need_params:
+                    x_e = x.index_select(0, tokens)
+                    torch.mm(g_a.T, x_e, out=targets[1])
+                    torch.mm(g_b.T, x_e, out=targets[2])
+                if need_x:
+                    add_rows(tokens, torch.mm(g_a, gate[e]).addmm_(g_b, up[e]))
+            return shares
+
+        shares = _run_pieces(run, counts, grad_x, x.shape[1] * gate.shape[1])
+        if need_params:
+            for e, share in shares:
+                for grad, value in zip(grad_params, share):
+                    grad[e] += value
+            for e in (e for e, count in enumerate(counts) if count == 0):
+                for grad in grad_params:
+                    grad[e].zero_()
+        grad_down, grad_gate, grad_up = grad_params or (None, None, None)
+        return grad_x if need_x else None, None, grad_w, None, grad_gate, grad_up, grad_down
 
 
-def _segments(counts: list[int], skip_empty: bool = True):
-    """(expert, (start, end)) of each expert's rows in the sorted order."""
-    start = 0
-    for e, count in enumerate(counts):
-        if count or not skip_empty:
-            yield e, (start, start + count)
-        start += count
+def _starts(counts: list[int]) -> list[int]:
+    """Row where each expert's block starts in the sorted order."""
+    starts, total = [], 0
+    for count in counts:
+        starts.append(total)
+        total += count
+    return starts
+
+
+# ------------------------------------------------------------------------------ CPU worker threads
+Piece = tuple[int, int, int]  # (expert, start row, end row) in the sorted order
+AddRows = Callable[[torch.Tensor, torch.Tensor], None]  # add_rows(tokens, rows): accumulator[tokens] += rows
+# Worker threads only pay off for large batches: each hand-off lets the caller's idle OpenMP threads spin
+# for a few ms (libgomp's default wait policy) while the workers want the cores. One worker per 2**30
+# multiply-adds of one expert matmul (rows x H x I): the bench_moe.py shapes S and M (4096 tokens) get two
+# threads, the `tiny` preset's layers stay on the OpenMP loop. Set it very large to never use workers.
+MIN_MACS_PER_WORKER = 2**30
+_pool: ThreadPoolExecutor | None = None
+
+
+def _worker_pool(n_workers: int) -> ThreadPoolExecutor:
+    global _pool
+    if _pool is None or _pool._max_workers < n_workers:
+        _pool = ThreadPoolExecutor(n_workers, thread_name_prefix="most-experts")
+    return _pool
+
+
+def _forget_pool_after_fork() -> None:
+    global _pool
+    _pool = None  # a forked child has none of the parent's threads
+
+
+os.register_at_fork(after_in_child=_forget_pool_after_fork)
+
+
+def _split_rows(counts: list[int], n_parts: int) -> list[list[Piece]]:
+    """Cut the sorted rows into ``n_parts`` equal contiguous ranges, as pieces of experts. Equal row counts
+    balance the threads even with few, unevenly loaded experts (at most n_parts - 1 experts get cut)."""
+    total = sum(counts)
+    bounds = [total * i // n_parts for i in range(n_parts + 1)]
+    parts = []
+    for low, high in zip(bounds, bounds[1:]):
+        part = []
+        for e, (start, count) in enumerate(zip(_starts(counts), counts)):
+            if max(start, low) < min(start + count, high):
+                part.append((e, max(start, low), min(start + count, high)))
+        parts.append(part)
+    return parts
+
+
+def _run_single_threaded(run: Callable, pieces: list[Piece], add_rows: AddRows):
+    torch.set_num_threads(1)  # this thread only: OpenMP and MKL keep per-thread settings
+    with torch.no_grad():
+        return run(pieces, add_rows)
+
+
+def _run_pieces(run: Callable[[list[Piece], AddRows], list | None], counts: list[int],
+                accumulator: torch.Tensor, macs_per_row: int) -> list:
+    """run(pieces, add_rows) over all rows, where add_rows(tokens, rows) adds rows into ``accumulator``
+    [N, H] at those tokens; returns the concatenation of the lists that the calls of ``run`` return.
+
+    On the CPU, for large batches, the rows are split over up to torch.get_num_threads() threads (this one
+    included), each running its ops with one intra-op thread. A token routed to experts on two threads gets
+    two additions: a lock keeps them apart (index_add_ is short next to the matmuls, so threads rarely wait).
+    """
+    n_workers = 1
+    if accumulator.device.type == "cpu":
+        n_workers = max(1, min(torch.get_num_threads(), sum(counts) * macs_per_row // MIN_MACS_PER_WORKER))
+    lock = threading.Lock()
+
+    def add_rows(tokens: torch.Tensor, rows: torch.Tensor) -> None:
+        with lock:
+            accumulator.index_add_(0, tokens, rows)
+
+    parts = _split_rows(counts, n_workers)
+    if n_workers == 1:
+        return run(parts[0], add_rows) or []
+    previous = torch.get_num_threads()
+    futures = [_worker_pool(n_workers - 1).submit(_run_single_threaded, run, part, add_rows) for part in parts[1:]]
+    results = []
+    try:
+        results.append(_run_single_threaded(run, parts[0], add_rows))
+    finally:
+        for future in futures:  # wait for every worker (and re-raise its error) before the buffers are used
+            results.append(future.result())
+        # Last: set_num_threads also sets the default that new threads start with, which the workers changed.
+        torch.set_num_threads(previous)
+    return [item for result in results if result for item in result]
 
 
 def _grouped_mm_experts(x, token_index, weights, counts, gate, up, down):
