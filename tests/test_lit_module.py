@@ -115,15 +115,20 @@ def test_loss_shift_and_masking_match_hand_computation(toy_tokenizer):
         float(losses.mean()), rel=1e-6)
 
 
-def test_training_step_adds_aux_loss_but_logs_it_separately(toy_tokenizer, monkeypatch):
+def stubbed_training_step(toy_tokenizer, monkeypatch, seed: int):
+    """One training step of a module whose model returns fixed random logits; returns what it logged."""
     batch = make_batch(toy_tokenizer)
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     logits = torch.randn(*batch["input_ids"].shape, toy_tokenizer.vocab_size)
     module = make_module(toy_tokenizer.vocab_size)
     module.model = StubModel(logits)
     logged = capture_logs(module, monkeypatch)
-
     loss = module.training_step(batch, 0)
+    return batch, logits, module, logged, loss
+
+
+def test_training_step_adds_aux_loss_but_logs_it_separately(toy_tokenizer, monkeypatch):
+    batch, logits, module, logged, loss = stubbed_training_step(toy_tokenizer, monkeypatch, seed=0)
     lm = sum(n for *_, n in hand_nll(logits, batch["labels"])) / len(hand_nll(logits, batch["labels"]))
     assert float(loss.detach()) == pytest.approx(lm + 0.5, rel=1e-5)
     assert float(logged["train/loss"]) == pytest.approx(lm, rel=1e-5)  # LM only
@@ -136,13 +141,7 @@ def test_training_step_adds_aux_loss_but_logs_it_separately(toy_tokenizer, monke
 
 
 def test_per_modality_and_per_task_losses_recombine_to_the_total(toy_tokenizer, monkeypatch):
-    batch = make_batch(toy_tokenizer)
-    torch.manual_seed(1)
-    logits = torch.randn(*batch["input_ids"].shape, toy_tokenizer.vocab_size)
-    module = make_module(toy_tokenizer.vocab_size)
-    module.model = StubModel(logits)
-    logged = capture_logs(module, monkeypatch)
-    module.training_step(batch, 0)
+    batch, logits, _, logged, _ = stubbed_training_step(toy_tokenizer, monkeypatch, seed=1)
 
     nll = hand_nll(logits, batch["labels"])
     target_modality = {(b, t): int(batch["modality"][b, t]) for b, t, _ in nll}
