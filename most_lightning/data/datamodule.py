@@ -11,6 +11,7 @@ exact pass and Lightning's DistributedSampler splits them under DDP (padding the
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 from collections.abc import Mapping
@@ -164,6 +165,12 @@ class MoSTDataModule(LightningDataModule):
         self._eval_cache: dict[tuple, Any] = {}
         self.audio = AudioFrontendConfig.from_any(_plain(audio))
         self._audio_frames = None
+        if not self.audio.continuous and self.audio.encoder:  # e.g. audio=hubert_units: the corpus's units
+            if self.corpus_dir_arg:
+                raise ValueError("audio.encoder (units from another encoder) rebuilds the demo corpus; it cannot "
+                                 f"change the units of the prepared corpus_dir {self.corpus_dir_arg}")
+            self.recipe = dataclasses.replace(self.recipe, unit_encoder=self.audio.encoder,
+                                              unit_quantizer=self.audio.quantizer)
 
     # ------------------------------------------------------------------ corpus
     @property
