@@ -3,6 +3,8 @@ scikit-learn's own predict; joblib pickles refused; dimension mismatches named; 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -82,3 +84,64 @@ def test_hubert_unit_extractor_fit_save_load_round_trip(tmp_path):
         raw = torch.cdist((feats - extractor.quantizer.mean) / extractor.quantizer.std,
                           extractor.quantizer.centroids).argmin(1).tolist()
         assert units.tolist() == [u for i, u in enumerate(raw) if i == 0 or u != raw[i - 1]]
+
+
+def test_extract_units_cli_over_audio_files(tmp_path, capsys):
+    """The batch job: every decodable file's units equal the extractor's own, at its frame rate; a broken file
+    is skipped and named (or stops the job with --on-bad-file raise)."""
+    import json
+
+    import soundfile as sf
+
+    from most_lightning.audio.extract_units import main
+
+    torch.manual_seed(0)
+    waves = [0.1 * torch.randn(n) for n in (16000, 12000, 9000)]
+    extractor = UnitExtractor.fit(waves, n_units=8, encoder=HubertEncoder.random("tiny", layer=11, seed=3))
+    extractor.save(tmp_path / "ex")
+    (tmp_path / "wavs" / "sub").mkdir(parents=True)
+    for i, w in enumerate(waves):
+        sf.write(tmp_path / "wavs" / ("sub" if i == 2 else "") / f"u{i}.wav", w.numpy(), 16000, subtype="FLOAT")
+    (tmp_path / "wavs" / "broken.wav").write_bytes(b"RIFF not really")
+    out = tmp_path / "units.jsonl"
+    assert main(["--extractor", str(tmp_path / "ex"), str(tmp_path / "wavs"), "-o", str(out), "--dedup",
+                 "--batch-size", "2", "--no-progress"]) == 0
+    records = {Path(r["path"]).name: r for r in map(json.loads, out.read_text().splitlines())}
+    assert sorted(records) == ["u0.wav", "u1.wav", "u2.wav"]
+    extractor.dedup = True
+    for i, w in enumerate(waves):
+        r = records[f"u{i}.wav"]
+        assert r["units"] == extractor(w).tolist() and r["frame_rate"] == 25.0 and r["deduplicated"]
+        assert r["n_frames"] == extractor.encoder.n_frames(w.numel())
+    assert "broken.wav" in capsys.readouterr().err
+    from most_lightning.audio import AudioDecodeError
+
+    with pytest.raises(AudioDecodeError, match="broken.wav"):
+        main(["--extractor", str(tmp_path / "ex"), str(tmp_path / "wavs"), "-o", str(out), "--on-bad-file", "raise",
+              "--no-progress"])
+
+
+def test_extract_units_cli_from_a_hubert_checkpoint_checks_the_quantizer_dim(tmp_path):
+    import json
+
+    import soundfile as sf
+
+    from most_lightning.audio.extract_units import main
+    from most_lightning.audio.hubert_checkpoints import save_torchaudio_checkpoint
+
+    enc = HubertEncoder.random("tiny", seed=5)
+    save_torchaudio_checkpoint(enc.model, enc.arch, tmp_path / "hubert.safetensors")
+    np.save(tmp_path / "c768.npy", np.zeros((4, 768), np.float32))
+    wave = 0.1 * torch.randn(8000)
+    sf.write(tmp_path / "a.wav", wave.numpy(), 16000, subtype="FLOAT")
+    with pytest.raises(QuantizerFileError, match=r"c768\.npy.*768-d but HuBERT .*hubert\.safetensors layer 11 gives 64-d"):
+        main(["--hubert", str(tmp_path / "hubert.safetensors"), "--quantizer", str(tmp_path / "c768.npy"),
+              str(tmp_path / "a.wav"), "--no-progress"])
+    centroids = torch.randn(6, 64)
+    np.save(tmp_path / "c64.npy", centroids.numpy())
+    out = tmp_path / "u.jsonl"
+    assert main(["--hubert", str(tmp_path / "hubert.safetensors"), "--quantizer", str(tmp_path / "c64.npy"),
+                 str(tmp_path / "a.wav"), "-o", str(out), "--no-progress"]) == 0
+    expected = torch.cdist(HubertEncoder.from_checkpoint(str(tmp_path / "hubert.safetensors"), layer=11)(wave),
+                           centroids).argmin(1).tolist()
+    assert json.loads(out.read_text())["units"] == expected
