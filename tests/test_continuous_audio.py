@@ -215,3 +215,24 @@ def test_audio_config_validation():
         AudioFrontendConfig.from_any({"mode": "continuous", "encoder": None})
     with pytest.raises(ValueError, match="audio.markers must be"):
         AudioFrontendConfig.from_any({"mode": "continuous", "encoder": {"kind": "hubert"}, "markers": "both"})
+
+
+def test_continuous_path_with_mfcc_frames(toy_tokenizer):
+    """audio.encoder.kind=mfcc on the continuous preset: HuBERT-only keys are dropped, frame counts agree."""
+    from most_lightning.data.continuous import frame_counter
+    from most_lightning.model.audio_input import build_audio_input
+
+    tok = toy_tokenizer
+    cfg = AudioFrontendConfig.from_any({"mode": "continuous", "encoder": {"kind": "mfcc", "checkpoint": None,
+                                                                          "layer": "last", "arch": "tiny"}})
+    audio_input = build_audio_input(cfg, hidden_size=16)
+    fmt = ContinuousASRFormatter(TaskFormatter(tok), frame_counter(cfg.encoder), "drop")
+    ws = waves(16000, 7777)
+    batch = collate_teacher_forced([fmt.asr(w, "abc", f"k{i}") for i, w in enumerate(ws)], tok.pad_id,
+                                   tok.modality_of)
+    spliced = audio_input.splice(torch.zeros(*batch["input_ids"].shape, 16), batch["audio_mask"],
+                                 batch["audio_waves"], batch["audio_wave_lengths"])
+    for row, w in enumerate(ws):
+        torch.testing.assert_close(spliced[row, batch["audio_mask"][row]], audio_input.proj(audio_input.encoder(w)))
+    with pytest.raises(ValueError, match=r"keys \['n_fft_typo'\]"):
+        AudioFrontendConfig.from_any({"mode": "continuous", "encoder": {"kind": "mfcc", "n_fft_typo": 3}})

@@ -46,9 +46,22 @@ class AudioFrontendConfig:
             raise ValueError("audio.mode=continuous needs audio.encoder (e.g. {kind: hubert, checkpoint: <path>, "
                              "layer: last}); see conf/audio/continuous.yaml")
         if self.encoder is not None:
-            self.encoder = dict(self.encoder)
-            if self.encoder.get("kind", "hubert") not in ("hubert", "mfcc"):
-                raise ValueError(f"audio.encoder.kind must be 'hubert' or 'mfcc', got {self.encoder.get('kind')!r}")
+            self.encoder = {"kind": "hubert", **dict(self.encoder)}
+            kind = self.encoder["kind"]
+            if kind not in ("hubert", "mfcc"):
+                raise ValueError(f"audio.encoder.kind must be 'hubert' or 'mfcc', got {kind!r}")
+            if kind == "mfcc":  # `audio.encoder.kind=mfcc` on a HuBERT preset: its HuBERT-only keys do not apply
+                from dataclasses import fields
+
+                from ..audio.features import MFCCConfig
+
+                mfcc_fields = {f.name for f in fields(MFCCConfig)}
+                hubert_only = {"checkpoint", "format", "layer", "arch", "seed"}
+                unknown = sorted(set(self.encoder) - mfcc_fields - hubert_only - {"kind"})
+                if unknown:
+                    raise ValueError(f"audio.encoder has keys {unknown} that the MFCC encoder does not know; "
+                                     f"its settings are {sorted(mfcc_fields)}")
+                self.encoder = {k: v for k, v in self.encoder.items() if k not in hubert_only}
 
     @classmethod
     def from_any(cls, value: "AudioFrontendConfig | Mapping | None") -> "AudioFrontendConfig":
