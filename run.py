@@ -4,6 +4,7 @@
     python run.py router=vanilla model.n_shared_experts=0
     python run.py -m router=vanilla,modality_aware model.n_shared_experts=0,2
     python run.py experiment=demo_long logger=many
+    python run.py audio=continuous                  # MoST-C: frozen encoder features instead of input units
     python run.py --cfg job                         # print the composed config
 
 Returns cfg.optimized_metric so Hydra sweepers can optimise it.
@@ -58,13 +59,15 @@ def train(cfg: DictConfig) -> dict[str, float]:
     output_dir = Path(cfg.paths.output_dir)
 
     log_info(f"datamodule <{cfg.data._target_}>")
-    datamodule = hydra.utils.instantiate(cfg.data)
+    audio = cfg.get("audio")  # conf/audio: the same front end for the data side and the model
+    datamodule = hydra.utils.instantiate(cfg.data, audio=audio)
     datamodule.prepare_data()  # builds and caches the corpus + tokenizer on the first run
     datamodule.setup("fit")
     tokenizer = datamodule.tokenizer
 
     module = hydra.utils.instantiate(
-        cfg.lit, model=cfg.model, router=cfg.router, vocab_size=tokenizer.vocab_size, _convert_="partial"
+        cfg.lit, model=cfg.model, router=cfg.router, vocab_size=tokenizer.vocab_size, audio=audio,
+        _convert_="partial"
     )
     module.tokenizer = tokenizer
     n_params = sum(p.numel() for p in module.model.parameters())

@@ -104,4 +104,8 @@ def build_encoder(config: dict[str, Any]) -> FeatureEncoder:
     kind = config.pop("kind", "mfcc")
     if kind == "mfcc":
         return MFCCEncoder(MFCCConfig(**config))
-    raise ValueError(f"unknown feature encoder kind {kind!r}; known: 'mfcc'")
+    if kind == "hubert":
+        from .hubert import build_hubert_encoder
+
+        return build_hubert_encoder(config)
+    raise ValueError(f"unknown feature encoder kind {kind!r}; known: 'mfcc', 'hubert'")

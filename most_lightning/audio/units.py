@@ -39,7 +39,9 @@ def sample_frames(features: Sequence[torch.Tensor], max_frames: int, seed: int =
 class UnitExtractor:
     def __init__(self, encoder: FeatureEncoder, quantizer: KMeansQuantizer, dedup: bool = False):
         if encoder.dim != quantizer.dim:
-            raise ValueError(f"encoder gives {encoder.dim}-d features but the quantizer expects {quantizer.dim}-d")
+            layer = f" layer {encoder.layer}" if hasattr(encoder, "layer") else ""
+            raise ValueError(f"the {getattr(encoder, 'kind', 'feature')} encoder{layer} gives {encoder.dim}-d features "
+                             f"but the quantizer ({quantizer.source}) has {quantizer.dim}-d centroids")
         self.encoder = encoder
         self.quantizer = quantizer
         self.dedup = dedup

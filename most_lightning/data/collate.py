@@ -24,9 +24,10 @@ def collate_teacher_forced(examples: Sequence[Example], pad_id: int, modality_of
         input_ids[row, :n] = torch.tensor(e.input_ids, dtype=torch.long)
         labels[row, :n] = torch.tensor(e.labels, dtype=torch.long)
         mask[row, :n] = True
-    return dict(input_ids=input_ids, labels=labels, modality=modality_of(input_ids) * mask, attention_mask=mask,
-                task=[e.task for e in examples], key=[e.key for e in examples],
-                n_skipped=sum(e.n_skipped for e in examples), n_truncated=sum(e.truncated for e in examples))
+    batch = dict(input_ids=input_ids, labels=labels, modality=modality_of(input_ids) * mask, attention_mask=mask,
+                 task=[e.task for e in examples], key=[e.key for e in examples],
+                 n_skipped=sum(e.n_skipped for e in examples), n_truncated=sum(e.truncated for e in examples))
+    return _with_audio(batch, examples, width, left_padded=False, modality_key="modality")
 
 
 def collate_asr_generation(examples: Sequence[GenerationExample], pad_id: int, modality_of: ModalityFn) -> dict[str, Any]:
@@ -40,9 +41,22 @@ def collate_asr_generation(examples: Sequence[GenerationExample], pad_id: int, m
         n = len(e.prompt_ids)
         ids[row, width - n :] = torch.tensor(e.prompt_ids, dtype=torch.long)
         mask[row, width - n :] = True
-    return dict(prompt_ids=ids, prompt_mask=mask, prompt_modality=modality_of(ids) * mask,
-                reference_text=[e.reference_text for e in examples], key=[e.key for e in examples],
-                n_skipped=sum(e.n_skipped for e in examples))
+    batch = dict(prompt_ids=ids, prompt_mask=mask, prompt_modality=modality_of(ids) * mask,
+                 reference_text=[e.reference_text for e in examples], key=[e.key for e in examples],
+                 n_skipped=sum(e.n_skipped for e in examples))
+    return _with_audio(batch, examples, width, left_padded=True, modality_key="prompt_modality")
+
+
+def _with_audio(batch: dict[str, Any], examples: Sequence, width: int, left_padded: bool,
+                modality_key: str) -> dict[str, Any]:
+    """Continuous-audio examples (MoST-C): add the frame-slot mask and waveforms; slots are marked audio."""
+    from .continuous import audio_batch
+
+    audio = audio_batch(examples, width, left_padded)
+    if audio is not None:
+        batch |= audio
+        batch[modality_key] = batch[modality_key] | audio["audio_mask"].long()
+    return batch
 
 
 class TeacherForcedCollator:

@@ -11,6 +11,7 @@ exact pass and Lightning's DistributedSampler splits them under DDP (padding the
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 from collections.abc import Mapping
@@ -23,6 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..text.tokenizer import MoSTTokenizer
 from .collate import GenerationCollator, TeacherForcedCollator
+from .continuous import AudioFrontendConfig, ContinuousASRFormatter, frame_counter
 from .demo_corpus import DemoCorpusRecipe, build_demo_corpus, corpus_dir_for, load_manifest
 from .samples import (BadSamplePolicy, OverlongSampleError, SpeechRecord, decode_speech_sample,
                       iter_records)
@@ -57,6 +59,11 @@ def derangement(n: int, seed: int) -> list[int]:
 
 def mismatch_units(records: Sequence[SpeechRecord], seed: int) -> list[list[int]]:
     """For each record, the units of an utterance of a DIFFERENT sentence (deterministic): the text-prior baseline."""
+    return [records[i].units for i in mismatch_donors(records, seed)]
+
+
+def mismatch_donors(records: Sequence[SpeechRecord], seed: int) -> list[int]:
+    """For each record, the index of an utterance of a DIFFERENT sentence (deterministic)."""
     groups: dict[str, list[int]] = {}
     for i, r in enumerate(records):
         groups.setdefault(r.transcript, []).append(i)
@@ -66,7 +73,7 @@ def mismatch_units(records: Sequence[SpeechRecord], seed: int) -> list[list[int]
     out = []
     for i, r in enumerate(records):
         donors = groups[names[perm[position[r.transcript]]]]
-        out.append(records[donors[i % len(donors)]].units)
+        out.append(donors[i % len(donors)])
     return out
 
 
@@ -108,6 +115,7 @@ class MoSTDataModule(LightningDataModule):
         build_workers: int | None = None,
         progress: bool = True,
         pin_memory: bool = False,
+        audio: Mapping | None = None,
     ):
         """
         data_dir: cache root; the demo corpus goes to <data_dir>/demo/<recipe-hash>.
@@ -118,6 +126,8 @@ class MoSTDataModule(LightningDataModule):
         test_asr_mismatched: pair each test transcript with another sentence's audio in the ASR generation loader.
         on_bad_sample: 'skip' (count in batch['n_skipped']) or 'raise' (BadSampleError naming key and shard).
         max_length_policy: 'drop' (an over-long example is a bad sample) or 'truncate' (count in n_truncated).
+        audio: the `audio` group (conf/audio): units from the corpus (default), or mode=continuous (MoST-C: ASR
+            prompts carry waveforms and frame slots, see data/continuous.py).
         """
         super().__init__()
         self.data_dir = str(data_dir)
@@ -153,6 +163,14 @@ class MoSTDataModule(LightningDataModule):
         self._tokenizer: MoSTTokenizer | None = None
         self._manifest: dict[str, Any] | None = None
         self._eval_cache: dict[tuple, Any] = {}
+        self.audio = AudioFrontendConfig.from_any(_plain(audio))
+        self._audio_frames = None
+        if not self.audio.continuous and self.audio.encoder:  # e.g. audio=hubert_units: the corpus's units
+            if self.corpus_dir_arg:
+                raise ValueError("audio.encoder (units from another encoder) rebuilds the demo corpus; it cannot "
+                                 f"change the units of the prepared corpus_dir {self.corpus_dir_arg}")
+            self.recipe = dataclasses.replace(self.recipe, unit_encoder=self.audio.encoder,
+                                              unit_quantizer=self.audio.quantizer)
 
     # ------------------------------------------------------------------ corpus
     @property
@@ -195,6 +213,16 @@ class MoSTDataModule(LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         _ = self.tokenizer
 
+    @property
+    def audio_frames(self):
+        """Continuous audio: n_samples -> encoder frames (None in units mode)."""
+        if self.audio.continuous and self._audio_frames is None:
+            self._audio_frames = frame_counter(self.audio.encoder)
+        return self._audio_frames
+
+    def _continuous_formatter(self, fmt: TaskFormatter) -> ContinuousASRFormatter:
+        return ContinuousASRFormatter(fmt, self.audio_frames, self.audio.markers)
+
     # ------------------------------------------------------------------ ranks
     def _rank_world(self) -> tuple[int, int]:
         trainer = getattr(self, "trainer", None)
@@ -225,7 +253,8 @@ class MoSTDataModule(LightningDataModule):
             task_weights=self.task_weights, rank=rank, world_size=world_size, seed=self.seed,
             shuffle_buffer=self.shuffle_buffer, shard_sampling=self.shard_sampling, max_length=self.max_length,
             max_length_policy=self.max_length_policy, on_bad_sample=self.on_bad_sample,
-            dedup_units=self.dedup_units, verify_audio=self.verify_audio)
+            dedup_units=self.dedup_units, verify_audio=self.verify_audio, audio_frames=self.audio_frames,
+            audio_markers=self.audio.markers)
 
     def train_dataloader(self) -> DataLoader:
         return EpochAwareLoader(self.train_dataset(), batch_size=None, num_workers=self.num_workers,
@@ -240,7 +269,7 @@ class MoSTDataModule(LightningDataModule):
             n_units = self.tokenizer.n_units
             records = []
             for rec in iter_records(self.shards(split), lambda s: decode_speech_sample(
-                    s, n_units, self.dedup_units, self.verify_audio), policy):
+                    s, n_units, self.dedup_units, self.verify_audio, keep_audio=self.audio.continuous), policy):
                 records.append(rec)
                 if limit is not None and len(records) >= limit:
                     break
@@ -262,6 +291,11 @@ class MoSTDataModule(LightningDataModule):
         fmt = TaskFormatter(self.tokenizer, self.max_length, self.max_length_policy)
         examples: list[Example] = []
         for task in tasks:  # grouped by task: similar lengths pad less
+            if task == "asr" and self.audio.continuous:
+                cont = self._continuous_formatter(fmt)
+                examples += self._formatted([(r,) for r in records], lambda r: cont.asr(r.audio, r.transcript, r.key),
+                                            policy)
+                continue
             examples += self._formatted([(r,) for r in records],
                                         lambda r, t=task: fmt.format(t, r.key, r.transcript, r.units), policy)
         if examples:
@@ -271,11 +305,16 @@ class MoSTDataModule(LightningDataModule):
     def asr_generation_examples(self, split: str = "test", mismatched: bool = False,
                                 limit: int | None = None) -> list[GenerationExample]:
         records, n_skipped = self.speech_records(split, limit)
-        units = mismatch_units(records, self.seed) if mismatched else [r.units for r in records]
+        donors = mismatch_donors(records, self.seed) if mismatched else list(range(len(records)))
         policy = BadSamplePolicy(self.on_bad_sample)
         fmt = TaskFormatter(self.tokenizer, self.max_length, self.max_length_policy)
-        examples = self._formatted(list(zip(records, units)),
-                                   lambda r, u: fmt.asr_generation(u, r.transcript, r.key), policy)
+        if self.audio.continuous:
+            cont = self._continuous_formatter(fmt)
+            examples = self._formatted([(r, records[d].audio) for r, d in zip(records, donors)],
+                                       lambda r, wave: cont.asr_generation(wave, r.transcript, r.key), policy)
+        else:
+            examples = self._formatted([(r, records[d].units) for r, d in zip(records, donors)],
+                                       lambda r, u: fmt.asr_generation(u, r.transcript, r.key), policy)
         if examples:
             examples[0].n_skipped = n_skipped + policy.take()
         return examples

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 import webdataset as wds
 
-from ..audio.features import MFCCConfig, MFCCEncoder
+from ..audio.features import MFCCConfig
 from ..audio.io import TARGET_SAMPLE_RATE, audio_info, encode_audio, read_audio
 from ..audio.quality import utterance_pnmi
 from ..audio.quantizer import KMeansQuantizer
@@ -73,6 +73,10 @@ class DemoCorpusRecipe:
     f0_scale: Sequence[float] = (0.85, 1.2)  # uniform range scaling each voice's mean F0
     n_units: int = 500
     mfcc: dict[str, Any] = field(default_factory=dict)  # MFCCConfig overrides
+    # another unit encoder instead of MFCC (a FeatureEncoder config, e.g. {kind: hubert, checkpoint, layer});
+    # empty = MFCC. unit_quantizer: its k-means centroid file; None = fit k-means on the train audio.
+    unit_encoder: dict[str, Any] = field(default_factory=dict)
+    unit_quantizer: str | None = None
     kmeans_max_frames: int = 200_000  # frames sampled from train audio to fit k-means
     text_vocab_size: int = 2000  # BPE vocabulary (BOS/EOS included) before the audio tokens
     shard_size: int = 250  # utterances per speech shard (and 4x that many sentences per text shard)
@@ -86,6 +90,9 @@ class DemoCorpusRecipe:
         self.f0_scale = tuple(float(x) for x in self.f0_scale)
         self.mfcc = {str(k): v for k, v in dict(self.mfcc).items()}
         MFCCConfig(**self.mfcc)  # validate early
+        self.unit_encoder = {str(k): v for k, v in dict(self.unit_encoder or {}).items()}
+        if self.unit_quantizer is not None and not self.unit_encoder:
+            raise ValueError("DemoCorpusRecipe.unit_quantizer needs unit_encoder (the MFCC k-means is always fitted)")
         for name in ("n_train", "n_val", "n_test"):
             if getattr(self, name) < 1:
                 raise ValueError(f"DemoCorpusRecipe.{name} must be >= 1, got {getattr(self, name)}")
@@ -110,12 +117,19 @@ class DemoCorpusRecipe:
     def mfcc_config(self) -> MFCCConfig:
         return MFCCConfig(**self.mfcc)
 
+    def encoder_config(self) -> dict[str, Any]:
+        """The unit encoder's config for audio.features.build_encoder."""
+        return dict(self.unit_encoder) if self.unit_encoder else {"kind": "mfcc", **self.mfcc}
+
     def canonical(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["voices"], d["duration_stretch"], d["f0_scale"] = list(self.voices), list(self.duration_stretch), list(
             self.f0_scale)
         d["mfcc"] = dataclasses.asdict(self.mfcc_config())  # defaults count: changing them changes the corpus
         d.pop("wordnet_dir")  # where the text lives does not change the corpus
+        for key in ("unit_encoder", "unit_quantizer"):  # absent when unused: MFCC corpora keep their hash
+            if not d[key]:
+                d.pop(key)
         return d
 
     def hash(self) -> str:
@@ -200,8 +214,8 @@ def _npy(array: np.ndarray) -> bytes:
 
 def synthesize_shard(job: tuple[str, list[Utterance], dict[str, Any], str]) -> str:
     """Speak a shard's utterances with flite and store audio + MFCC features in a work tar (one job, one tar)."""
-    split, utts, mfcc, out_path = job
-    encoder = MFCCEncoder(MFCCConfig(**mfcc))
+    split, utts, encoder_config, out_path = job
+    encoder = _cached_encoder(encoder_config)
     binary = flite_binary()
     with tempfile.TemporaryDirectory(dir="/dev/shm" if os.path.isdir("/dev/shm") else None) as tmp, \
             atomic_tar(Path(out_path)) as sink:
@@ -321,7 +335,7 @@ def build_demo_corpus(
         for split in SPEECH_SPLITS:
             utts = plan_utterances(recipe, split, sentences[split])
             for j, chunk in enumerate(chunks(utts, recipe.shard_size)):
-                jobs.append((split, chunk, recipe.mfcc, str(work / f"{split}-{j:05d}.tar")))
+                jobs.append((split, chunk, recipe.encoder_config(), str(work / f"{split}-{j:05d}.tar")))
         n_utts = sum(len(j[1]) for j in jobs)
         with _progress(progress) as bar, single_threaded():
             _run_synthesis(jobs, num_workers, bar, n_utts)
@@ -348,15 +362,45 @@ def build_demo_corpus(
 
 def _fit_extractor(recipe: DemoCorpusRecipe, train_work: list[Path], progress) -> UnitExtractor:
     task = progress.add_task("fitting k-means", total=None)
-    feats = [torch.from_numpy(np.load(io.BytesIO(s[FEATS_MEMBER]), allow_pickle=False))
-             for path in train_work for s in _read_work_shard(path)]
+    feats = [] if recipe.unit_quantizer else [
+        torch.from_numpy(np.load(io.BytesIO(s[FEATS_MEMBER]), allow_pickle=False))
+        for path in train_work for s in _read_work_shard(path)]
+    encoder = _cached_encoder(recipe.encoder_config())
+    if recipe.unit_quantizer:  # a given k-means model (e.g. the reference's 500 centroids of HuBERT layer 11)
+        quantizer = KMeansQuantizer.load(recipe.unit_quantizer, expected_dim=encoder.dim,
+                                         feature_source=f"the unit encoder ({_describe_encoder(encoder)})")
+        if quantizer.n_units != recipe.n_units:
+            raise ValueError(f"k-means quantizer {recipe.unit_quantizer} has {quantizer.n_units} centroids but the "
+                             f"corpus recipe asks for n_units={recipe.n_units}: set data.corpus.n_units="
+                             f"{quantizer.n_units}")
+        progress.update(task, total=1, completed=1)
+        return UnitExtractor(encoder, quantizer)
     frames = sample_frames(feats, recipe.kmeans_max_frames, recipe.seed)
     if frames.shape[0] < recipe.n_units:
         raise ValueError(f"only {frames.shape[0]} train frames to fit {recipe.n_units} units: raise n_train or "
                          "lower n_units")
-    quantizer = KMeansQuantizer.fit(frames, recipe.n_units, seed=recipe.seed)
+    # HuBERT k-means is fitted on raw features (as the reference's); MFCC dimensions are standardised first
+    quantizer = KMeansQuantizer.fit(frames, recipe.n_units, seed=recipe.seed, standardize=not recipe.unit_encoder)
     progress.update(task, total=1, completed=1)
-    return UnitExtractor(MFCCEncoder(recipe.mfcc_config()), quantizer)
+    return UnitExtractor(encoder, quantizer)
+
+
+_ENCODERS: dict[str, Any] = {}  # per process: a checkpoint is read once, not once per shard
+
+
+def _cached_encoder(config: dict[str, Any]):
+    from ..audio.features import build_encoder
+
+    key = json.dumps(config, sort_keys=True)
+    if key not in _ENCODERS:
+        _ENCODERS[key] = build_encoder(config)
+    return _ENCODERS[key]
+
+
+def _describe_encoder(encoder) -> str:
+    layer = getattr(encoder, "layer", None)
+    return f"{encoder.kind}{f' layer {layer}' if layer is not None else ''}, {encoder.dim}-d"
+
 
 
 def _write_speech_shards(corpus_dir: Path, jobs: list, extractor: UnitExtractor, progress) -> dict[str, Any]:

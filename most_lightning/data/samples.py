@@ -102,6 +102,7 @@ class SpeechRecord:
     transcript: str
     units: list[int]
     meta: dict[str, Any] = field(default_factory=dict)
+    audio: Any = None  # decoded waveform [T] at the corpus rate, only when asked for (continuous audio input)
 
 
 @dataclass
@@ -147,16 +148,21 @@ def decode_speech_sample(
     dedup: bool = True,
     verify_audio: VerifyAudio = "header",
     sample_rate: int = TARGET_SAMPLE_RATE,
+    keep_audio: bool = False,
 ) -> SpeechRecord:
-    """Validate and decode one raw webdataset speech sample (member name -> bytes). Raises BadSampleError."""
+    """Validate and decode one raw webdataset speech sample (member name -> bytes). Raises BadSampleError.
+    keep_audio: also decode the waveform into `record.audio` (implies verify_audio='full')."""
     key, shard = sample.get("__key__", "?"), sample.get("__url__", "?")
     transcript = _transcript(sample, key, shard)
     meta = _meta(sample, key, shard)
+    wave = None
+    if keep_audio:
+        verify_audio = "full"
     if verify_audio != "none":
         audio = _member(sample, AUDIO_MEMBER, key, shard)
         try:
             if verify_audio == "full":
-                _, rate = read_audio(audio, target_sample_rate=None, name=key)
+                wave, rate = read_audio(audio, target_sample_rate=None, name=key)
             else:
                 rate = audio_info(audio, name=key).samplerate
         except AudioDecodeError as exn:
@@ -176,7 +182,8 @@ def decode_speech_sample(
     if units.min() < 0 or units.max() >= n_units:
         raise InvalidUnitsError(key, shard, f"unit ids span [{units.min()}, {units.max()}], outside [0, {n_units})")
     unit_list = units.astype(np.int64).tolist()
-    return SpeechRecord(key, shard, transcript, dedup_units(unit_list) if dedup else unit_list, meta)
+    return SpeechRecord(key, shard, transcript, dedup_units(unit_list) if dedup else unit_list, meta,
+                        wave if keep_audio else None)
 
 
 def decode_text_sample(sample: dict) -> TextRecord:

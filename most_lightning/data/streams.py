@@ -98,7 +98,11 @@ class MixedTaskStream(IterableDataset):
         on_bad_sample: OnBadSample = "skip",
         dedup_units: bool = True,
         verify_audio: VerifyAudio = "header",
+        audio_frames: Callable[[int], int] | None = None,
+        audio_markers: str = "drop",
     ):
+        """audio_frames: continuous audio input (MoST-C): n_samples -> encoder frames; ASR prompts then carry
+        the waveform and frame slots (data/continuous.py) instead of unit tokens. audio_markers: drop | keep."""
         super().__init__()
         unknown = set(task_weights) - set(TASKS)
         if unknown:
@@ -121,6 +125,7 @@ class MixedTaskStream(IterableDataset):
         self.shuffle_buffer, self.shard_sampling = shuffle_buffer, shard_sampling
         self.max_length, self.max_length_policy, self.on_bad_sample = max_length, max_length_policy, on_bad_sample
         self.dedup_units, self.verify_audio = dedup_units, verify_audio
+        self.audio_frames, self.audio_markers = audio_frames, audio_markers
         self.epoch = 0
         self._local_passes = 0  # counts passes inside a persistent worker, where set_epoch does not reach
 
@@ -147,9 +152,15 @@ class MixedTaskStream(IterableDataset):
         policy = BadSamplePolicy(self.on_bad_sample)
         formatter = TaskFormatter(self.tokenizer, self.max_length, self.max_length_policy)
         n_units = self.tokenizer.n_units
+        continuous = None
+        if self.audio_frames is not None:
+            from .continuous import ContinuousASRFormatter
+
+            continuous = ContinuousASRFormatter(formatter, self.audio_frames, self.audio_markers)
 
         def decode_speech(sample: dict) -> SpeechRecord:
-            return decode_speech_sample(sample, n_units, self.dedup_units, self.verify_audio)
+            return decode_speech_sample(sample, n_units, self.dedup_units, self.verify_audio,
+                                        keep_audio=continuous is not None and "asr" in self.tasks)
 
         sources: dict[str, Iterator[Any]] = {}
         if "asr" in self.tasks or "tts" in self.tasks:
@@ -167,7 +178,10 @@ class MixedTaskStream(IterableDataset):
                     rec = next(sources["speech"])
                     text, units = rec.transcript, rec.units
                 try:
-                    examples.append(formatter.format(task, rec.key, text, units))
+                    if task == "asr" and continuous is not None:
+                        examples.append(continuous.asr(rec.audio, text, rec.key))
+                    else:
+                        examples.append(formatter.format(task, rec.key, text, units))
                 except OverlongSampleError as err:
                     policy.handle(OverlongSampleError(rec.key, rec.shard, err.reason))
             batch = collate_teacher_forced(examples, self.tokenizer.pad_id, self.tokenizer.modality_of)

@@ -12,7 +12,7 @@ same ids whether it sits in a prompt, a response or a text LM sample.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Any, Literal, Sequence
 
 from ..text.tokenizer import MoSTTokenizer
 from .samples import OverlongSampleError
@@ -34,6 +34,10 @@ class Example:
     key: str
     n_skipped: int = 0
     truncated: bool = False
+    # continuous audio (MoST-C, data/continuous.py): waveform and where its frame slots start / how many
+    audio: Any = None
+    audio_start: int = -1
+    audio_frames: int = 0
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -45,6 +49,9 @@ class GenerationExample:
     reference_text: str
     key: str
     n_skipped: int = 0
+    audio: Any = None
+    audio_start: int = -1
+    audio_frames: int = 0
 
 
 class TaskFormatter:

@@ -31,6 +31,7 @@ from most_lightning.lit.metrics import TokenMean
 from most_lightning.lit.model_config import audio_expert_ids, build_model_config, moe_layer_ids
 from most_lightning.lit.schedule import linear_warmup_decay
 from most_lightning.model import MoSTForCausalLM
+from most_lightning.model.audio_input import build_audio_input
 
 DEFAULT_OPTIMIZER = dict(lr=3e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0)
 DEFAULT_SCHEDULER = dict(warmup_steps=0, min_lr_ratio=0.0, total_steps=None)
@@ -74,20 +75,25 @@ class MoSTLitModule(LightningModule):
         evaluation: Mapping | None = None,
         expert_load_every_n_steps: int | None = None,
         tokenizer: Any = None,
+        audio: Mapping | None = None,
     ) -> None:
         """model/router: the Hydra groups (see build_model_config); vocab_size: the tokenizer's.
         optimizer: AdamW lr/betas/eps/weight_decay; scheduler: warmup_steps, min_lr_ratio, total_steps (None =
         the trainer's max_steps); evaluation: asr_max_new_tokens, n_asr_examples. tokenizer: used at test time
-        for generation (default: the datamodule's)."""
+        for generation (default: the datamodule's). audio: the `audio` group; mode=continuous adds the frozen
+        encoder + trainable projection of MoST-C (model/audio_input.py)."""
         super().__init__()
         # plain containers (not DictConfig) so checkpoints load with torch.load(weights_only=True)
         self.save_hyperparameters(
             dict(model=_plain(model), router=_plain(router), vocab_size=vocab_size, optimizer=_plain(optimizer),
                  scheduler=_plain(scheduler), evaluation=_plain(evaluation),
-                 expert_load_every_n_steps=expert_load_every_n_steps)
+                 expert_load_every_n_steps=expert_load_every_n_steps, audio=_plain(audio))
         )
         self.model_config = build_model_config(model, router, vocab_size)
         self.model = MoSTForCausalLM(self.model_config)
+        # MoST-C: frozen encoder + Linear(feat_dim -> hidden), kept outside the decoder (see audio_input.py)
+        self.audio_input = build_audio_input(audio, self.model_config.hidden_size,
+                                             self.model_config.initializer_range)
         self.optimizer_settings = {**DEFAULT_OPTIMIZER, **dict(optimizer or {})}
         self.scheduler_settings = {**DEFAULT_SCHEDULER, **dict(scheduler or {})}
         self.evaluation_settings = {**DEFAULT_EVALUATION, **dict(evaluation or {})}
@@ -133,7 +139,21 @@ class MoSTLitModule(LightningModule):
         self._tokenizer = value
 
     def forward(self, batch: Mapping[str, Any]):
-        return self.model(batch["input_ids"], batch["modality"], attention_mask=batch.get("attention_mask"))
+        embeds = self._audio_embeds(batch, batch["input_ids"])
+        if embeds is None:
+            return self.model(batch["input_ids"], batch["modality"], attention_mask=batch.get("attention_mask"))
+        return self.model(batch["input_ids"], batch["modality"], attention_mask=batch.get("attention_mask"),
+                          inputs_embeds=embeds)
+
+    def _audio_embeds(self, batch: Mapping[str, Any], ids: torch.Tensor) -> torch.Tensor | None:
+        """Token embeddings with continuous audio frames spliced in (MoST-C batches), else None."""
+        if "audio_mask" not in batch:
+            return None
+        if self.audio_input is None:
+            raise ValueError("the batch carries continuous audio (audio_mask) but the module was built without "
+                             "audio=continuous: give the datamodule and the module the same `audio` config")
+        return self.audio_input.splice(self.model.model.embed_tokens(ids), batch["audio_mask"], batch["audio_waves"],
+                                       batch["audio_wave_lengths"], batch.get("key"))
 
     def _unit_target_mask(self, losses: TokenLosses) -> torch.Tensor:
         """Target tokens that are speech units (audio marks minus the begin/end-of-audio markers)."""
@@ -265,6 +285,7 @@ class MoSTLitModule(LightningModule):
     def transcribe(self, batch: Mapping[str, Any]) -> list[str]:
         """Greedy ASR hypotheses for a generation batch (left-padded prompts)."""
         tok = self.tokenizer
+        embeds = self._audio_embeds(batch, batch["prompt_ids"])
         new_tokens = self.model.generate(
             batch["prompt_ids"],
             batch["prompt_modality"],
@@ -273,6 +294,7 @@ class MoSTLitModule(LightningModule):
             eos_id=tok.eos_id,
             pad_id=tok.pad_id,
             modality_of=tok.modality_of,
+            **({} if embeds is None else {"inputs_embeds": embeds}),
         )
         hypotheses = []
         for row in new_tokens.tolist():
@@ -312,7 +334,7 @@ class MoSTLitModule(LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         settings = self.optimizer_settings
         decay, no_decay = [], []
-        for param in self.model.parameters():
+        for param in self.parameters():  # the decoder + MoST-C's projection (the frozen encoder has no grad)
             if param.requires_grad:
                 (decay if param.ndim >= 2 else no_decay).append(param)  # norms/biases: no weight decay
         optimizer = torch.optim.AdamW(

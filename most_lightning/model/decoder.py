@@ -105,8 +105,10 @@ class MoSTForCausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, modality: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-                past_key_values: KVCache | None = None, use_cache: bool = False) -> MoSTOutput:
-        """input_ids/modality/position_ids [B, T]; attention_mask [B, past + T] bool (True = real token)."""
+                past_key_values: KVCache | None = None, use_cache: bool = False,
+                inputs_embeds: torch.Tensor | None = None) -> MoSTOutput:
+        """input_ids/modality/position_ids [B, T]; attention_mask [B, past + T] bool (True = real token).
+        inputs_embeds [B, T, H]: used instead of embedding input_ids (e.g. with spliced audio frames)."""
         batch, seq = input_ids.shape
         if modality is None:
             modality = torch.zeros_like(input_ids)
@@ -121,7 +123,9 @@ class MoSTForCausalLM(nn.Module):
         if position_ids is None:
             position_ids = torch.arange(past, past + seq, device=input_ids.device).expand(batch, -1)
 
-        hidden = self.model.embed_tokens(input_ids)
+        if inputs_embeds is not None and inputs_embeds.shape[:2] != input_ids.shape:
+            raise ValueError(f"inputs_embeds {tuple(inputs_embeds.shape)} must match input_ids {tuple(input_ids.shape)}")
+        hidden = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         cos, sin = self.model.rotary(position_ids, hidden.dtype)
         mask = _attention_mask(attention_mask, seq, past)
         token_mask = attention_mask[:, past:] if attention_mask is not None else None
@@ -144,8 +148,8 @@ class MoSTForCausalLM(nn.Module):
 
     @torch.no_grad()
     def generate(self, input_ids, modality, attention_mask=None, max_new_tokens: int = 64, *, eos_id: int,
-                 pad_id: int | None = None, modality_of=None) -> torch.Tensor:
+                 pad_id: int | None = None, modality_of=None, inputs_embeds=None) -> torch.Tensor:
         from most_lightning.model.generation import greedy_generate
 
         return greedy_generate(self, input_ids, modality, attention_mask, max_new_tokens, eos_id=eos_id,
-                               pad_id=pad_id, modality_of=modality_of)
+                               pad_id=pad_id, modality_of=modality_of, inputs_embeds=inputs_embeds)

@@ -11,12 +11,14 @@ import torch
 def greedy_generate(model, input_ids: torch.Tensor, modality: torch.Tensor,
                     attention_mask: torch.Tensor | None, max_new_tokens: int, *, eos_id: int,
                     pad_id: int | None = None,
-                    modality_of: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+                    modality_of: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                    inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
     """Return the new tokens [B, <= max_new_tokens]; a row that emitted eos is padded with pad_id after it.
 
     Prompts are LEFT-padded (attention_mask False on the padding). Positions count real tokens only, so a
     padded prompt is encoded exactly as the same prompt alone. ``modality_of`` marks each generated token
     (e.g. the tokenizer's unit tokens as audio); without it generated tokens are marked text.
+    inputs_embeds [B, P, H]: the prompt's embeddings (e.g. with spliced audio frames) instead of its ids'.
     """
     pad_id = eos_id if pad_id is None else pad_id
     batch = input_ids.shape[0]
@@ -27,7 +29,8 @@ def greedy_generate(model, input_ids: torch.Tensor, modality: torch.Tensor,
     was_training = model.training
     model.eval()
     try:
-        out = model(input_ids, modality, attention_mask=attention_mask, position_ids=positions, use_cache=True)
+        out = model(input_ids, modality, attention_mask=attention_mask, position_ids=positions, use_cache=True,
+                    inputs_embeds=inputs_embeds)
         cache, next_pos = out.past_key_values, positions[:, -1:] + 1
         done = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
         generated = []
