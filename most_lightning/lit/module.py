@@ -80,6 +80,11 @@ class MoSTLitModule(LightningModule):
         the trainer's max_steps); evaluation: asr_max_new_tokens, n_asr_examples. tokenizer: used at test time
         for generation (default: the datamodule's)."""
         super().__init__()
+        # model.init (pretrained import / upcycling): the checkpoint's config.json fixes the architecture
+        from most_lightning.model.checkpoint.init import resolve_model_init
+
+        model, vocab_size = resolve_model_init(_plain(model), vocab_size)
+        self._init_applied = False
         # plain containers (not DictConfig) so checkpoints load with torch.load(weights_only=True)
         self.save_hyperparameters(
             dict(model=_plain(model), router=_plain(router), vocab_size=vocab_size, optimizer=_plain(optimizer),
@@ -113,6 +118,19 @@ class MoSTLitModule(LightningModule):
         # indices of test dataloaders whose ASR prompts carry another utterance's audio (None = ask the batch
         # or the datamodule)
         self.mismatched_test_loaders: set[int] | None = None
+
+    # ------------------------------------------------------------------ pretrained weights (model.init)
+    def setup(self, stage: str) -> None:
+        """Load the weights model.init names, once, before the first fit/validate/test (a resumed run's
+        Lightning checkpoint overwrites them afterwards)."""
+        if not self._init_applied:
+            from most_lightning.model.checkpoint.init import apply_model_init
+
+            apply_model_init(self.model, self.hparams.model)
+            self._init_applied = True
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._init_applied = True  # trained weights: never overwrite them with the pretrained ones
 
     # ------------------------------------------------------------------ plumbing
     @property

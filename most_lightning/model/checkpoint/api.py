@@ -97,6 +97,8 @@ def empty_model(config: MoSTConfig, dtype: torch.dtype | None = None) -> MoSTFor
         torch.set_default_dtype(previous)
     model.to_empty(device="cpu")
     c = config
+    if c.tie_word_embeddings:  # to_empty gives each module its own new tensor: tie again
+        model.lm_head.weight = model.model.embed_tokens.weight
     rope_dim = c.qk_rope_head_dim if c.attention == "mla" else (c.head_dim or c.hidden_size // c.num_heads)
     model.model.rotary = RotaryEmbedding(rope_dim, c.rope_theta, c.rope_scaling)
     for module in model.modules():
