@@ -245,3 +245,25 @@ def test_group_limited_routing_is_announced(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         pretrained_config(path)
     assert "group_limited_greedy" in caplog.text
+
+
+def test_plain_reads_and_memory_mapping_give_the_same_tensors(tmp_path):
+    from safetensors.torch import load_file
+
+    from most_lightning.model.checkpoint import CheckpointDir
+
+    path = save_hf(deepseek_model(), tmp_path / "ckpt", max_shard_size="40KB")
+    ckpt = CheckpointDir(path)
+    read = dict(ckpt.tensors(reader="read"))
+    mapped = dict(ckpt.tensors(reader="mmap"))
+    reference = {k: v for f in ckpt.files for k, v in load_file(f).items()}
+    assert read.keys() == mapped.keys() == reference.keys()
+    assert all(torch.equal(read[k], reference[k]) and torch.equal(mapped[k], reference[k]) for k in reference)
+    bf16 = {"w": torch.randn(3, 5).to(torch.bfloat16), "e": torch.zeros(0, 4)}
+    from safetensors.torch import save_file
+
+    (tmp_path / "bf16").mkdir()
+    (tmp_path / "bf16" / "config.json").write_text("{}")
+    save_file(bf16, tmp_path / "bf16" / "model.safetensors")
+    got = dict(CheckpointDir(tmp_path / "bf16").tensors())
+    assert torch.equal(got["w"], bf16["w"]) and got["e"].shape == (0, 4)

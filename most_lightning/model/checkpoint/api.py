@@ -110,7 +110,7 @@ def empty_model(config: MoSTConfig, dtype: torch.dtype | None = None) -> MoSTFor
 
 def import_weights(model: MoSTForCausalLM, path: str | os.PathLike | CheckpointDir, layout: str = "index",
                    routing_stats: str | os.PathLike | dict | None = None, new_token_rows: str = "mean",
-                   progress: bool = True) -> LoadReport:
+                   progress: bool = True, reader: str = "read") -> LoadReport:
     """Stream a DeepSeek-V2 (or our exported) checkpoint into an already-built ``model``."""
     ckpt = path if isinstance(path, CheckpointDir) else CheckpointDir(path)
     fields, _ = architecture_fields(ckpt, upcycle=False)
@@ -121,7 +121,7 @@ def import_weights(model: MoSTForCausalLM, path: str | os.PathLike | CheckpointD
     _check_architecture(model.config, fields, ckpt, exclude=("vocab_size", "n_routed_experts"))
     plan = deepseek_plan(model, ckpt, ckpt.config.get(MOST_KEY, ckpt.config)["n_routed_experts"], layout, stats,
                          new_token_rows)
-    return run_plan(plan, ckpt, model, progress)
+    return run_plan(plan, ckpt, model, progress, reader)
 
 
 def upcycle_weights(model: MoSTForCausalLM, path: str | os.PathLike | CheckpointDir, router_init: str = "normal",
@@ -168,12 +168,12 @@ def pretrained_config(path: str | os.PathLike | CheckpointDir, *, upcycle: bool 
 
 def load_pretrained(path: str | os.PathLike, *, layout: str = "index", routing_stats=None,
                     router: dict | RouterConfig | None = None, dtype: torch.dtype | None = None,
-                    new_token_rows: str = "mean", progress: bool = True,
+                    new_token_rows: str = "mean", progress: bool = True, reader: str = "read",
                     **choices: Any) -> tuple[MoSTForCausalLM, LoadReport]:
     """A MoST model imported from a DeepSeek-V2 HF directory or our own export (see ``pretrained_config``)."""
     ckpt = CheckpointDir(path)
     model = empty_model(pretrained_config(ckpt, layout=layout, router=router, **choices), dtype)
-    return model, import_weights(model, ckpt, layout, routing_stats, new_token_rows, progress)
+    return model, import_weights(model, ckpt, layout, routing_stats, new_token_rows, progress, reader)
 
 
 def upcycle_pretrained(path: str | os.PathLike, *, router: dict | RouterConfig | None = None,

@@ -18,6 +18,9 @@ from typing import Iterator
 import torch
 
 CONFIG_FILE = "config.json"
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 
@@ -125,9 +128,43 @@ class CheckpointDir:
             if info.file.name != name:
                 raise CheckpointError(f"{INDEX_FILE} places {key!r} in {name} but it is in {info.file.name}")
 
-    def tensors(self, keys: set[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-        """(key, tensor) one at a time, shard by shard; only ``keys`` if given. Each tensor is a fresh CPU copy
-        that the caller drops after use, so at most one tensor (plus the shard's mapped pages) is extra."""
+    def tensors(self, keys: set[str] | None = None, reader: str = "read") -> Iterator[tuple[str, torch.Tensor]]:
+        """(key, tensor) one at a time, shard by shard, in file order; only ``keys`` if given. Each tensor is a
+        fresh CPU tensor that the caller drops after use.
+
+        reader="read" (default) reads each tensor's bytes with plain file reads, so the process holds at most
+        one checkpoint tensor beyond the model; "mmap" uses safetensors' safe_open, whose mapped pages of the
+        whole shard count in the process's resident memory until the shard is closed
+        (experiments/measure_checkpoint_import.py measures both)."""
+        if reader == "mmap":
+            yield from self._tensors_mmap(keys)
+            return
+        if reader != "read":
+            raise ValueError(f"reader={reader!r}: allowed values are 'read' and 'mmap'")
+        for file in self.files:
+            with open(file, "rb") as f:
+                (n,) = struct.unpack("<Q", f.read(8))
+                header = json.loads(f.read(n))
+                header.pop("__metadata__", None)
+                entries = sorted(((e["data_offsets"][0], k, e) for k, e in header.items()
+                                  if keys is None or k in keys))
+                for start, key, entry in entries:
+                    dtype = _DTYPES.get(entry["dtype"])
+                    if dtype is None:
+                        raise CheckpointError(f"{file}: tensor {key!r} has dtype {entry['dtype']}, which is not "
+                                              f"supported (supported: {sorted(_DTYPES)})")
+                    end = entry["data_offsets"][1]
+                    f.seek(8 + n + start)
+                    buffer = bytearray(end - start)
+                    if f.readinto(buffer) != len(buffer):
+                        raise CheckpointError(f"{file}: truncated inside tensor {key!r}")
+                    shape = tuple(entry["shape"])
+                    if not buffer:
+                        yield key, torch.empty(shape, dtype=dtype)
+                        continue
+                    yield key, torch.frombuffer(buffer, dtype=dtype).reshape(shape)
+
+    def _tensors_mmap(self, keys: set[str] | None) -> Iterator[tuple[str, torch.Tensor]]:
         from safetensors import safe_open
 
         for file in self.files:

@@ -116,7 +116,8 @@ def check_plan(plan: LoadPlan, ckpt: CheckpointDir, tensors: dict[str, torch.Ten
 
 
 @torch.no_grad()
-def run_plan(plan: LoadPlan, ckpt: CheckpointDir, model: nn.Module, progress: bool = True) -> LoadReport:
+def run_plan(plan: LoadPlan, ckpt: CheckpointDir, model: nn.Module, progress: bool = True,
+             reader: str = "read") -> LoadReport:
     """Check, then stream the checkpoint into ``model`` in place (dtype converted on copy)."""
     start = time.perf_counter()
     tensors = model_tensors(model)
@@ -131,7 +132,7 @@ def run_plan(plan: LoadPlan, ckpt: CheckpointDir, model: nn.Module, progress: bo
         except ImportError:
             pass
     loaded = 0
-    for key, source in ckpt.tensors(keys):
+    for key, source in ckpt.tensors(keys, reader):
         for a in plan.sources[key][1]:
             target = tensors[a.target]
             value = a.take(source) if a.take is not None else source
