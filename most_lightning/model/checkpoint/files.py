@@ -155,14 +155,10 @@ class CheckpointDir:
                                               f"supported (supported: {sorted(_DTYPES)})")
                     end = entry["data_offsets"][1]
                     f.seek(8 + n + start)
-                    buffer = bytearray(end - start)
-                    if f.readinto(buffer) != len(buffer):
+                    buffer = torch.empty(end - start, dtype=torch.uint8)  # no zero-fill pass (unlike bytearray)
+                    if f.readinto(memoryview(buffer.numpy())) != end - start:
                         raise CheckpointError(f"{file}: truncated inside tensor {key!r}")
-                    shape = tuple(entry["shape"])
-                    if not buffer:
-                        yield key, torch.empty(shape, dtype=dtype)
-                        continue
-                    yield key, torch.frombuffer(buffer, dtype=dtype).reshape(shape)
+                    yield key, buffer.view(dtype).reshape(entry["shape"])
 
     def _tensors_mmap(self, keys: set[str] | None) -> Iterator[tuple[str, torch.Tensor]]:
         from safetensors import safe_open
