@@ -174,3 +174,16 @@ def test_export_cli_from_a_lightning_checkpoint(tmp_path):
     for key, value in module.model.state_dict().items():
         assert torch.equal(back.state_dict()[key], value), key
     assert CheckpointDir(tmp_path / "hf").config["most"]["router"]["name"] == "vanilla"
+
+
+def test_inspect_cli_checks_the_plan_from_headers_only(tmp_path, capsys):
+    from most_lightning.model.checkpoint.__main__ import main
+
+    path = save_hf(deepseek_model(), tmp_path / "ckpt", max_shard_size="40KB")
+    assert main(["inspect", str(path), "--partition", "copy"]) == 0
+    out = capsys.readouterr().out
+    assert "load plan OK" in out and "16 routed experts" in out
+    victim = sorted(path.glob("model-*.safetensors"))[0]
+    victim.write_bytes(victim.read_bytes()[:-10])
+    assert main(["inspect", str(path)]) == 2
+    assert f"{victim.name}: truncated" in capsys.readouterr().err

@@ -118,7 +118,7 @@ def import_weights(model: MoSTForCausalLM, path: str | os.PathLike | CheckpointD
     if checkpoint_kind(ckpt) == "most" and layout != "index":
         raise CheckpointError(f"{ckpt.path}: a MoST export is reloaded as it is; init.partition={layout!r} applies "
                               "to DeepSeek-V2 imports only")
-    _check_architecture(model.config, fields, ckpt, exclude=("vocab_size", "n_routed_experts"))
+    _check_architecture(model.config, fields, ckpt, exclude=("vocab_size", "n_routed_experts", "initializer_range"))
     plan = deepseek_plan(model, ckpt, ckpt.config.get(MOST_KEY, ckpt.config)["n_routed_experts"], layout, stats,
                          new_token_rows)
     return run_plan(plan, ckpt, model, progress, reader)
@@ -129,7 +129,7 @@ def upcycle_weights(model: MoSTForCausalLM, path: str | os.PathLike | Checkpoint
     """Stream a dense Llama checkpoint into an already-built MoE ``model`` (see upcycle.py)."""
     ckpt = path if isinstance(path, CheckpointDir) else CheckpointDir(path)
     fields, _ = architecture_fields(ckpt, upcycle=True)
-    _check_architecture(model.config, fields, ckpt, exclude=("vocab_size", "intermediate_size"))
+    _check_architecture(model.config, fields, ckpt, exclude=("vocab_size", "intermediate_size", "initializer_range"))
     plan = llama_upcycle_plan(model, ckpt, router_init, new_token_rows)
     return run_plan(plan, ckpt, model, progress)
 
