@@ -81,7 +81,8 @@ class MoSTLitModule(LightningModule):
         for generation (default: the datamodule's)."""
         super().__init__()
         # model.init (pretrained import / upcycling): the checkpoint's config.json fixes the architecture
-        from most_lightning.model.checkpoint.init import resolve_model_init
+        from most_lightning.model.checkpoint import empty_model
+        from most_lightning.model.checkpoint.init import resolve_model_init, wants_weights
 
         model, vocab_size = resolve_model_init(_plain(model), vocab_size)
         self._init_applied = False
@@ -92,7 +93,10 @@ class MoSTLitModule(LightningModule):
                  expert_load_every_n_steps=expert_load_every_n_steps)
         )
         self.model_config = build_model_config(model, router, vocab_size)
-        self.model = MoSTForCausalLM(self.model_config)
+        if wants_weights(model):  # every weight comes from model.init in setup (or a Lightning checkpoint):
+            self.model = empty_model(self.model_config)  # skip a random init of what is overwritten anyway
+        else:
+            self.model = MoSTForCausalLM(self.model_config)
         self.optimizer_settings = {**DEFAULT_OPTIMIZER, **dict(optimizer or {})}
         self.scheduler_settings = {**DEFAULT_SCHEDULER, **dict(scheduler or {})}
         self.evaluation_settings = {**DEFAULT_EVALUATION, **dict(evaluation or {})}
