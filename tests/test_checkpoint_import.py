@@ -230,7 +230,7 @@ def test_nothing_is_left_at_random_init(tmp_path):
 
 
 def test_import_into_a_model_of_another_architecture_is_refused(tmp_path):
-    from most_lightning.model import MoSTConfig, MoSTForCausalLM
+    from most_lightning.model import MoSTForCausalLM
 
     path = save_hf(deepseek_model(), tmp_path / "ckpt")
     model = MoSTForCausalLM(pretrained_config(path).replace(kv_lora_rank=8))

@@ -48,10 +48,10 @@ def plan_experts(plan: LoadPlan, ckpt: CheckpointDir, prefix: str, sources: list
     else:
         for j in sorted(set(sources)):
             rows = _rows([m for m, s in enumerate(sources) if s == j])
+            copies = lambda t, n=len(rows): t.unsqueeze(0).expand(n, *t.shape)  # noqa: E731 (one expert -> n rows)
             for name in EXPERT_PARAMS:
-                shape = tuple(shapes[name][1:])
-                plan.add(f"{target}.{j}.{name}.weight", shape,
-                         Assign(f"{target}.{name}", rows=rows, take=lambda t, n=len(rows): t.unsqueeze(0).expand(n, *t.shape)))
+                plan.add(f"{target}.{j}.{name}.weight", tuple(shapes[name][1:]),
+                         Assign(f"{target}.{name}", rows=rows, take=copies))
     src = _rows(sources)
     plan.add(f"{prefix}.gate.weight", (n_ckpt, hidden), Assign(f"{prefix}.gate.weight", take=lambda t: t[src]))
 

@@ -72,7 +72,8 @@ def identity_at_init(config: MoSTConfig, dense_width: int, router_init: str) -> 
         want = group / k
         if abs(r.routed_scaling_factor - want) < 1e-9:
             return True, f"zero gate: top-k probabilities sum to {k}/{group}, routed_scaling_factor={want:g}"
-        return False, f"zero gate: top-k weights sum to {k}/{group} * {r.routed_scaling_factor:g}; set router.routed_scaling_factor={want:g}"
+        return False, (f"zero gate: top-k weights sum to {k}/{group} * {r.routed_scaling_factor:g}; "
+                       f"set router.routed_scaling_factor={want:g}")
     return False, "top-k weights do not sum to one: set router.renormalize=true (or router_init=zeros + scaling)"
 
 
