@@ -122,3 +122,21 @@ def test_run_py_trains_from_a_local_deepseek_checkpoint(tmp_path, shared_data_di
     ckpt_emb = deepseek_model(vocab_size=base_vocab).model.embed_tokens.weight
     assert emb.shape[0] == tok.vocab_size and torch.equal(emb[:base_vocab], ckpt_emb)
     torch.testing.assert_close(emb[base_vocab:], ckpt_emb.mean(0).expand(tok.vocab_size - base_vocab, -1))
+
+
+def test_run_py_fails_fast_on_a_bad_pretrained_dir(tmp_path):
+    """Before any corpus is built or Lightning is imported: the culprit named."""
+    import subprocess
+    import sys
+
+    from conftest import REPO_ROOT
+
+    path = save_hf(deepseek_model(), tmp_path / "ckpt", max_shard_size="40KB")
+    victim = sorted(path.glob("model-*.safetensors"))[3]
+    victim.unlink()
+    result = subprocess.run([sys.executable, "run.py", f"model.init.from_pretrained={path}",
+                             f"paths.data_dir={tmp_path / 'no_data'}", f"paths.log_dir={tmp_path / 'logs'}"],
+                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert f"{victim.name}'] listed in model.safetensors.index.json are missing" in result.stderr
+    assert not (tmp_path / "no_data").exists()
