@@ -35,8 +35,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
     # Heavy imports here so that `python run.py --help` / `--cfg job` answer at once, and a bad model/router
     # config fails before Lightning is even imported or any data is prepared (vocab_size: the preset's for now).
     from most_lightning.lit.model_config import build_model_config
+    from most_lightning.model.checkpoint.init import resolve_model_init
 
-    build_model_config(cfg.model, cfg.router, vocab_size=None)
+    # model.init: a bad pretrained dir or an impossible expert layout fails here too (reads config.json + headers)
+    build_model_config(resolve_model_init(OmegaConf.to_container(cfg.model, resolve=True), None)[0], cfg.router,
+                       vocab_size=None)
 
     import lightning as L
     from lightning.pytorch.utilities import rank_zero_only

@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from most_lightning.model import ConfigError, MoSTConfig, ROUTERS, RouterConfig, expert_partition
 
 # Model-group keys that are not MoSTConfig fields.
-_NON_FIELDS = ("preset",)
+_NON_FIELDS = ("preset", "init")  # init: where the weights come from (model/checkpoint/init.py)
 
 
 def _plain(cfg: Mapping | DictConfig | None) -> dict[str, Any]:
@@ -47,6 +47,7 @@ def build_model_config(
     """MoSTConfig from the model group (preset + overrides), the router group and the tokenizer's vocab size."""
     values = {k: v for k, v in _plain(model).items() if v is not None}
     preset = values.pop("preset", None)
+    values.pop("init", None)
     known = {f.name for f in dataclasses.fields(MoSTConfig)}
     unknown = sorted(set(values) - known - set(_NON_FIELDS))
     if unknown:

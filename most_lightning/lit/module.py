@@ -83,6 +83,12 @@ class MoSTLitModule(LightningModule):
         for generation (default: the datamodule's). audio: the `audio` group; mode=continuous adds the frozen
         encoder + trainable projection of MoST-C (model/audio_input.py)."""
         super().__init__()
+        # model.init (pretrained import / upcycling): the checkpoint's config.json fixes the architecture
+        from most_lightning.model.checkpoint import empty_model
+        from most_lightning.model.checkpoint.init import resolve_model_init, wants_weights
+
+        model, vocab_size = resolve_model_init(_plain(model), vocab_size)
+        self._init_applied = False
         # plain containers (not DictConfig) so checkpoints load with torch.load(weights_only=True)
         self.save_hyperparameters(
             dict(model=_plain(model), router=_plain(router), vocab_size=vocab_size, optimizer=_plain(optimizer),
@@ -90,7 +96,10 @@ class MoSTLitModule(LightningModule):
                  expert_load_every_n_steps=expert_load_every_n_steps, audio=_plain(audio))
         )
         self.model_config = build_model_config(model, router, vocab_size)
-        self.model = MoSTForCausalLM(self.model_config)
+        if wants_weights(model):  # every weight comes from model.init in setup (or a Lightning checkpoint):
+            self.model = empty_model(self.model_config)  # skip a random init of what is overwritten anyway
+        else:
+            self.model = MoSTForCausalLM(self.model_config)
         # MoST-C: frozen encoder + Linear(feat_dim -> hidden), kept outside the decoder (see audio_input.py)
         self.audio_input = build_audio_input(audio, self.model_config.hidden_size,
                                              self.model_config.initializer_range)
@@ -119,6 +128,19 @@ class MoSTLitModule(LightningModule):
         # indices of test dataloaders whose ASR prompts carry another utterance's audio (None = ask the batch
         # or the datamodule)
         self.mismatched_test_loaders: set[int] | None = None
+
+    # ------------------------------------------------------------------ pretrained weights (model.init)
+    def setup(self, stage: str) -> None:
+        """Load the weights model.init names, once, before the first fit/validate/test (a resumed run's
+        Lightning checkpoint overwrites them afterwards)."""
+        if not self._init_applied:
+            from most_lightning.model.checkpoint.init import apply_model_init
+
+            apply_model_init(self.model, self.hparams.model)
+            self._init_applied = True
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._init_applied = True  # trained weights: never overwrite them with the pretrained ones
 
     # ------------------------------------------------------------------ plumbing
     @property

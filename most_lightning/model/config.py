@@ -183,4 +183,17 @@ TINY: dict[str, Any] = dict(
     tie_word_embeddings=False,
 )
 
-PRESETS: dict[str, dict[str, Any]] = {"tiny": TINY, "deepseek_v2_lite": DEEPSEEK_V2_LITE}
+# Llama-3.2-3B (GQA 24/8 heads, head_dim 128, llama3 rope, tied embeddings) upcycled to MoE (the MoST paper's
+# dense-backbone ablation): every FFN (8192) cut in two segments of 4096: the first is the shared expert, the
+# 8 routed experts are copies of the second, top-2. Exactly the dense model at init when the top-k weights sum to
+# one (router.renormalize=true); see most_lightning/model/checkpoint/upcycle.py.
+LLAMA3_2_3B_UPCYCLED: dict[str, Any] = dict(
+    vocab_size=128256, hidden_size=3072, num_layers=28, num_heads=24, attention="gqa", num_kv_heads=8, head_dim=128,
+    rope_theta=500000.0, rope_scaling=dict(type="llama3", factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                           original_max_position_embeddings=8192),
+    max_position_embeddings=131072, intermediate_size=8192, moe_intermediate_size=4096, n_routed_experts=8,
+    n_shared_experts=1, top_k=2, first_k_dense_replace=0, rms_norm_eps=1e-5, tie_word_embeddings=True,
+)
+
+PRESETS: dict[str, dict[str, Any]] = {"tiny": TINY, "deepseek_v2_lite": DEEPSEEK_V2_LITE,
+                                      "llama3_2_3b_upcycled": LLAMA3_2_3B_UPCYCLED}
