@@ -28,7 +28,7 @@ from typing import Any, Iterator
 import webdataset as wds
 
 from .build import BuildOptions, build_sample
-from .common import BadInputError, BadInputs, Item, Skip, log, log_skips
+from .common import BadInputs, Item, Skip, log, log_skips
 
 FORMAT = "most_lightning.prepared/1"
 MANIFEST, PROGRESS, SKIPPED = "manifest.json", "progress.jsonl", "skipped.tsv"
@@ -129,19 +129,21 @@ def write_shard(job: Job, out_dir: str, build: BuildOptions, policy: str) -> dic
     samples, seconds = 0, 0.0
     with open(tmp, "wb") as stream:
         sink = wds.TarWriter(stream, encoder=False, mtime=TAR_MTIME, user="most", group="most", mode=0o444)
-        for item in job.items:
-            secs = 0.0
-            try:
-                sample, secs = build_sample(item, build, fixed)
-            except Skip as skip:
-                bad.skip(item.key, skip.reason, skip.detail)  # raises BadInputError under 'raise'
-            else:
-                sink.write(sample)
-                samples += 1
-                seconds += secs
-            if _PROGRESS_QUEUE is not None:
-                _PROGRESS_QUEUE.put((1, secs))
-        sink.close()
+        try:
+            for item in job.items:
+                secs = 0.0
+                try:
+                    sample, secs = build_sample(item, build, fixed)
+                except Skip as skip:
+                    bad.skip(item.key, skip.reason, skip.detail)  # raises BadInputError under 'raise'
+                else:
+                    sink.write(sample)
+                    samples += 1
+                    seconds += secs
+                if _PROGRESS_QUEUE is not None:
+                    _PROGRESS_QUEUE.put((1, secs))
+        finally:
+            sink.close()  # on an error too: the .partial file is discarded by the next run
     record = {"name": job.name, "split": job.split, "samples": samples, "seconds": round(seconds, 3),
               "skipped": bad.skipped, "fixed": dict(sorted(fixed.items()))}
     if samples:
@@ -215,7 +217,6 @@ def _run(todo: list[Job], out: Path, build: BuildOptions, policy: str, num_worke
             yield record
         return
     import multiprocessing as mp
-    import queue as queue_lib
 
     ctx = mp.get_context("spawn")  # forking after torch started its thread pools can hang
     q = ctx.SimpleQueue()
@@ -228,7 +229,7 @@ def _run(todo: list[Job], out: Path, build: BuildOptions, policy: str, num_worke
                 bar.update(task, advance=n, hours=bar.tasks[task].fields["hours"] + secs / 3600)
             try:
                 record = results.next(timeout=0.1)
-            except queue_lib.Empty:
+            except mp.TimeoutError:
                 continue
             except StopIteration:
                 break
@@ -272,13 +273,10 @@ def prepare(source: str, kind: str, items_by_split: dict[str, list[Item]], plan_
         task = bar.add_task(f"{source} -> {len(jobs)} shards", total=n_items,
                             completed=sum(len(j.items) for j in jobs if j.name in done),
                             hours=sum(r["seconds"] for r in done.values()) / 3600)
-        try:
-            for record in _run(todo, out, build, plan_bad.policy, num_workers, bar, task):
-                _append(progress_file, record)
-                log_skips(record["skipped"], logged)
-                done[record["name"]] = record
-        except BadInputError:
-            raise
+        for record in _run(todo, out, build, plan_bad.policy, num_workers, bar, task):
+            _append(progress_file, record)
+            log_skips(record["skipped"], logged)
+            done[record["name"]] = record
     if len(done) < len(jobs):
         log.info("stopped after %d new shards (%d of %d written): run the same command again to continue",
                  len(todo), len(done), len(jobs))
