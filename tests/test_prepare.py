@@ -540,3 +540,15 @@ def test_cli_help_lists_every_source():
     assert proc.returncode == 0
     for source in ("librispeech", "libriheavy", "commonvoice", "voxpopuli", "text", "chat", "demo_chat"):
         assert source in proc.stdout
+
+
+def test_refuses_to_write_over_foreign_shards(tmp_path):
+    (tmp_path / "t.jsonl").write_text('{"text": "one"}\n')
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "train-00000.tar").write_bytes(b"someone else's shard")
+    with pytest.raises(writer.PlanMismatchError, match="not written by a preparation"):
+        prep("text", tmp_path / "t.jsonl", "--out", out)
+    assert (out / "train-00000.tar").read_bytes() == b"someone else's shard"
+    m = prep("text", tmp_path / "t.jsonl", "--out", out, "--overwrite")
+    check_manifest_integrity(out, m)

@@ -88,6 +88,17 @@ def write_source(out_dir: Path, n_train: int, n_val: int, seed: int, wordnet_dir
     return paths
 
 
+def prepare_demo_chat(out_dir: str | Path, n_train: int = 400, n_val: int = 40, tts: str | None = "flite",
+                      units: str | Path | None = None, num_workers: int = 1, seed: int = 0) -> dict:
+    """Build (or find finished) the demo chat shards in out_dir; returns the manifest. For recipes and tests:
+    `units` should be the demo corpus's unit_extractor directory so unit ids match its tokenizer."""
+    from .__main__ import run
+
+    argv = ["demo_chat", "--out", str(out_dir), "--n-train", str(n_train), "--n-val", str(n_val),
+            "--seed", str(seed), "--tts", tts or "none", "--num-workers", str(num_workers), "--no-progress"]
+    return run(argv + (["--units", str(units)] if units else []))
+
+
 def plan(args: argparse.Namespace, bad: BadInputs):
     args.inputs = write_source(Path(args.out), args.n_train, args.n_val, args.seed, args.wordnet_dir)
     args.messages_field, args.split = "messages", None

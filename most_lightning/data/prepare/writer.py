@@ -173,6 +173,9 @@ def _read_progress(out: Path, expected_plan: str, overwrite: bool, n_jobs: int) 
     """Finished shards of an earlier run of the same plan (name -> record)."""
     progress = out / PROGRESS
     if not progress.is_file():
+        if not overwrite and any(_is_output(f.name) for f in out.iterdir()):
+            raise PlanMismatchError(f"{out} already holds shards or a manifest not written by a preparation "
+                                    "(no progress.jsonl): use another --out, or --overwrite to replace them")
         return {}
     lines = progress.read_text().splitlines()
     header = json.loads(lines[0]) if lines else {}
@@ -195,9 +198,13 @@ def _read_progress(out: Path, expected_plan: str, overwrite: bool, n_jobs: int) 
     return done
 
 
+def _is_output(name: str) -> bool:
+    return name in (MANIFEST, PROGRESS, SKIPPED) or re.fullmatch(r".+-\d{5}\.tar(\.partial)?", name) is not None
+
+
 def _clear_outputs(out: Path) -> None:
     for f in out.iterdir():
-        if f.name in (MANIFEST, PROGRESS, SKIPPED) or re.fullmatch(r".+-\d{5}\.tar(\.partial)?", f.name):
+        if _is_output(f.name):
             f.unlink()
 
 
