@@ -71,9 +71,12 @@ def build_options(args: argparse.Namespace, kind: str) -> BuildOptions:
         from .tts import get_tts
 
         get_tts(tts)  # flite on PATH, voices exist
+    roles = tuple(r for r in getattr(args, "speak_roles", "user,assistant").split(",") if r)
+    if set(roles) - {"system", "user", "assistant"}:
+        raise ValueError(f"--speak-roles {roles}: roles are system, user, assistant")
     normalize = not args.raw_transcripts if kind == "speech" else bool(getattr(args, "normalize", False))
     return BuildOptions(source=args.source, units=units, normalize_text=normalize, tts=tts,
-                        speak_roles=tuple(r for r in getattr(args, "speak_roles", "user,assistant").split(",") if r),
+                        speak_roles=roles,
                         max_speak_chars=getattr(args, "max_speak_chars", 600))
 
 
