@@ -194,9 +194,10 @@ def test_commonvoice_sentence_with_quotes_is_kept_verbatim(tmp_path, clips):
 
 
 # ================================================================================================ VoxPopuli
-def test_voxpopuli_tsv_and_ogg_layout(tmp_path, clips):
-    lang = write_voxpopuli(tmp_path / "vp" / "en", {"train": clips[:6], "dev": clips[6:]})
-    assert next(lang.glob("2018/*.ogg")).suffix == ".ogg"
+@pytest.mark.parametrize("ext", ["ogg", "wav"])
+def test_voxpopuli_tsv_and_year_layout(tmp_path, clips, ext):
+    lang = write_voxpopuli(tmp_path / "vp" / "en", {"train": clips[:6], "dev": clips[6:]}, ext=ext)
+    assert sf.info(next(lang.glob(f"2018/*.{ext}"))).format == ext.upper()
     out = tmp_path / "out"
     m = prep("voxpopuli", lang, "--out", out)
     check_manifest_integrity(out, m)
