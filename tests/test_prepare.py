@@ -529,6 +529,13 @@ def test_bad_chats_and_texts(tmp_path):
     assert m["bad_inputs"]["skipped"] == {"empty_text": 1, "non_utf8_transcript": 1} and m["samples"] == 1
 
 
+def test_chat_units_without_speech_is_a_clear_error(tmp_path, extractor_dir, capsys):
+    write_jsonl_gz(tmp_path / "c.jsonl.gz", smoltalk_rows(DIALOGUES))
+    assert main(["chat", str(tmp_path / "c.jsonl.gz"), "--out", str(tmp_path / "o"), "--units",
+                 str(extractor_dir)]) == 2
+    assert "--tts flite" in capsys.readouterr().err
+
+
 def test_nothing_usable_is_a_clear_error(tmp_path, capsys):
     (tmp_path / "t.jsonl").write_text('{"text": ""}\n')
     assert main(["text", str(tmp_path / "t.jsonl"), "--out", str(tmp_path / "o"), "--num-workers", "1"]) == 2

@@ -67,6 +67,8 @@ def build_options(args: argparse.Namespace, kind: str) -> BuildOptions:
     tts = getattr(args, "tts", None)
     if tts and tts.lower() == "none":
         tts = None
+    if kind == "chat" and units and not tts:
+        raise ValueError("--units needs speech: chat turns get units only when voiced, so also pass --tts flite")
     if tts:
         from .tts import get_tts
 
