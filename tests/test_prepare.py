@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import shutil
 import logging
 import os
 import signal
@@ -437,11 +438,14 @@ def _corrupt_librispeech(root: Path, clips: list[Clip]) -> dict[str, str]:
 
 def test_bad_librispeech_inputs_are_counted_named_and_skipped(tmp_path, clips, caplog):
     expected = _corrupt_librispeech(tmp_path / "in", clips)
+    chapter = tmp_path / "in" / "LibriSpeech" / "dev-clean" / "19" / "1999"
+    shutil.copy(chapter / "19-1999-0005.flac", chapter / "19-1999-0099.flac")  # audio its trans.txt does not list
+    expected["19-1999-0099"] = "no_transcript"
     out = tmp_path / "out"
     with caplog.at_level(logging.WARNING, logger="most_lightning.data.prepare"):
         m = prep("librispeech", tmp_path / "in" / "LibriSpeech", "--out", out)
-    assert m["bad_inputs"]["skipped"] == {"empty_transcript": 1, "missing_audio": 1, "non_utf8_transcript": 1,
-                                          "undecodable_audio": 2}
+    assert m["bad_inputs"]["skipped"] == {"empty_transcript": 1, "missing_audio": 1, "no_transcript": 1,
+                                          "non_utf8_transcript": 1, "undecodable_audio": 2}
     assert m["bad_inputs"]["fixed"] == {"downmixed": 1, "resampled": 1}
     assert m["samples"] == 4 + 2
     skipped = [l.split("\t") for l in (out / "skipped.tsv").read_text().splitlines()[1:]]

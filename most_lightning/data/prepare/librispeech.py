@@ -42,12 +42,14 @@ def plan(args: argparse.Namespace, bad: BadInputs) -> dict[str, list[SpeechItem]
         split = split_dir.name
         bad.split = split
         for trans in sorted(split_dir.glob("*/*/*.trans.txt")):
+            listed: set[str] = set()
             for n, line in enumerate(trans.read_bytes().splitlines(), 1):
                 raw_key, _, raw_text = line.partition(b" ")
                 utt = raw_key.decode("ascii", "replace").strip()
                 if not utt:
                     continue
                 key = sample_key(utt)
+                listed.add(utt)
                 try:
                     text = check_text(key, raw_text)
                     keys.check(key, f"{trans}:{n}")
@@ -60,4 +62,7 @@ def plan(args: argparse.Namespace, bad: BadInputs) -> dict[str, list[SpeechItem]
                     key=key, audio=str(audio), text=text,
                     meta={"id": utt, "speaker": speaker, "chapter": chapter, "split": split},
                     est_bytes=audio.stat().st_size if audio.is_file() else 0))
+            for audio in sorted(trans.parent.glob("*.flac")):  # audio the transcript file does not list
+                if audio.stem not in listed:
+                    bad.skip(sample_key(audio.stem), "no_transcript", f"{audio}: no line in {trans.name}")
     return items
