@@ -33,7 +33,7 @@ from .samples import (BadSamplePolicy, OverlongSampleError, SpeechRecord, decode
                       iter_records)
 from .pipeline import SourceMixStream
 from .sources import SourceSpec, parse_sources
-from .streams import EpochAwareLoader, MixedTaskStream
+from .streams import EpochAwareLoader, MixedTaskStream, ResumableLoader
 from .tasks import TASKS, Example, GenerationExample, TaskFormatter
 
 DEFAULT_TASK_WEIGHTS = {"asr": 0.4, "tts": 0.4, "text": 0.2}  # stage-1 mix of the reference
@@ -254,9 +254,10 @@ class MoSTDataModule(LightningDataModule):
             dedup_units=self.dedup_units, verify_audio=self.verify_audio)
 
     def train_dataloader(self) -> DataLoader:
+        loader = ResumableLoader if self.sources_config else EpochAwareLoader
         dataset = self.source_stream() if self.sources_config else self.train_dataset()
-        return EpochAwareLoader(dataset, batch_size=None, num_workers=self.num_workers,
-                                pin_memory=self.pin_memory, persistent_workers=self.num_workers > 0)
+        return loader(dataset, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
+                      persistent_workers=self.num_workers > 0)
 
     # ------------------------------------------------------------------ named sources (general pipeline)
     def source_specs(self, sources: Mapping[str, Any] | None = None) -> list[SourceSpec]:

@@ -3,9 +3,10 @@
 Who reads what (explicit node and worker splitting; never webdataset's default splitter):
     slot = rank * num_workers + worker, slots = world_size * num_workers
     enough shards (>= slots): the slot reads shards[rank::world_size][worker::num_workers]      (disjoint shards)
-    fewer shards: few_shards='stride' (default) -> every slot reads all shards in the same order and keeps
-                  raw samples slot, slot + slots, ... (disjoint samples; a slot that gets none raises, never
-                  hangs); few_shards='error' -> ValueError naming the source and the counts.
+    fewer shards: few_shards='stride' (default) -> every slot reads all shards in the same order (a seeded
+                  permutation per pass, also in resampled mode) and keeps raw samples slot, slot + slots, ...
+                  (disjoint samples; a slot that gets none raises, never hangs); few_shards='error' -> a
+                  TooFewShardsError naming the source and the counts.
 Modes:
     'resampled'  endless; each pass draws len(own shards) shards WITH replacement (seeded), so uneven shard sizes
                  cannot desynchronise ranks: every worker yields exactly its share of `batches_per_epoch`.
@@ -70,7 +71,9 @@ class ShardCursor:
         if self.mode == "exact" or (self.mode == "split" and not self.shuffle_shards):
             return list(self.mine)
         rng = random.Random(f"{self.order_seed}/{n_pass}")
-        if self.mode == "resampled":
+        # striding readers share one order; drawing it with replacement would hand a shard read twice to two
+        # readers at different offsets, so they get a permutation (a new one each pass) in resampled mode too
+        if self.mode == "resampled" and self.stride == 1:
             return [rng.choice(self.mine) for _ in self.mine]
         return rng.sample(self.mine, len(self.mine))
 
@@ -203,15 +206,22 @@ class SourceMixStream(IterableDataset):
                 "restart the data stream (samples may then repeat)")
         return self.resume_state.get("ranks", {}).get(str(self.rank), {}).get(str(worker))
 
+    def _batches_done_on_rank(self) -> int:
+        workers = (self.resume_state or {}).get("ranks", {}).get(str(self.rank), {})
+        return sum(int(st.get("batches", 0)) for st in workers.values())
+
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         worker, n_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         if self.mode == "exact":
             yield from self._exact_pass(worker, n_workers)
             return
+        n_batches = self.batches_per_epoch
         if self._live is None:  # first epoch in this process (later epochs continue the same stream)
             self._live = self._endless(worker, n_workers, self._worker_state(worker, n_workers))
-        n_batches = self.batches_per_epoch // n_workers + (worker < self.batches_per_epoch % n_workers)
+            # resumed mid-epoch: this epoch has only its remaining batches (what Lightning's loop expects)
+            n_batches -= self._batches_done_on_rank() % self.batches_per_epoch
+        n_batches = n_batches // n_workers + (worker < n_batches % n_workers)
         for _ in range(n_batches):
             yield next(self._live)
 

@@ -45,6 +45,10 @@ class EmptyTranscriptError(BadSampleError):
     pass
 
 
+class TranscriptEncodingError(EmptyTranscriptError):
+    pass
+
+
 class UndecodableAudioError(BadSampleError):
     pass
 
@@ -150,7 +154,7 @@ def _transcript(sample: dict, key: str, shard: str) -> str:
     try:
         text = _member(sample, TEXT_MEMBER, key, shard).decode("utf-8").strip()
     except UnicodeDecodeError as exn:
-        raise EmptyTranscriptError(key, shard, f"transcript is not UTF-8 ({exn})") from exn
+        raise TranscriptEncodingError(key, shard, f"transcript is not UTF-8 ({exn}); re-encode it as UTF-8") from exn
     if not text:
         raise EmptyTranscriptError(key, shard, "empty transcript")
     return text
