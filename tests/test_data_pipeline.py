@@ -426,3 +426,30 @@ def test_bad_chat_samples(dm, tmp_path):
     for b in batches:
         counts.update(b["n_skipped_by_reason"])
     assert counts == {"empty_turn": 1, "bad_chat": 2, "missing_member": 1}
+
+
+# ---------------------------------------------------------------------------------------------- 2 processes
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_two_ranks_x_two_workers_exact_pass_and_resampled_uneven_shards(data_root, synthetic, tmp_path):
+    from most_lightning.data.testing import ddp_sources_probe
+
+    exact = {"s": {"shards": str(synthetic / "speech-*.tar"), "tasks": {"asr": 1}},
+             "t": {"shards": str(synthetic / "text-*.tar"), "tasks": {"text": 1}}}  # 3 text shards < 4 readers
+    # shards of 3..12 samples: per-rank sample counts differ, batch counts must not
+    uneven = {"s": {"shards": str(synthetic / "speech-*.tar"), "tasks": {"asr": 0.5, "speech_lm": 0.5}}}
+    runs = {"exact": (exact, "exact"), "resampled": (uneven, "resampled")}
+    torch.multiprocessing.spawn(ddp_sources_probe, nprocs=2, join=True,
+                                args=(2, str(tmp_path / "init"), str(data_root), str(tmp_path), runs, 2))
+    ranks = {name: [json.loads((tmp_path / f"{name}_rank{r}.json").read_text()) for r in range(2)] for name in runs}
+
+    keys = [k for r in ranks["exact"] for k in r["keys"]]
+    expected = speech_keys(synthetic) | {s["__key__"] for p in synthetic.glob("text-*.tar") for s in read_shard(p)}
+    assert len(keys) == len(set(keys)) == len(expected) and set(keys) == expected
+    assert all(r["keys"] for r in ranks["exact"])
+
+    res = ranks["resampled"]
+    assert res[0]["batches"] == res[1]["batches"] == 7
+    own = [set(r["keys"]) for r in res]
+    assert own[0] and own[1] and not own[0] & own[1]  # 12 shards >= 4 readers: each rank reads its own shards
+    assert res[0]["state_ranks"] == res[1]["state_ranks"] == ["0", "1"]  # rank 0's checkpoint holds both

@@ -136,3 +136,41 @@ def write_chat_shards(out_dir: str | os.PathLike, speech_shards: Iterable[str], 
     for j in range(0, len(samples), per_shard):
         paths.append(write_shard(out / f"chat-{j // per_shard:05d}.tar", samples[j:j + per_shard]))
     return paths
+
+
+def ddp_sources_probe(rank: int, world_size: int, init_file: str, data_dir: str, out_dir: str,
+                      runs: dict, num_workers: int = 2) -> None:
+    """Process body for the multi-process pipeline tests: join a gloo group (60 s timeout, so a desynchronised
+    rank fails instead of hanging); for each run name -> (sources, mode) stream the sources with the DataModule
+    ('exact' pass, or the 'resampled'/'split' training stream with one all-reduce per batch like a DDP step) and
+    write the keys to out_dir/<name>_rank{r}.json."""
+    import datetime
+    import json
+
+    import torch
+    import torch.distributed as dist
+
+    from .datamodule import MoSTDataModule
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        for name, (sources, mode) in runs.items():
+            dm = MoSTDataModule(data_dir=data_dir, corpus=TINY_RECIPE, batch_size=3, max_length=None,
+                                progress=False, num_workers=num_workers, verify_audio="none", sources=sources,
+                                shard_sampling="resampled" if mode == "exact" else mode, batches_per_epoch=7,
+                                shuffle_buffer=5)
+            loader = dm.exact_pass_dataloader(sources) if mode == "exact" else dm.train_dataloader()
+            keys, n_batches = [], 0
+            for batch in loader:
+                keys += batch["key"]
+                n_batches += 1
+                if mode != "exact":
+                    dm.observe(batch)
+                    dist.all_reduce(torch.ones(1))  # a rank with fewer batches would leave the other one hanging
+            state = dm.state_dict() if mode != "exact" else {}  # gathers every rank's position (a collective)
+            Path(out_dir, f"{name}_rank{rank}.json").write_text(json.dumps(
+                {"batches": n_batches, "keys": keys, "state_ranks": sorted(state.get("ranks", {}))}))
+            dist.barrier()
+    finally:
+        dist.destroy_process_group()
