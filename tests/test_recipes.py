@@ -104,4 +104,4 @@ def test_stage2_without_a_chat_set_names_the_missing_path_and_the_command(tmp_pa
                               f"data.sources.chat.shards={tmp_path}/no_chat_here"], tmp_path)
     dm = instantiate(cfg.data)
     with pytest.raises(FileNotFoundError, match="'chat'.*no_chat_here.*most_lightning.data.prepare"):
-        dm.train_dataloader()
+        dm.setup("fit")  # run.py calls this before building the model

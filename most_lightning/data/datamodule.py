@@ -220,6 +220,8 @@ class MoSTDataModule(LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         _ = self.tokenizer
+        if self.sources_config and stage in (None, "fit"):
+            self.source_specs()  # unknown tasks or shard patterns that match nothing fail before any training
 
     # ------------------------------------------------------------------ ranks
     def _rank_world(self) -> tuple[int, int]:
