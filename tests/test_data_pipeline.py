@@ -23,7 +23,7 @@ from most_lightning.data.samples import (BadChatError, BadSamplePolicy, Transcri
 from most_lightning.data.sources import parse_sources, resolve_shards
 from most_lightning.data.tasks import IGNORE_INDEX, TaskFormatter
 from most_lightning.data.testing import (TINY_RECIPE, bad_variant, build_tiny_corpus, chat_sample, read_shard,
-                                         units_npy, write_chat_shards, write_shard)
+                                         units_npy, write_shard)
 
 
 @pytest.fixture(scope="session")
