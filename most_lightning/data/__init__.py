@@ -7,12 +7,18 @@ already (runpy warns), and the DataModule pulls in Lightning (~5 s) which the co
 from importlib import import_module
 
 _EXPORTS = {
+    "batching": ["BATCHINGS"],
+    "chat": ["ChatRecord", "ChatTurn", "decode_chat_sample"],
     "datamodule": ["DEFAULT_TASK_WEIGHTS", "MoSTDataModule", "derangement"],
     "demo_corpus": ["DemoCorpusRecipe", "build_demo_corpus", "corpus_dir_for", "load_manifest"],
     "flite": ["FliteNotFoundError"],
-    "samples": ["BadSampleError", "CorruptShardError", "EmptyTranscriptError", "InvalidUnitsError",
-                "MissingMemberError", "OverlongSampleError", "UndecodableAudioError", "WrongSampleRateError"],
-    "tasks": ["ASR_INSTRUCTION", "IGNORE_INDEX", "TTS_INSTRUCTION", "Example", "GenerationExample", "TaskFormatter"],
+    "pipeline": ["ShardCursor", "SourceMixStream", "TooFewShardsError"],
+    "samples": ["BadChatError", "BadSampleError", "CorruptShardError", "EmptyTranscriptError", "EmptyTurnError",
+                "InvalidUnitsError", "MissingMemberError", "NotMonoAudioError", "OverlongSampleError",
+                "TranscriptEncodingError", "UndecodableAudioError", "WrongSampleRateError"],
+    "sources": ["SourceSpec", "parse_sources", "resolve_shards"],
+    "tasks": ["ALL_TASKS", "ASR_INSTRUCTION", "IGNORE_INDEX", "TTS_INSTRUCTION", "Example", "GenerationExample",
+              "TaskFormatter"],
     "text_sources": ["normalize_transcript", "wordnet_sentences"],
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}

@@ -7,6 +7,11 @@
 Training streams WebDataset shards (endless, explicit rank/worker shard assignment, fixed batches per epoch).
 Validation and test read their (small) splits into memory and are map-style, so a single device makes one
 exact pass and Lightning's DistributedSampler splits them under DDP (padding the last rank with repeats).
+
+With `sources` (named shard sets, each with task weights; docs/data_pipeline.md) training uses the general
+SourceMixStream instead: resampled or split shards, token-budget batching, and a data position that is saved in
+Lightning checkpoints (`state_dict`) and restored on resume. The corpus (demo recipe or corpus_dir) still
+provides the tokenizer and the validation/test splits.
 """
 
 from __future__ import annotations
@@ -28,7 +33,9 @@ from .continuous import AudioFrontendConfig, ContinuousASRFormatter, frame_count
 from .demo_corpus import DemoCorpusRecipe, build_demo_corpus, corpus_dir_for, load_manifest
 from .samples import (BadSamplePolicy, OverlongSampleError, SpeechRecord, decode_speech_sample,
                       iter_records)
-from .streams import EpochAwareLoader, MixedTaskStream
+from .pipeline import SourceMixStream
+from .sources import SourceSpec, parse_sources
+from .streams import EpochAwareLoader, MixedTaskStream, ResumableLoader
 from .tasks import TASKS, Example, GenerationExample, TaskFormatter
 
 DEFAULT_TASK_WEIGHTS = {"asr": 0.4, "tts": 0.4, "text": 0.2}  # stage-1 mix of the reference
@@ -116,6 +123,13 @@ class MoSTDataModule(LightningDataModule):
         progress: bool = True,
         pin_memory: bool = False,
         audio: Mapping | None = None,
+        sources: Mapping[str, Any] | None = None,
+        batching: str = "fixed",
+        max_tokens: int | None = None,
+        bucket_pool: int = 256,
+        few_shards: str = "stride",
+        shuffle_shards: bool = True,
+        resume_data_position: bool = True,
     ):
         """
         data_dir: cache root; the demo corpus goes to <data_dir>/demo/<recipe-hash>.
@@ -128,6 +142,11 @@ class MoSTDataModule(LightningDataModule):
         max_length_policy: 'drop' (an over-long example is a bad sample) or 'truncate' (count in n_truncated).
         audio: the `audio` group (conf/audio): units from the corpus (default), or mode=continuous (MoST-C: ASR
             prompts carry waveforms and frame slots, see data/continuous.py).
+        sources: {name: {shards: paths/globs/dir (relative to the corpus dir), tasks: {task: weight}}}: train on
+            these instead of the corpus' train split with task_weights (see most_lightning.data.sources).
+        shard_sampling ('split' | 'resampled'), batching ('fixed' | 'bucket' | 'pack'), max_tokens, bucket_pool,
+            few_shards ('stride' | 'error'), shuffle_shards: see most_lightning.data.pipeline (sources only).
+        resume_data_position: restore the training stream position from a checkpoint (sources only).
         """
         super().__init__()
         self.data_dir = str(data_dir)
@@ -160,6 +179,13 @@ class MoSTDataModule(LightningDataModule):
         if unknown or not any(w > 0 for w in self.task_weights.values()):
             raise ValueError(f"task_weights {self.task_weights} must give positive weight to some of {TASKS} "
                              f"and name no other task{f' (unknown: {unknown})' if unknown else ''}")
+        self.sources_config = _plain(sources)
+        self.batching, self.max_tokens, self.bucket_pool = batching, max_tokens, int(bucket_pool)
+        self.few_shards, self.shuffle_shards = few_shards, bool(shuffle_shards)
+        self.resume_data_position = bool(resume_data_position)
+        self._resume_state: dict[str, Any] | None = None
+        self._consumed: dict[str, Any] = {}  # worker -> data_state of the last batch that reached a training step
+        self._stream_shape: tuple[int, int] | None = None  # (world_size, num_workers) of the live training stream
         self._tokenizer: MoSTTokenizer | None = None
         self._manifest: dict[str, Any] | None = None
         self._eval_cache: dict[tuple, Any] = {}
@@ -212,6 +238,11 @@ class MoSTDataModule(LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         _ = self.tokenizer
+        if self.sources_config and self.audio.continuous:
+            raise NotImplementedError("data.sources streams speech units; continuous audio input (audio=continuous) "
+                                      "runs on the demo corpus stream only (drop data.sources or use audio units)")
+        if self.sources_config and stage in (None, "fit"):
+            self.source_specs()  # unknown tasks or shard patterns that match nothing fail before any training
 
     @property
     def audio_frames(self):
@@ -257,8 +288,80 @@ class MoSTDataModule(LightningDataModule):
             audio_markers=self.audio.markers)
 
     def train_dataloader(self) -> DataLoader:
-        return EpochAwareLoader(self.train_dataset(), batch_size=None, num_workers=self.num_workers,
-                                pin_memory=self.pin_memory, persistent_workers=self.num_workers > 0)
+        loader = ResumableLoader if self.sources_config else EpochAwareLoader
+        dataset = self.source_stream() if self.sources_config else self.train_dataset()
+        return loader(dataset, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
+                      persistent_workers=self.num_workers > 0)
+
+    # ------------------------------------------------------------------ named sources (general pipeline)
+    def source_specs(self, sources: Mapping[str, Any] | None = None) -> list[SourceSpec]:
+        return parse_sources(_plain(sources) if sources is not None else self.sources_config, root=self.corpus_dir)
+
+    def source_stream(self, sources: Mapping[str, Any] | None = None, mode: str | None = None,
+                      rank: int | None = None, world_size: int | None = None) -> SourceMixStream:
+        """The training stream over `sources` (default: data.sources); mode 'exact' = one evaluation pass."""
+        r, w = self._rank_world()
+        rank, world_size = (r if rank is None else rank), (w if world_size is None else world_size)
+        mode = mode or self.shard_sampling
+        if mode not in ("split", "resampled", "exact"):
+            raise ValueError(f"shard_sampling must be 'split' or 'resampled' (or mode='exact'), got {mode!r}")
+        resume = None
+        if mode != "exact":
+            if self.resume_data_position:  # a rebuilt loader continues after the last consumed batch
+                resume = self._position(gather=False) if self._consumed else self._resume_state
+            self._stream_shape = (world_size, self.num_workers)
+        return SourceMixStream(
+            self.source_specs(sources), self.tokenizer, batch_size=self.batch_size,
+            batches_per_epoch=None if mode == "exact" else (self.batches_per_epoch or 1000), mode=mode,
+            rank=rank, world_size=world_size, seed=self.seed, shuffle_buffer=self.shuffle_buffer,
+            shuffle_shards=self.shuffle_shards, few_shards=self.few_shards, batching=self.batching,
+            max_tokens=self.max_tokens, bucket_pool=self.bucket_pool, max_length=self.max_length,
+            max_length_policy=self.max_length_policy, on_bad_sample=self.on_bad_sample,
+            dedup_units=self.dedup_units, verify_audio=self.verify_audio, resume_state=resume)
+
+    def exact_pass_dataloader(self, sources: Mapping[str, Any], num_workers: int | None = None) -> DataLoader:
+        """Every sample of `sources` once per task, split disjointly over ranks x workers (evaluation)."""
+        return DataLoader(self.source_stream(sources, mode="exact"), batch_size=None,
+                          num_workers=self.num_workers if num_workers is None else num_workers)
+
+    # ------------------------------------------------------------------ data position (resume)
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Lightning calls this for each batch right before its step: remember the stream position it carries."""
+        if isinstance(batch, dict) and "data_state" in batch:
+            self.observe(batch)
+        return batch
+
+    def observe(self, batch: dict[str, Any]) -> None:
+        """Record (and remove) the data position a training batch carries; call it per consumed batch when
+        iterating without Lightning."""
+        info = batch.pop("data_state")
+        self._consumed[str(info["worker"])] = info["state"]
+
+    def state_dict(self) -> dict[str, Any]:
+        """Read heads of every rank's workers after the last batch that reached a training step (gathered from
+        all ranks, so rank 0's checkpoint holds them all). Empty for the demo stream."""
+        return self._position(gather=True)
+
+    def _position(self, gather: bool) -> dict[str, Any]:
+        if not self.sources_config or self._stream_shape is None:
+            return {}
+        rank, world_size = self._rank_world()
+        ranks = {str(rank): dict(self._consumed)}
+        if gather and world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            gathered: list[Any] = [None] * world_size
+            torch.distributed.all_gather_object(gathered, ranks)
+            ranks = {k: v for part in gathered for k, v in part.items()}
+        if self._resume_state:  # workers that have not yielded since the resume keep their restored position
+            for r, workers in self._resume_state.get("ranks", {}).items():
+                for w, st in workers.items():
+                    ranks.setdefault(r, {}).setdefault(w, st)
+        world_size, num_workers = self._stream_shape
+        return {"world_size": world_size, "num_workers": max(num_workers, 1), "ranks": ranks}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict and self.resume_data_position:
+            self._resume_state = state_dict
+            self._consumed = {}
 
     # ------------------------------------------------------------------ evaluation data (in memory)
     def speech_records(self, split: str, limit: int | None = None) -> tuple[list[SpeechRecord], int]:

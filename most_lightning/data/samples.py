@@ -45,6 +45,10 @@ class EmptyTranscriptError(BadSampleError):
     pass
 
 
+class TranscriptEncodingError(EmptyTranscriptError):
+    pass
+
+
 class UndecodableAudioError(BadSampleError):
     pass
 
@@ -54,6 +58,18 @@ class WrongSampleRateError(BadSampleError):
 
 
 class InvalidUnitsError(BadSampleError):
+    pass
+
+
+class NotMonoAudioError(BadSampleError):
+    """Stereo (or more channels): the units were computed on mono 16 kHz audio, so the sample is suspect."""
+
+
+class BadChatError(BadSampleError):
+    """A chat sample whose messages.json is malformed (not a list of turns, unknown role, no assistant turn)."""
+
+
+class EmptyTurnError(BadChatError):
     pass
 
 
@@ -70,8 +86,15 @@ class CorruptShardError(BadSampleError):
 
 
 # ---------------------------------------------------------------------------------------------- policy
+def skip_reason(error: BadSampleError) -> str:
+    """Metric-friendly name of a bad-sample kind: UndecodableAudioError -> 'undecodable_audio'."""
+    name = type(error).__name__.removesuffix("Error") or "bad_sample"
+    return "".join(f"_{c.lower()}" if c.isupper() else c for c in name).lstrip("_")
+
+
 class BadSamplePolicy:
-    """'raise' re-raises the BadSampleError; 'skip' counts it (`take()` hands the count to the next batch)."""
+    """'raise' re-raises the BadSampleError; 'skip' counts it (`take()` hands the count to the next batch,
+    `take_reasons()` the same skips by kind, e.g. {'undecodable_audio': 2})."""
 
     def __init__(self, mode: OnBadSample = "skip", max_warnings: int = 5):
         if mode not in ("skip", "raise"):
@@ -80,18 +103,27 @@ class BadSamplePolicy:
         self.max_warnings = max_warnings
         self.pending = 0
         self.total = 0
+        self.pending_reasons: dict[str, int] = {}
+        self.total_reasons: dict[str, int] = {}
 
     def handle(self, error: BadSampleError) -> None:
         if self.mode == "raise":
             raise error
         self.pending += 1
         self.total += 1
+        reason = skip_reason(error)
+        self.pending_reasons[reason] = self.pending_reasons.get(reason, 0) + 1
+        self.total_reasons[reason] = self.total_reasons.get(reason, 0) + 1
         if self.total <= self.max_warnings:
             log.warning("skipping %s%s", error, " (further skips are only counted)" if self.total == self.max_warnings else "")
 
     def take(self) -> int:
         n, self.pending = self.pending, 0
         return n
+
+    def take_reasons(self) -> dict[str, int]:
+        reasons, self.pending_reasons = self.pending_reasons, {}
+        return reasons
 
 
 # ---------------------------------------------------------------------------------------------- records
@@ -123,7 +155,7 @@ def _transcript(sample: dict, key: str, shard: str) -> str:
     try:
         text = _member(sample, TEXT_MEMBER, key, shard).decode("utf-8").strip()
     except UnicodeDecodeError as exn:
-        raise EmptyTranscriptError(key, shard, f"transcript is not UTF-8 ({exn})") from exn
+        raise TranscriptEncodingError(key, shard, f"transcript is not UTF-8 ({exn}); re-encode it as UTF-8") from exn
     if not text:
         raise EmptyTranscriptError(key, shard, "empty transcript")
     return text
@@ -159,31 +191,45 @@ def decode_speech_sample(
     if keep_audio:
         verify_audio = "full"
     if verify_audio != "none":
-        audio = _member(sample, AUDIO_MEMBER, key, shard)
-        try:
-            if verify_audio == "full":
-                wave, rate = read_audio(audio, target_sample_rate=None, name=key)
-            else:
-                rate = audio_info(audio, name=key).samplerate
-        except AudioDecodeError as exn:
-            raise UndecodableAudioError(key, shard, exn.reason) from exn
-        if rate != sample_rate:
-            raise WrongSampleRateError(key, shard, f"audio is {rate} Hz, expected {sample_rate} Hz")
+        wave = check_audio(_member(sample, AUDIO_MEMBER, key, shard), key, shard, verify_audio, sample_rate)
     if "sample_rate" in meta and meta["sample_rate"] != sample_rate:
         raise WrongSampleRateError(key, shard, f"metadata says {meta['sample_rate']} Hz, expected {sample_rate} Hz")
+    units = read_units(_member(sample, UNITS_MEMBER, key, shard), n_units, key, shard, UNITS_MEMBER, dedup)
+    return SpeechRecord(key, shard, transcript, units, meta, wave if keep_audio else None)
+
+
+def check_audio(audio: bytes, key: str, shard: str, verify_audio: VerifyAudio = "header",
+                sample_rate: int = TARGET_SAMPLE_RATE, member: str = AUDIO_MEMBER) -> np.ndarray | None:
+    """Decodable ('header': the header only; 'full': every sample), mono, at `sample_rate`; else BadSampleError.
+    Returns the decoded waveform for 'full' (None for 'header')."""
+    wave = None
     try:
-        units = np.load(io.BytesIO(_member(sample, UNITS_MEMBER, key, shard)), allow_pickle=False)
-    except MissingMemberError:
-        raise
+        info = audio_info(audio, name=f"{key}.{member}")
+        if verify_audio == "full":
+            wave, _ = read_audio(audio, target_sample_rate=None, name=f"{key}.{member}")
+    except AudioDecodeError as exn:
+        raise UndecodableAudioError(key, shard, f"{member}: {exn.reason}") from exn
+    if info.samplerate != sample_rate:
+        raise WrongSampleRateError(key, shard, f"{member} is {info.samplerate} Hz, expected {sample_rate} Hz")
+    if info.channels != 1:
+        raise NotMonoAudioError(key, shard, f"{member} has {info.channels} channels, expected mono "
+                                            "(re-prepare the shard with a mono downmix)")
+    return wave
+
+
+def read_units(raw: bytes, n_units: int, key: str, shard: str, member: str = UNITS_MEMBER,
+               dedup: bool = True) -> list[int]:
+    """A .npy of unit ids (no pickle) -> list, checked to be 1-D, non-empty, integer, inside [0, n_units)."""
+    try:
+        units = np.load(io.BytesIO(raw), allow_pickle=False)
     except Exception as exn:
-        raise InvalidUnitsError(key, shard, f"cannot read {UNITS_MEMBER} ({exn})") from exn
+        raise InvalidUnitsError(key, shard, f"cannot read {member} ({exn})") from exn
     if units.ndim != 1 or units.size == 0 or not np.issubdtype(units.dtype, np.integer):
-        raise InvalidUnitsError(key, shard, f"units must be a non-empty 1-D integer array, got {units.dtype} {units.shape}")
+        raise InvalidUnitsError(key, shard, f"{member} must be a non-empty 1-D integer array, got {units.dtype} {units.shape}")
     if units.min() < 0 or units.max() >= n_units:
-        raise InvalidUnitsError(key, shard, f"unit ids span [{units.min()}, {units.max()}], outside [0, {n_units})")
+        raise InvalidUnitsError(key, shard, f"{member} unit ids span [{units.min()}, {units.max()}], outside [0, {n_units})")
     unit_list = units.astype(np.int64).tolist()
-    return SpeechRecord(key, shard, transcript, dedup_units(unit_list) if dedup else unit_list, meta,
-                        wave if keep_audio else None)
+    return dedup_units(unit_list) if dedup else unit_list
 
 
 def decode_text_sample(sample: dict) -> TextRecord:

@@ -197,3 +197,14 @@ class EpochAwareLoader(DataLoader):
         if hasattr(self.dataset, "set_epoch"):
             self.dataset.set_epoch(self._passes)
         return super().__iter__()
+
+
+class ResumableLoader(EpochAwareLoader):
+    """The loader of a SourceMixStream. Its position lives in the DataModule's state_dict (taken from the batches
+    that reached a training step); these empty hooks tell Lightning the loader resumes mid-epoch by itself."""
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        pass

@@ -3,6 +3,10 @@
     prompt   = BOS + instruction + "\\n\\n" + input + EOS + "\\n\\nOutput: "
     response = BOS + output + EOS                       (labels = ids; prompt labels = -100)
     text LM  = BOS + text + EOS                         (loss on all but BOS)
+    speech LM = BOS + audio span + EOS                  (unit continuation; loss on all but BOS)
+    chat     = BOS [+ system + "\n\n"] + ("User: " + turn + "\n\n" | "Assistant: " + turn + EOS + "\n\n")...
+               (loss on the assistant turns' content + EOS only; text_chat uses every turn's text,
+                speech_chat a turn's audio span where the turn was voiced and its text otherwise)
 
 Audio spans are `encode_units(units)` = [begin-of-audio] + unit tokens + [end-of-audio], with the tokenizer's
 real ids. Pieces are tokenised separately (instruction, text, constant tail), so a transcript always gets the
@@ -12,15 +16,22 @@ same ids whether it sits in a prompt, a response or a text LM sample.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal, Sequence
+from typing import TYPE_CHECKING, Any, Literal, Sequence
 
 from ..text.tokenizer import MoSTTokenizer
 from .samples import OverlongSampleError
 
+if TYPE_CHECKING:
+    from .chat import ChatRecord
+
 IGNORE_INDEX = -100
 ASR_INSTRUCTION = "Transcribe the following speech into text."
 TTS_INSTRUCTION = "Convert the following text into speech."
-TASKS = ("asr", "tts", "text")
+TASKS = ("asr", "tts", "text")  # what the demo corpus alone supports (speech + text shards)
+# every task, by the kind of record it is made from
+TASK_KIND = {"asr": "speech", "tts": "speech", "speech_lm": "speech", "text": "text",
+             "text_chat": "chat", "speech_chat": "chat"}
+ALL_TASKS = tuple(TASK_KIND)
 MaxLengthPolicy = Literal["drop", "truncate"]
 
 
@@ -75,6 +86,7 @@ class TaskFormatter:
         self._asr_head = [t.bos_id] + t.encode_text(ASR_INSTRUCTION + "\n\n")
         self._tts_head = [t.bos_id] + t.encode_text(TTS_INSTRUCTION + "\n\n")
         self._tail = [t.eos_id] + t.encode_text("\n\nOutput: ")
+        self._user, self._assistant, self._sep = t.encode_text("User: "), t.encode_text("Assistant: "), t.encode_text("\n\n")
 
     # ------------------------------------------------------------------ prompts
     def asr_prompt_ids(self, units: Sequence[int]) -> list[int]:
@@ -98,6 +110,39 @@ class TaskFormatter:
         ids = [self.tok.bos_id] + self.tok.encode_text(text) + [self.tok.eos_id]
         return self.limit(Example(ids, [IGNORE_INDEX] + ids[1:], "text", key))
 
+    def speech_lm(self, units: Sequence[int], key: str = "") -> Example:
+        ids = [self.tok.bos_id] + self.tok.encode_units(units) + [self.tok.eos_id]
+        return self.limit(Example(ids, [IGNORE_INDEX] + ids[1:], "speech_lm", key))
+
+    def chat(self, record: "ChatRecord", speech: bool) -> Example:
+        """A multi-turn dialogue; labels only on assistant content + EOS. speech=True uses the audio span of
+        every voiced turn (a dialogue without any voiced turn is a bad sample for speech_chat)."""
+        task = "speech_chat" if speech else "text_chat"
+        if speech and not record.has_speech:
+            from .samples import BadChatError
+
+            raise BadChatError(record.key, record.shard, "speech_chat needs a voiced turn (units), this chat has none")
+        t = self.tok
+        ids, labels = [t.bos_id], [IGNORE_INDEX]
+
+        def add(piece: list[int], learn: bool) -> None:
+            ids.extend(piece)
+            labels.extend(piece if learn else [IGNORE_INDEX] * len(piece))
+
+        last = len(record.turns) - 1
+        for i, turn in enumerate(record.turns):
+            content = t.encode_units(turn.units) if speech and turn.units else t.encode_text(turn.text)
+            sep = self._sep if i < last else []
+            if turn.role == "system":
+                add(content + sep, False)
+            elif turn.role == "user":
+                add(self._user + content + sep, False)
+            else:
+                add(self._assistant, False)
+                add(content + [t.eos_id], True)
+                add(sep, False)
+        return self.limit(Example(ids, labels, task, record.key))
+
     def format(self, task: str, key: str, text: str, units: Sequence[int] | None = None) -> Example:
         if task == "asr":
             return self.asr(units, text, key)
@@ -105,7 +150,9 @@ class TaskFormatter:
             return self.tts(text, units, key)
         if task == "text":
             return self.text_lm(text, key)
-        raise ValueError(f"unknown task {task!r}; known: {TASKS}")
+        if task == "speech_lm":
+            return self.speech_lm(units, key)
+        raise ValueError(f"unknown task {task!r}; known: {ALL_TASKS} (chat tasks: use .chat)")
 
     def asr_generation(self, units: Sequence[int], reference_text: str, key: str = "") -> GenerationExample:
         """Prompt only (the model must produce BOS + text + EOS); over-long prompts follow the policy too."""

@@ -125,6 +125,7 @@ class MoSTLitModule(LightningModule):
         self.expert_load_snapshot: dict[str, ExpertLoadAccumulator] = {}  # last logged, summed over ranks
         self.n_skipped = {"train": 0, "val": 0, "test": 0}
         self.n_truncated = 0
+        self.n_skipped_by_reason: dict[str, int] = {}  # train, running totals by kind (general data pipeline)
         # indices of test dataloaders whose ASR prompts carry another utterance's audio (None = ask the batch
         # or the datamodule)
         self.mismatched_test_loaders: set[int] | None = None
@@ -205,6 +206,9 @@ class MoSTLitModule(LightningModule):
             logged[f"train/loss_task_{task}"] = losses.mean(losses.task_mask(batch["task"], task)).detach()
         self.n_skipped["train"] += _count_skipped(batch.get("n_skipped"))
         logged["train/n_skipped"] = float(self.n_skipped["train"])
+        for reason, n in (batch.get("n_skipped_by_reason") or {}).items():
+            self.n_skipped_by_reason[reason] = self.n_skipped_by_reason.get(reason, 0) + int(n)
+        logged |= {f"train/n_skipped/{r}": float(n) for r, n in self.n_skipped_by_reason.items()}
         self.n_truncated += _count_skipped(batch.get("n_truncated"))
         logged["train/n_truncated"] = float(self.n_truncated)
         logged["train/n_tokens"] = losses.n_tokens.float()

@@ -1,0 +1,286 @@
+"""The general training/evaluation stream: named sources -> records -> task mix -> token-budget batches.
+
+Who reads what (explicit node and worker splitting; never webdataset's default splitter):
+    slot = rank * num_workers + worker, slots = world_size * num_workers
+    enough shards (>= slots): the slot reads shards[rank::world_size][worker::num_workers]      (disjoint shards)
+    fewer shards: few_shards='stride' (default) -> every slot reads all shards in the same order (a seeded
+                  permutation per pass, also in resampled mode) and keeps raw samples slot, slot + slots, ...
+                  (disjoint samples; a slot that gets none raises, never hangs); few_shards='error' -> a
+                  TooFewShardsError naming the source and the counts.
+Modes:
+    'resampled'  endless; each pass draws len(own shards) shards WITH replacement (seeded), so uneven shard sizes
+                 cannot desynchronise ranks: every worker yields exactly its share of `batches_per_epoch`.
+    'split'      endless; each pass reads every own shard once in a new seeded order (shuffle_shards).
+    'exact'      one pass for evaluation: every (source, task) pair formats every own sample once, in shard order;
+                 the union over all ranks x workers is the whole split, without repeats. Ranks may end with
+                 different batch counts (fine for Lightning's eval loops, which do not sync per step).
+Resume: every batch carries `data_state` = this worker's read heads (pass, shard, sample, index per source), the
+mixing RNG state and the batch count. Restarting from a state re-reads from the read heads with empty shuffle
+buffers, so no sample is repeated and at most the samples that sat in a shuffle buffer (<= shuffle_buffer per
+source) plus the bucketing pool (< bucket_pool examples) are skipped, per worker.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, Literal
+
+from torch.utils.data import IterableDataset, get_worker_info
+
+from ..text.tokenizer import MoSTTokenizer
+from .batching import make_batcher
+from .chat import decode_chat_sample
+from .samples import (BadSampleError, BadSamplePolicy, OnBadSample, OverlongSampleError, VerifyAudio,
+                      decode_speech_sample, decode_text_sample, iter_shard)
+from .sources import SourceSpec
+from .streams import shuffled
+from .tasks import MaxLengthPolicy, TaskFormatter
+
+StreamMode = Literal["resampled", "split", "exact"]
+FewShards = Literal["stride", "error"]
+FRESH = {"pass": 0, "shard": 0, "sample": 0, "index": 0}
+
+
+class TooFewShardsError(ValueError):
+    pass
+
+
+class ShardCursor:
+    """One worker slot's raw samples of one source, with a read head that can be saved and restored."""
+
+    def __init__(self, source: SourceSpec, mode: StreamMode, seed: int, rank: int, world_size: int, worker: int,
+                 num_workers: int, few_shards: FewShards = "stride", shuffle_shards: bool = True,
+                 position: Mapping[str, int] | None = None):
+        shards, slots, slot = list(source.shards), world_size * num_workers, rank * num_workers + worker
+        if len(shards) >= slots:
+            self.mine, self.stride, self.offset = shards[rank::world_size][worker::num_workers], 1, 0
+            order_seed = f"{seed}/{source.name}/{rank}/{worker}"
+        elif few_shards == "error":
+            raise TooFewShardsError(
+                f"data source {source.name!r} has {len(shards)} shard(s) for {world_size} rank(s) x {num_workers} "
+                f"worker(s) = {slots} readers; re-shard it into >= {slots} shards, lower data.num_workers, or set "
+                "data.few_shards=stride (every reader scans all shards and keeps every {slots}-th sample)")
+        else:  # every slot scans the same shard order and keeps its own samples: the order must not depend on it
+            self.mine, self.stride, self.offset = shards, slots, slot
+            order_seed = f"{seed}/{source.name}"
+        self.source, self.mode, self.shuffle_shards, self.order_seed = source, mode, shuffle_shards, order_seed
+        self.position = dict(position or FRESH)
+
+    def order(self, n_pass: int) -> list[str]:
+        if self.mode == "exact" or (self.mode == "split" and not self.shuffle_shards):
+            return list(self.mine)
+        rng = random.Random(f"{self.order_seed}/{n_pass}")
+        # striding readers share one order; drawing it with replacement would hand a shard read twice to two
+        # readers at different offsets, so they get a permutation (a new one each pass) in resampled mode too
+        if self.mode == "resampled" and self.stride == 1:
+            return [rng.choice(self.mine) for _ in self.mine]
+        return rng.sample(self.mine, len(self.mine))
+
+    def samples(self, policy: BadSamplePolicy) -> Iterator[dict]:
+        """Raw samples from the read head on; the head moves past a sample before it is handed out."""
+        pos = self.position
+        while True:
+            from_start, kept = pos["shard"] == 0 and pos["sample"] == 0, 0
+            order = self.order(pos["pass"])
+            while pos["shard"] < len(order):
+                skip = pos["sample"]
+                for i, sample in enumerate(iter_shard(order[pos["shard"]], policy)):
+                    if i < skip:
+                        continue  # resumed inside this shard: these were read before the checkpoint
+                    index = pos["index"]
+                    pos["sample"], pos["index"] = i + 1, index + 1
+                    if index % self.stride == self.offset:
+                        kept += 1
+                        yield sample
+                pos["shard"], pos["sample"] = pos["shard"] + 1, 0
+            pos.update(FRESH, **{"pass": pos["pass"] + 1})
+            if self.mode == "exact":
+                return
+            if from_start and kept == 0:
+                share = f" (this reader keeps 1 raw sample in {self.stride})" if self.stride > 1 else ""
+                raise RuntimeError(
+                    f"data source {self.source.name!r}: a full pass over {len(order)} shard read(s) "
+                    f"({self.mine[:2]}...) gave no sample{share}: {policy.total} bad sample(s)/shard(s) skipped. "
+                    "Check the shards, add shards, or use fewer ranks x workers")
+
+
+def rng_state(rng: random.Random) -> list:
+    version, internal, gauss = rng.getstate()
+    return [version, list(internal), gauss]
+
+
+def set_rng_state(rng: random.Random, state: Sequence) -> None:
+    rng.setstate((state[0], tuple(state[1]), state[2]))
+
+
+class SourceMixStream(IterableDataset):
+    """Batches from a weighted mix of (source, task) pairs; see the module docstring for splitting and resume."""
+
+    def __init__(
+        self,
+        sources: Sequence[SourceSpec],
+        tokenizer: MoSTTokenizer,
+        batch_size: int = 16,
+        batches_per_epoch: int | None = None,
+        mode: StreamMode = "resampled",
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        shuffle_buffer: int = 500,
+        shuffle_shards: bool = True,
+        few_shards: FewShards = "stride",
+        batching: str = "fixed",
+        max_tokens: int | None = None,
+        bucket_pool: int = 256,
+        max_length: int | None = None,
+        max_length_policy: MaxLengthPolicy = "drop",
+        on_bad_sample: OnBadSample = "skip",
+        dedup_units: bool = True,
+        verify_audio: VerifyAudio = "header",
+        resume_state: Mapping[str, Any] | None = None,
+    ):
+        super().__init__()
+        if mode not in ("resampled", "split", "exact"):
+            raise ValueError(f"stream mode must be 'resampled', 'split' or 'exact', got {mode!r}")
+        if mode != "exact" and not batches_per_epoch:
+            raise ValueError(f"mode {mode!r} is endless: give batches_per_epoch (batches per rank per epoch)")
+        if few_shards not in ("stride", "error"):
+            raise ValueError(f"few_shards must be 'stride' or 'error', got {few_shards!r}")
+        BadSamplePolicy(on_bad_sample)
+        self.sources, self.tokenizer = list(sources), tokenizer
+        self.pairs = [(s, task, w) for s in self.sources for task, w in s.tasks]
+        self.batch_size, self.batches_per_epoch, self.mode = int(batch_size), batches_per_epoch, mode
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.shuffle_buffer, self.shuffle_shards, self.few_shards = int(shuffle_buffer), shuffle_shards, few_shards
+        self.batching, self.max_tokens, self.bucket_pool = batching, max_tokens, bucket_pool
+        self.max_length, self.max_length_policy, self.on_bad_sample = max_length, max_length_policy, on_bad_sample
+        self._batcher(random.Random(0))  # validates the batching settings
+        self.dedup_units, self.verify_audio = dedup_units, verify_audio
+        self.resume_state = resume_state
+        self._live: Iterator[dict] | None = None  # the endless batch generator of this worker (kept across epochs)
+
+    def __len__(self) -> int:
+        if self.batches_per_epoch is None:
+            raise TypeError("an exact-pass stream has no length known in advance")
+        return self.batches_per_epoch
+
+    def _batcher(self, rng: random.Random):
+        return make_batcher(self.batching, self.batch_size, self.max_tokens, self.bucket_pool, self.max_length, rng,
+                            self.tokenizer.pad_id, self.tokenizer.modality_of)
+
+    # ------------------------------------------------------------------ records
+    def _decoder(self, kind: str):
+        n_units = self.tokenizer.n_units
+        if kind == "speech":
+            return lambda s: decode_speech_sample(s, n_units, self.dedup_units, self.verify_audio)
+        if kind == "chat":
+            return lambda s: decode_chat_sample(s, n_units, self.dedup_units, self.verify_audio)
+        return decode_text_sample
+
+    def _records(self, cursor: ShardCursor, policy: BadSamplePolicy) -> Iterator[Any]:
+        decode = self._decoder(cursor.source.kind)
+        for sample in cursor.samples(policy):
+            try:
+                yield decode(sample)
+            except BadSampleError as error:
+                policy.handle(error)
+
+    @staticmethod
+    def _format(formatter: TaskFormatter, task: str, record: Any):
+        if task in ("text_chat", "speech_chat"):
+            return formatter.chat(record, speech=task == "speech_chat")
+        if task == "text":
+            return formatter.text_lm(record.text, record.key)
+        return formatter.format(task, record.key, record.transcript, record.units)
+
+    # ------------------------------------------------------------------ iteration
+    def _worker_state(self, worker: int, n_workers: int) -> dict | None:
+        if not self.resume_state:
+            return None
+        if self.resume_state.get("world_size") != self.world_size or self.resume_state.get("num_workers") != n_workers:
+            raise ValueError(
+                f"the saved data position is for {self.resume_state.get('world_size')} rank(s) x "
+                f"{self.resume_state.get('num_workers')} worker(s), this run has {self.world_size} x {n_workers}; "
+                "resume with the same data.num_workers and devices, or set data.resume_data_position=false to "
+                "restart the data stream (samples may then repeat)")
+        return self.resume_state.get("ranks", {}).get(str(self.rank), {}).get(str(worker))
+
+    def _batches_done_on_rank(self) -> int:
+        workers = (self.resume_state or {}).get("ranks", {}).get(str(self.rank), {})
+        return sum(int(st.get("batches", 0)) for st in workers.values())
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        worker, n_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        if self.mode == "exact":
+            yield from self._exact_pass(worker, n_workers)
+            return
+        n_batches = self.batches_per_epoch
+        if self._live is None:  # first epoch in this process (later epochs continue the same stream)
+            self._live = self._endless(worker, n_workers, self._worker_state(worker, n_workers))
+            # resumed mid-epoch: this epoch has only its remaining batches (what Lightning's loop expects)
+            n_batches -= self._batches_done_on_rank() % self.batches_per_epoch
+        n_batches = n_batches // n_workers + (worker < n_batches % n_workers)
+        for _ in range(n_batches):
+            yield next(self._live)
+
+    def _endless(self, worker: int, n_workers: int, state: Mapping | None) -> Iterator[dict[str, Any]]:
+        state = state or {}
+        done = int(state.get("batches", 0))
+        tag = f"{self.seed}/{self.rank}/{worker}/{done}"  # a resumed stream gets fresh buffer RNGs
+        policy = BadSamplePolicy(self.on_bad_sample)
+        formatter = TaskFormatter(self.tokenizer, self.max_length, self.max_length_policy)
+        cursors, streams = {}, {}
+        for s in self.sources:
+            cursors[s.name] = ShardCursor(s, self.mode, self.seed, self.rank, self.world_size, worker, n_workers,
+                                          self.few_shards, self.shuffle_shards, state.get("sources", {}).get(s.name))
+            streams[s.name] = shuffled(self._records(cursors[s.name], policy), self.shuffle_buffer,
+                                       random.Random(f"{tag}/{s.name}/shuffle"))
+        mixer = random.Random(f"{self.seed}/mix/{self.rank}/{worker}")
+        if "mixer" in state:
+            set_rng_state(mixer, state["mixer"])
+        batcher = self._batcher(random.Random(f"{tag}/batching"))
+        weights = [w for _, _, w in self.pairs]
+        while True:
+            source, task, _ = mixer.choices(self.pairs, weights)[0]
+            record = next(streams[source.name])
+            try:
+                ready = batcher.add(self._format(formatter, task, record))
+            except OverlongSampleError as err:
+                policy.handle(OverlongSampleError(err.key, record.shard, err.reason))
+                continue
+            except BadSampleError as err:  # e.g. speech_chat on a dialogue without voiced turns
+                policy.handle(err)
+                continue
+            for batch in ready:
+                done += 1
+                yield self._finish(batch, policy, formatter, {
+                    "batches": done, "mixer": rng_state(mixer),
+                    "sources": {name: dict(c.position) for name, c in cursors.items()}}, worker)
+
+    def _exact_pass(self, worker: int, n_workers: int) -> Iterator[dict[str, Any]]:
+        policy = BadSamplePolicy(self.on_bad_sample)
+        formatter = TaskFormatter(self.tokenizer, self.max_length, self.max_length_policy)
+        batcher = self._batcher(random.Random(f"{self.seed}/{self.rank}/{worker}/batching"))
+        for source, task, _ in self.pairs:
+            cursor = ShardCursor(source, "exact", self.seed, self.rank, self.world_size, worker, n_workers,
+                                 self.few_shards, False)
+            for record in self._records(cursor, policy):
+                try:
+                    ready = batcher.add(self._format(formatter, task, record))
+                except BadSampleError as err:
+                    policy.handle(err if err.shard != "?" else type(err)(err.key, record.shard, err.reason))
+                    continue
+                for batch in ready:
+                    yield self._finish(batch, policy, formatter, None, worker)
+        for batch in batcher.flush():
+            yield self._finish(batch, policy, formatter, None, worker)
+
+    def _finish(self, batch: dict[str, Any], policy: BadSamplePolicy, formatter: TaskFormatter,
+                state: dict | None, worker: int) -> dict[str, Any]:
+        batch["n_skipped"] += policy.take()
+        batch["n_skipped_by_reason"] = policy.take_reasons()
+        if state is not None:
+            batch["data_state"] = {"rank": self.rank, "worker": worker, "state": state}
+        return batch
