@@ -140,3 +140,45 @@ def test_run_py_fails_fast_on_a_bad_pretrained_dir(tmp_path):
     assert result.returncode != 0
     assert f"{victim.name}'] listed in model.safetensors.index.json are missing" in result.stderr
     assert not (tmp_path / "no_data").exists()
+
+
+def _contains(seq: list[int], sub: list[int]) -> bool:
+    return any(seq[i:i + len(sub)] == sub for i in range(len(seq) - len(sub) + 1))
+
+
+@pytest.mark.slow
+def test_run_py_tokenises_with_the_checkpoints_extended_tokenizer(tmp_path, shared_data_dir, single_thread):
+    """python run.py model.init.from_pretrained=<dir> data.tokenizer.from_base=<dir>: the demo corpus is tokenised
+    with the checkpoint's tokenizer.json + appended audio tokens, and the model's vocabulary is that tokenizer's."""
+    import hydra
+    from tokenizers import Tokenizer
+
+    from most_lightning.data.testing import TINY_RECIPE
+    from run import train
+    from test_checkpoint_tokenizer import write_base_tokenizer
+
+    base_size = write_base_tokenizer(tmp_path / "ckpt")
+    path = save_hf(deepseek_model(vocab_size=base_size), tmp_path / "ckpt")
+    cfg = compose_run_config([*FAST_OVERRIDES, f"paths.data_dir={shared_data_dir}", "test_asr_mismatched=false",
+                              f"model.init.from_pretrained={path}", f"data.tokenizer.from_base={path}"], tmp_path)
+    metrics = train(cfg)
+    assert math.isfinite(metrics["train/loss"]) and math.isfinite(metrics["val/nll"])
+
+    n_units = TINY_RECIPE.n_units
+    vocab = base_size + 2 + n_units  # begin/end-of-audio, then [Hu0].. appended after the base's ids, in that order
+    state = torch.load(next(Path(cfg.paths.output_dir, "checkpoints").glob("*.ckpt")), weights_only=True)
+    assert state["hyper_parameters"]["vocab_size"] == vocab
+    assert state["state_dict"]["model.model.embed_tokens.weight"].shape[0] == vocab
+    assert state["state_dict"]["model.lm_head.weight"].shape[0] == vocab
+
+    dm = hydra.utils.instantiate(cfg.data)
+    tok = dm.tokenizer
+    assert (tok.vocab_size, tok.boa_id, tok.eoa_id) == (vocab, base_size, base_size + 1)
+    assert tok.unit_ids.tolist() == list(range(base_size + 2, vocab))
+    assert (tok.bos_id, tok.eos_id) == (0, 1)  # the base's own BOS/EOS (tokenizer_config.json)
+    # a TTS example: the transcript as the base tokenizer cuts it, the units at the ids the tokenizer gave them
+    record = dm.speech_records("validation", 1)[0][0]
+    example = dm.teacher_forced_examples("validation", ("tts",), 1)[0]
+    base = Tokenizer.from_file(str(path / "tokenizer.json"))
+    assert _contains(example.input_ids, base.encode(record.transcript, add_special_tokens=False).ids)
+    assert _contains(example.input_ids, [base_size, *(base_size + 2 + u for u in record.units), base_size + 1])

@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, Dataset
 from ..text.tokenizer import MoSTTokenizer
 from .collate import GenerationCollator, TeacherForcedCollator
 from .continuous import AudioFrontendConfig, ContinuousASRFormatter, frame_counter
+from .demo_chat_set import DemoChatRecipe, build_demo_chat, resolve_demo_chat, uses_demo_chat
 from .demo_corpus import DemoCorpusRecipe, build_demo_corpus, corpus_dir_for, load_manifest
 from .samples import (BadSamplePolicy, OverlongSampleError, SpeechRecord, decode_speech_sample,
                       iter_records)
@@ -130,6 +131,8 @@ class MoSTDataModule(LightningDataModule):
         few_shards: str = "stride",
         shuffle_shards: bool = True,
         resume_data_position: bool = True,
+        demo_chat: DemoChatRecipe | Mapping | None = None,
+        tokenizer: Mapping | None = None,
     ):
         """
         data_dir: cache root; the demo corpus goes to <data_dir>/demo/<recipe-hash>.
@@ -147,6 +150,11 @@ class MoSTDataModule(LightningDataModule):
         shard_sampling ('split' | 'resampled'), batching ('fixed' | 'bucket' | 'pack'), max_tokens, bucket_pool,
             few_shards ('stride' | 'error'), shuffle_shards: see most_lightning.data.pipeline (sources only).
         resume_data_position: restore the training stream position from a checkpoint (sources only).
+        demo_chat: recipe of the demo chat set that a source with `shards: demo_chat` reads; built on first use
+            into <data_dir>/demo_chat/<hash> with the corpus's unit extractor (see data/demo_chat_set.py).
+        tokenizer: {from_base: <dir with tokenizer.json>, bos_token, eos_token}: tokenise with a pretrained base's
+            tokenizer extended by the unit and audio tokens (most_tokenizer_from_base) instead of the corpus's BPE;
+            from_base null = the corpus tokenizer.
         """
         super().__init__()
         self.data_dir = str(data_dir)
@@ -183,6 +191,13 @@ class MoSTDataModule(LightningDataModule):
         self.batching, self.max_tokens, self.bucket_pool = batching, max_tokens, int(bucket_pool)
         self.few_shards, self.shuffle_shards = few_shards, bool(shuffle_shards)
         self.resume_data_position = bool(resume_data_position)
+        self.demo_chat = DemoChatRecipe.from_any(_plain(demo_chat))
+        self._demo_chat_dir: Path | None = None
+        self.tokenizer_config = {"from_base": None, "bos_token": None, "eos_token": None}
+        unknown_tok = sorted(set(_plain(tokenizer) or {}) - set(self.tokenizer_config))
+        if unknown_tok:
+            raise ValueError(f"data.tokenizer: unknown keys {unknown_tok}; known: {sorted(self.tokenizer_config)}")
+        self.tokenizer_config.update(_plain(tokenizer) or {})
         self._resume_state: dict[str, Any] | None = None
         self._consumed: dict[str, Any] = {}  # worker -> data_state of the last batch that reached a training step
         self._stream_shape: tuple[int, int] | None = None  # (world_size, num_workers) of the live training stream
@@ -209,6 +224,17 @@ class MoSTDataModule(LightningDataModule):
             load_manifest(self.corpus_dir)  # fail early with a clear message
         else:
             build_demo_corpus(self.recipe, self.data_dir, self.build_workers, self.progress)
+        if uses_demo_chat(self.sources_config):
+            _ = self.demo_chat_dir
+
+    @property
+    def demo_chat_dir(self) -> Path:
+        """The demo chat set for this corpus's units (built on first use, cached by recipe + unit extractor)."""
+        if self._demo_chat_dir is None:
+            _ = self.manifest  # the corpus (its unit extractor) first
+            self._demo_chat_dir = build_demo_chat(self.demo_chat, self.data_dir, self.corpus_dir / "unit_extractor",
+                                                  self.build_workers)
+        return self._demo_chat_dir
 
     @property
     def manifest(self) -> dict[str, Any]:
@@ -222,7 +248,15 @@ class MoSTDataModule(LightningDataModule):
     def tokenizer(self) -> MoSTTokenizer:
         """The corpus tokenizer; builds the corpus first if needed (so the model can be sized before fit)."""
         if self._tokenizer is None:
-            self._tokenizer = MoSTTokenizer.load(self.corpus_dir / self.manifest.get("tokenizer", "tokenizer"))
+            base = self.tokenizer_config["from_base"]
+            if base:  # a pretrained model's vocabulary + appended unit/audio tokens
+                from ..model.checkpoint.tokenizer import most_tokenizer_from_base
+
+                self._tokenizer = most_tokenizer_from_base(base, n_units=self.manifest["n_units"],
+                                                           bos_token=self.tokenizer_config["bos_token"],
+                                                           eos_token=self.tokenizer_config["eos_token"])
+            else:
+                self._tokenizer = MoSTTokenizer.load(self.corpus_dir / self.manifest.get("tokenizer", "tokenizer"))
             if self._tokenizer.n_units != self.manifest["n_units"]:
                 raise ValueError(f"tokenizer has {self._tokenizer.n_units} unit tokens but the corpus units "
                                  f"have {self.manifest['n_units']} values ({self.corpus_dir})")
@@ -295,7 +329,10 @@ class MoSTDataModule(LightningDataModule):
 
     # ------------------------------------------------------------------ named sources (general pipeline)
     def source_specs(self, sources: Mapping[str, Any] | None = None) -> list[SourceSpec]:
-        return parse_sources(_plain(sources) if sources is not None else self.sources_config, root=self.corpus_dir)
+        config = _plain(sources) if sources is not None else self.sources_config
+        if uses_demo_chat(config):
+            config = resolve_demo_chat(config, lambda: self.demo_chat_dir)
+        return parse_sources(config, root=self.corpus_dir)
 
     def source_stream(self, sources: Mapping[str, Any] | None = None, mode: str | None = None,
                       rank: int | None = None, world_size: int | None = None) -> SourceMixStream:
