@@ -182,3 +182,16 @@ def test_run_py_tokenises_with_the_checkpoints_extended_tokenizer(tmp_path, shar
     base = Tokenizer.from_file(str(path / "tokenizer.json"))
     assert _contains(example.input_ids, base.encode(record.transcript, add_special_tokens=False).ids)
     assert _contains(example.input_ids, [base_size, *(base_size + 2 + u for u in record.units), base_size + 1])
+
+
+def test_data_tokenizer_options_fail_naming_the_key_or_the_file(tmp_path, shared_data_dir):
+    from most_lightning.data import MoSTDataModule
+    from most_lightning.data.testing import TINY_RECIPE, build_tiny_corpus
+
+    with pytest.raises(ValueError, match=r"data.tokenizer: unknown keys \['from_bsae'\]"):
+        MoSTDataModule(data_dir=str(shared_data_dir), corpus=TINY_RECIPE, tokenizer={"from_bsae": str(tmp_path)})
+    build_tiny_corpus(shared_data_dir)
+    dm = MoSTDataModule(data_dir=str(shared_data_dir), corpus=TINY_RECIPE, progress=False,
+                        tokenizer={"from_base": str(tmp_path / "no_ckpt")})
+    with pytest.raises(CheckpointError, match="no_ckpt: no tokenizer.json"):
+        _ = dm.tokenizer
