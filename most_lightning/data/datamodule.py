@@ -246,7 +246,8 @@ class MoSTDataModule(LightningDataModule):
 
     @property
     def tokenizer(self) -> MoSTTokenizer:
-        """The corpus tokenizer; builds the corpus first if needed (so the model can be sized before fit)."""
+        """The corpus tokenizer, or the base's extended one (data.tokenizer.from_base); builds the corpus first if
+        needed (so the model can be sized before fit)."""
         if self._tokenizer is None:
             base = self.tokenizer_config["from_base"]
             if base:  # a pretrained model's vocabulary + appended unit/audio tokens
