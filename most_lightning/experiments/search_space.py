@@ -7,7 +7,7 @@
       router: {type: categorical, choices: [vanilla, modality_aware]}
       router.mask: {type: categorical, choices: [probs, logits], when: {router: modality_aware}}
 
-Each key is a Hydra override key (a config value such as `model.top_k` or a config group such as `router`);
+`key: null` removes a parameter that an inherited yaml declared. Each key is a Hydra override key (a config value such as `model.top_k` or a config group such as `router`);
 a sampled point becomes the overrides `key=value`. `when` makes a parameter conditional on earlier ones (the
 order in the yaml): it is sampled only when every named parameter took one of the listed values, which is how
 Optuna's define-by-run spaces express conditionals (TPE handles them; CMA-ES/GP sample them independently).
@@ -77,6 +77,8 @@ def parse_search_space(spec: Mapping[str, Any] | None) -> list[Param]:
     params: list[Param] = []
     for key, entry in (spec or {}).items():
         where = f"hydra.sweeper.search_space.{key}"
+        if entry is None:  # `key: null` drops a parameter inherited from another search-space file
+            continue
         if not isinstance(entry, Mapping):
             raise SearchSpaceError(f"{where} must be a mapping like {{type: float, low: 0.1, high: 0.9}}, got {entry!r}")
         entry = dict(entry)
