@@ -25,14 +25,14 @@ summarize() {
 if [[ "${1:-}" == "summarize" ]]; then summarize; exit; fi
 
 start=$(date +%s)
-python run.py "${COMMON[@]}" -m experiment=router_ablation seed=1,2,3 hydra.sweep.dir="$LOGS/router_ablation"
+python run.py -m "${COMMON[@]}" experiment=router_ablation seed=1,2,3 hydra.sweep.dir="$LOGS/router_ablation"
 t1=$(date +%s)
-python run.py "${COMMON[@]}" -m hparams_search=split_ratio_study seed=1 hydra.sweep.dir="$LOGS/split_sweep"
+python run.py -m "${COMMON[@]}" hparams_search=split_ratio_study seed=1 hydra.sweep.dir="$LOGS/split_sweep"
 t2=$(date +%s)
 best=$(python -c "
 import optuna; s = optuna.load_study(study_name='split_ratio_study', storage='sqlite:///$LOGS/split_ratio_study.db')
 print(s.best_trial.params['model.audio_expert_fraction'])")
-python run.py "${COMMON[@]}" -m model.audio_expert_fraction="$best" seed=2,3 task_name=router_split_study \
+python run.py -m "${COMMON[@]}" model.audio_expert_fraction="$best" seed=2,3 task_name=router_split_study \
   hydra.sweep.dir="$LOGS/best_split_seeds"
 t3=$(date +%s)
 echo "wall time: router ablation $((t1 - start)) s, split sweep $((t2 - t1)) s, best-split seeds $((t3 - t2)) s," \
