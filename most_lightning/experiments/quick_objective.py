@@ -5,10 +5,10 @@ in the run config; run.py calls this instead of train()).
       metrics:                       # metric name -> {config key: target}; value = sum of squared distances
         quick/dist: {model.audio_expert_fraction: 0.375, lit.optimizer.lr: 0.003}
       scale: {lit.optimizer.lr: 0.001}   # optional per-key divisor of the distance
-      steps: 4                       # intermediate values reported to the Optuna trial (pruning)
+      steps: 4                       # intermediate values of optimized_metric reported to the trial (pruning)
       sleep_s: 0.0                   # wall time per step (kill-and-resume tests)
       fail_when: {model.top_k: [3, 3]}   # raise if every named key lies in [lo, hi]
-      nan_when: null                 # return NaN for the first metric if every named key lies in [lo, hi]
+      nan_when: null                 # return NaN for every metric if every named key lies in [lo, hi]
 
 The model/router config is validated as in a real run, so an impossible expert split fails the same way.
 Writes metrics.json, config_resolved.yaml and provenance.json like a real run.
@@ -59,13 +59,14 @@ def run_quick_objective(cfg: DictConfig) -> dict[str, float]:
         raise QuickObjectiveFailure(f"quick_objective.fail_when {dict(spec.fail_when)} matched this point")
     metrics = quick_metrics(cfg)
     if _inside(cfg, spec.get("nan_when")):
-        metrics[next(iter(metrics))] = float("nan")
+        metrics = {name: float("nan") for name in metrics}
     reporter = None
     if cfg.get("optuna_trial"):
         from most_lightning.experiments.trial_link import TrialLink, TrialReporter
 
         reporter = TrialReporter(TrialLink.from_config(cfg.optuna_trial))
-    first = next(iter(metrics))
+    target = cfg.get("optimized_metric")
+    first = target if isinstance(target, str) and target in metrics else next(iter(metrics))
     steps = int(spec.get("steps", 0) or 0)
     for step in range(1, steps + 1):
         time.sleep(float(spec.get("sleep_s", 0.0) or 0.0))
