@@ -51,10 +51,11 @@ class Run:
     def value(self, key: str) -> Any:
         if key in self.config:
             return self.config[key]
-        for override in self.overrides:  # a missing run only has its overrides
-            k, _, v = override.lstrip("+").partition("=")
-            if k == key:
-                return _parse_scalar(v)
+        # a missing run only has its overrides; a group choice (router=vanilla) stands for its name (router.name)
+        given = dict(o.lstrip("+").partition("=")[::2] for o in self.overrides)
+        for candidate in (key, key.split(".")[0]):
+            if candidate in given:
+                return _parse_scalar(given[candidate])
         return None
 
 
