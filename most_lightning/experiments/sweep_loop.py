@@ -6,8 +6,8 @@ a new one) -> run the job -> tell COMPLETE / PRUNED / FAIL with the reason. Optu
 exactly one worker, so no point runs twice; a killed sweep leaves its RUNNING trial behind, which the next worker
 marks FAIL ("interrupted") and re-queues with the same parameters.
 
-A worker that died is recognised by its heartbeat (a trial system attribute refreshed every heartbeat_interval s)
-growing older than grace_period, or at once when it ran on this host and its process is gone.
+A worker that died is recognised at once when it ran on this host and its process is gone, else by its heartbeat
+(a trial system attribute refreshed every heartbeat_interval s) growing older than grace_period.
 """
 
 from __future__ import annotations
@@ -101,9 +101,8 @@ def _alive_here(pid: int) -> bool:
 def is_dead(trial, now: float, grace_period: float) -> bool:
     """A RUNNING trial whose worker is gone: same host and no such process, or no heartbeat for grace_period."""
     worker = trial.system_attrs.get(WORKER_ATTR)
-    if worker and worker.get("host") == socket.gethostname() and worker.get("pid") != os.getpid():
-        if not _alive_here(int(worker["pid"])):
-            return True
+    if worker and worker.get("host") == socket.gethostname():  # on this host the process table is the truth
+        return worker.get("pid") != os.getpid() and not _alive_here(int(worker["pid"]))
     beat = trial.system_attrs.get(HEARTBEAT_ATTR)
     if beat is None:
         started = trial.datetime_start.timestamp() if trial.datetime_start else now
