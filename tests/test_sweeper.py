@@ -134,12 +134,12 @@ def test_failing_invalid_and_nan_trials_are_recorded_and_the_sweep_goes_on(tmp_p
 @pytest.mark.slow
 def test_bad_input_fails_before_the_study_with_the_culprit(tmp_path):
     # a split range where no point is valid
-    result = run_sweep(tmp_path, f"hydra.sweeper.search_space={{{FRACTION}: {{type: float, low: 0.8, high: 0.95}}}}",
+    result = run_sweep(tmp_path, f"hydra.sweeper.search_space={{{FRACTION}: {{type: float, low: 0.85, high: 0.95}}}}",
                        f"hydra.sweeper.storage=sqlite:///{tmp_path / 'a.db'}", expect_ok=False)
     assert result.returncode != 0 and "impossible" in result.stderr and "audio_expert_fraction" in result.stderr
     assert not (tmp_path / "a.db").exists() or not optuna.get_all_study_summaries(f"sqlite:///{tmp_path / 'a.db'}")
     # a key the config lacks
-    result = run_sweep(tmp_path, "hydra.sweeper.search_space={model.no_such_field: {type: int, low: 1, high: 2}}",
+    result = run_sweep(tmp_path, "++hydra.sweeper.search_space={model.no_such_field: {type: int, low: 1, high: 2}}",
                        expect_ok=False)
     assert result.returncode != 0 and "no_such_field" in result.stderr and "does not compose" in result.stderr
     # an unreachable storage
@@ -336,3 +336,25 @@ def test_pruning_callback_names_a_missing_monitor(tmp_path):
 
     with pytest.raises(KeyError, match="val/no_such.*val/nll"):
         callback.on_validation_end(Trainer(), None)
+
+
+def test_dead_worker_detection_by_process_and_heartbeat():
+    import socket
+    from datetime import datetime
+    from types import SimpleNamespace
+
+    from most_lightning.experiments.sweep_loop import HEARTBEAT_ATTR, WORKER_ATTR, is_dead
+
+    dead_pid = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead_pid.wait()
+    now = time.time()
+
+    def trial(host, pid, beat):
+        attrs = {WORKER_ATTR: {"host": host, "pid": pid}, HEARTBEAT_ATTR: beat}
+        return SimpleNamespace(system_attrs=attrs, datetime_start=datetime.fromtimestamp(now - 1000))
+
+    here = socket.gethostname()
+    assert is_dead(trial(here, dead_pid.pid, now), now, grace_period=60)          # process gone: at once
+    assert not is_dead(trial(here, os.getpid(), now - 1e6), now, grace_period=60)  # alive here: stale beat is fine
+    assert is_dead(trial("elsewhere", 1, now - 61), now, grace_period=60)         # other host: heartbeat too old
+    assert not is_dead(trial("elsewhere", 1, now - 5), now, grace_period=60)
