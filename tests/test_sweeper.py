@@ -358,3 +358,24 @@ def test_dead_worker_detection_by_process_and_heartbeat():
     assert not is_dead(trial(here, os.getpid(), now - 1e6), now, grace_period=60)  # alive here: stale beat is fine
     assert is_dead(trial("elsewhere", 1, now - 61), now, grace_period=60)         # other host: heartbeat too old
     assert not is_dead(trial("elsewhere", 1, now - 5), now, grace_period=60)
+
+
+@pytest.mark.parametrize("option", sorted(p.stem for p in (REPO_ROOT / "conf" / "hparams_search").glob("*.yaml")))
+def test_every_hparams_search_file_composes_with_a_valid_space(option, tmp_path):
+    from conftest import compose_run_config
+    from omegaconf import OmegaConf
+
+    from most_lightning.experiments.optuna_setup import check_directions, make_pruner, make_sampler
+
+    cfg = compose_run_config([f"hparams_search={option}"], tmp_path)
+    sweeper = cfg.hydra.sweeper
+    assert sweeper._target_.endswith("MostOptunaSweeper")
+    space = parse_search_space(OmegaConf.to_container(sweeper.search_space))
+    assert space
+    for param in space:  # every searched key exists in the composed config
+        assert OmegaConf.select(cfg, param.key.lstrip("+")) is not None, param.key
+    directions = check_directions(list(sweeper.directions))
+    names = cfg.optimized_metric if OmegaConf.is_list(cfg.optimized_metric) else [cfg.optimized_metric]
+    assert len(names) == len(directions)
+    make_sampler(OmegaConf.to_container(sweeper.sampler), len(directions))
+    make_pruner(OmegaConf.to_container(sweeper.pruner), len(directions))
