@@ -225,7 +225,7 @@ def test_multi_objective_sweep(tmp_path):
     storage = f"journal:///{tmp_path / 'study.log'}"
     run_sweep(tmp_path, "hydra.sweeper.n_trials=8", f"hydra.sweeper.storage={storage}",
               "hydra.sweeper.directions=[minimize,minimize]", "optimized_metric=[quick/a,quick/b]",
-              "quick_objective.metrics={quick/a: {model.audio_expert_fraction: 0.3}, "
+              "++quick_objective.metrics={quick/a: {model.audio_expert_fraction: 0.3}, "
               "quick/b: {model.audio_expert_fraction: 0.7}}")
     study = load(storage)
     assert len(study.directions) == 2 and len(study.trials) == 8
@@ -241,7 +241,7 @@ def test_median_pruner_marks_trials_pruned(tmp_path):
     storage = f"sqlite:///{tmp_path / 'study.db'}"
     run_sweep(tmp_path, "hydra.sweeper.n_trials=12", f"hydra.sweeper.storage={storage}", "quick_objective.steps=4",
               "hydra.sweeper.sampler={name: random, seed: 2}",
-              "hydra.sweeper.pruner={name: median, kwargs: {n_startup_trials: 3, n_warmup_steps: 0}}")
+              "++hydra.sweeper.pruner={name: median, kwargs: {n_startup_trials: 3, n_warmup_steps: 0}}")
     study = load(storage)
     pruned = [t for t in study.trials if t.state == TrialState.PRUNED]
     complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
@@ -379,3 +379,30 @@ def test_every_hparams_search_file_composes_with_a_valid_space(option, tmp_path)
     assert len(names) == len(directions)
     make_sampler(OmegaConf.to_container(sweeper.sampler), len(directions))
     make_pruner(OmegaConf.to_container(sweeper.pruner), len(directions))
+
+
+@pytest.mark.slow
+def test_repeated_points_reuse_the_finished_result(tmp_path):
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    conf = tmp_path / "conf" / "hparams_search"
+    conf.mkdir(parents=True)  # a search file of one's own, next to the repository's (--config-dir)
+    (conf / "two_points.yaml").write_text(
+        "# @package _global_\ndefaults:\n  - override /hydra/sweeper: most_optuna\n"
+        "optimized_metric: quick_frac\n"
+        f"quick_objective:\n  metrics:\n    quick_frac: {{{FRACTION}: 0.375}}\n  steps: 0\n"
+        "hydra:\n  sweeper:\n    study_name: quick\n    n_trials: 6\n    sampler: {name: random, seed: 0}\n"
+        f"    search_space:\n      {FRACTION}: {{type: categorical, choices: [0.25, 0.5]}}\n")
+    cmd = [sys.executable, "run.py", "-m", "-cd", str(tmp_path / "conf"), "hparams_search=two_points",
+           f"paths.log_dir={tmp_path / 'logs'}", f"hydra.sweep.dir={tmp_path / 'sweep'}",
+           f"hydra.sweeper.storage={storage}"]
+    result = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-4000:]
+    trials = load(storage).trials
+    assert len(trials) == 6 and all(t.state == TrialState.COMPLETE for t in trials)
+    ran = [t for t in trials if "duplicate_of" not in t.user_attrs]
+    assert sorted(t.params[FRACTION] for t in ran) == [0.25, 0.5]  # each point ran once
+    job_dirs = [p for p in (tmp_path / "sweep").iterdir() if (p / "metrics.json").is_file()]
+    assert len(job_dirs) == 2
+    for trial in trials:
+        assert trial.value == pytest.approx((trial.params[FRACTION] - 0.375) ** 2)

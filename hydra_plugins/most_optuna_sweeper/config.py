@@ -37,6 +37,9 @@ class MostOptunaSweeperConf:
     # dead-worker detection for re-queueing interrupted trials
     heartbeat_interval: float = 10.0
     grace_period: float = 60.0
+    # a point equal to a finished trial's (same parameters) reuses its result instead of running again; set false
+    # for noisy objectives where repeats are wanted
+    deduplicate: bool = True
 
 
 ConfigStore.instance().store(group="hydra/sweeper", name="most_optuna", node=MostOptunaSweeperConf,

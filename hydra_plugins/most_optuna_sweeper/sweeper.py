@@ -28,7 +28,7 @@ class MostOptunaSweeper(Sweeper):
     def __init__(self, study_name: Optional[str] = None, storage: Optional[str] = None,
                  directions: Any = ("minimize",), n_trials: int = 20, n_jobs: int = 1, sampler: Any = None,
                  pruner: Any = None, search_space: Any = None, params: Any = None, validate: Optional[str] = None,
-                 heartbeat_interval: float = 10.0, grace_period: float = 60.0) -> None:
+                 heartbeat_interval: float = 10.0, grace_period: float = 60.0, deduplicate: bool = True) -> None:
         self.study_name = study_name
         self.storage_url = storage
         self.directions = _plain(directions)
@@ -41,6 +41,7 @@ class MostOptunaSweeper(Sweeper):
         self.validate_path = validate
         self.heartbeat_interval = float(heartbeat_interval)
         self.grace_period = float(grace_period)
+        self.deduplicate = bool(deduplicate)
         self.config: Optional[DictConfig] = None
         self.hydra_context: Optional[HydraContext] = None
         self.launcher = None
@@ -166,7 +167,8 @@ class MostOptunaSweeper(Sweeper):
         register_in_process(study, storage if storage is not None else study._storage)
         settings = WorkerSettings(n_trials=self.n_trials, directions=directions, search_space=space,
                                   fixed_overrides=fixed, storage_url=storage_url,
-                                  heartbeat_interval=self.heartbeat_interval, grace_period=self.grace_period)
+                                  heartbeat_interval=self.heartbeat_interval, grace_period=self.grace_period,
+                                  deduplicate=self.deduplicate)
         n_before = len(study.trials)
         log.info(f"study {study_name!r} ({storage_url or 'in memory'}): {n_before} trials so far, target "
                  f"{self.n_trials}, {self.n_jobs} worker(s), sweep dir {sweep_dir}")

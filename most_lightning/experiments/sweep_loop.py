@@ -33,6 +33,7 @@ INTERRUPTED_ATTR = "most_sweeper:interrupted"  # set on a trial failed because i
 FAIL_REASON = "fail_reason"  # user attr on every FAILED trial
 REQUEUED_FROM = "requeued_from"  # user attr on a re-queued trial: the interrupted trial's number
 OUTPUT_DIR = "output_dir"  # user attr: the job's run directory
+DUPLICATE_OF = "duplicate_of"  # user attr: the finished trial whose result was reused (deduplicate)
 
 
 @dataclass
@@ -55,6 +56,7 @@ class WorkerSettings:
     heartbeat_interval: float = 10.0
     grace_period: float = 60.0
     poll_interval: float = 2.0
+    deduplicate: bool = True
 
 
 Launch = Callable[[list[str], int], Outcome]           # (overrides, trial number) -> outcome
@@ -193,6 +195,16 @@ def run_worker(study, storage, settings: WorkerSettings, launch: Launch, validat
     return done
 
 
+def find_twin(study, trial, params: dict[str, Any]):
+    """A COMPLETE or PRUNED trial with exactly these parameters (deterministic objectives repeat exactly)."""
+    from optuna.trial import TrialState
+
+    for other in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)):
+        if other.number != trial.number and other.params == params:
+            return other
+    return None
+
+
 def run_trial(study, storage, trial, settings: WorkerSettings, launch: Launch, validate: Validate | None) -> Outcome:
     from optuna.trial import TrialState
 
@@ -206,8 +218,14 @@ def run_trial(study, storage, trial, settings: WorkerSettings, launch: Launch, v
             reason = validate(overrides) if validate is not None else None
         except Exception as err:  # noqa: BLE001 - a point that cannot even be composed is a failed trial
             params, overrides, reason = trial.params, [], f"{type(err).__name__}: {err}"
+        twin = find_twin(study, trial, params) if settings.deduplicate and reason is None else None
         if reason is not None:
             outcome = Outcome(reason=f"invalid point {params}: {reason}")
+        elif twin is not None:  # the sampler proposed a finished point again: reuse it, do not rerun
+            trial.set_user_attr(DUPLICATE_OF, twin.number)
+            outcome = (Outcome(values=list(twin.values)) if twin.state == TrialState.COMPLETE else
+                       Outcome(pruned=True, reason=f"same parameters as pruned trial {twin.number}"))
+            log.info(f"trial {trial.number}: same parameters as trial {twin.number}, not run again")
         else:
             link = TrialLink(study.study_name, settings.storage_url, trial._trial_id, trial.number)
             log.info(f"trial {trial.number}: {' '.join(to_overrides(params))}")
