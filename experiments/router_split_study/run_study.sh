@@ -24,6 +24,7 @@ summarize() {
 }
 if [[ "${1:-}" == "summarize" ]]; then summarize; exit; fi
 
+mkdir -p "$STUDY/results"
 start=$(date +%s)
 python run.py -m "${COMMON[@]}" experiment=router_ablation seed=1,2,3 hydra.sweep.dir="$LOGS/router_ablation"
 t1=$(date +%s)

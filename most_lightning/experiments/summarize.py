@@ -305,16 +305,22 @@ def plot_cells(path: Path, runs: list[Run], cell_keys: list[str], metrics: list[
     plt.close(fig)
 
 
-def plot_split_ratio(path: Path, runs: list[Run], metrics: list[str], group_key: str = "router.name") -> None:
+def plot_split_ratio(path: Path, runs: list[Run], metrics: list[str], group_keys: list[str]) -> None:
+    """Each metric against the split ratio, one line per combination of the other cell keys."""
     plt = _plt()
-    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.8), squeeze=False,
+    ncols = min(3, len(metrics))
+    nrows = math.ceil(len(metrics) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols, 3.8 * nrows), squeeze=False,
                              constrained_layout=True)
-    for ax, metric in zip(axes[0], metrics):
+    for ax in axes.flat[len(metrics):]:
+        ax.set_visible(False)
+    for ax, metric in zip(axes.flat, metrics):
         groups: dict[Any, list[tuple[float, float]]] = defaultdict(list)
         for r in runs:
             value, x = r.metrics.get(metric), r.value(SPLIT_KEY)
             if r.status == "complete" and value is not None and x is not None and math.isfinite(value):
-                groups[r.value(group_key)].append((float(x), value))
+                groups[", ".join(f"{k.split('.')[-1]}={_show(r.value(k))}" for k in group_keys)].append(
+                    (float(x), value))
         for group, points in sorted(groups.items(), key=lambda kv: str(kv[0])):
             xs, ys = zip(*points)
             (line,) = ax.plot([], [], label=str(group))
@@ -330,7 +336,7 @@ def plot_split_ratio(path: Path, runs: list[Run], metrics: list[str], group_key:
         ax.set_xlabel("audio expert fraction")
         ax.set_title(metric)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, title=group_key.split(".")[0], title_fontsize=7)
+        ax.legend(fontsize=6)
     fig.suptitle("metric vs expert split ratio (line: mean per fraction; red dotted: pruned/failed trials)")
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -449,7 +455,7 @@ def summarize(sources: list[str], out: Path, study_storage: str | None = None, s
         f"Mean ± std over complete runs per cell (std needs two runs); counts by status.\n\n" + "\n".join(sections))
     written.append(out / "summary.md")
     if len({r.value(SPLIT_KEY) for r in runs if r.status == "complete"}) > 2:
-        plot_split_ratio(out / "split_ratio.png", runs, metrics)
+        plot_split_ratio(out / "split_ratio.png", runs, metrics, [k for k in cell_keys if k != SPLIT_KEY])
         written.append(out / "split_ratio.png")
     chosen = [r for r in runs if r.run_dir and heatmap_runs and any(Path(r.run_dir) == Path(h) for h in heatmap_runs)]
     if not heatmap_runs:  # one run (lowest seed) per cell of the first source
