@@ -204,7 +204,9 @@ def test_n_jobs_and_a_second_process_share_the_storage_without_duplicates(tmp_pa
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     procs = [subprocess.Popen(sweep_cmd(tmp_path, *overrides, "hydra.sweeper.n_jobs=2", name="a"), cwd=REPO_ROOT,
                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True),
-             subprocess.Popen(sweep_cmd(tmp_path, *overrides, name="b"), cwd=REPO_ROOT, env=env,
+             # another machine: its own sampler seed (two workers with one seed propose the same points)
+             subprocess.Popen(sweep_cmd(tmp_path, *overrides, "hydra.sweeper.sampler.seed=2", name="b"),
+                              cwd=REPO_ROOT, env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)]
     for proc in procs:
         _, err = proc.communicate(timeout=600)
@@ -216,6 +218,8 @@ def test_n_jobs_and_a_second_process_share_the_storage_without_duplicates(tmp_pa
     job_dirs = [p for name in ("a", "b") for p in (tmp_path / name).iterdir() if (p / "metrics.json").is_file()]
     assert len(job_dirs) == len(trials)  # every trial ran exactly once
     assert sorted(int(p.name) for p in job_dirs) == sorted(t.number for t in trials)
+    params = [tuple(sorted(t.params.items())) for t in trials]
+    assert len(set(params)) == len(params), "workers proposed the same point"
     pids = {t.system_attrs["most_sweeper:worker"]["pid"] for t in trials}
     assert len(pids) >= 2, "the trials were not shared between processes"
 

@@ -8,6 +8,7 @@ turns trials into Hydra jobs and job returns into outcomes.
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any, List, Optional
 
@@ -131,6 +132,7 @@ class MostOptunaSweeper(Sweeper):
         from most_lightning.experiments.trial_link import SWEEPER_ATTR, register_in_process
 
         directions = check_directions(self.directions)
+        self.n_objectives = len(directions)
         space = parse_search_space(self.search_space_spec)
         if not space:
             raise SweeperConfigError("hydra.sweeper.search_space is empty: declare at least one parameter")
@@ -150,8 +152,14 @@ class MostOptunaSweeper(Sweeper):
             log.info(f"n_jobs={self.n_jobs} without storage: using {storage_url}")
         study_name = self.study_name or f"most_{self.config.task_name}"
         storage = make_storage(storage_url)
+        # a fixed seed is used as given by the first worker of a new study (reproducible single-worker sweeps);
+        # every other worker (forked, or joining/resuming a study that has trials) shifts it, or all of them
+        # would propose the same points
+        known = optuna.study.get_all_study_names(storage) if storage is not None else []
+        fresh = study_name not in known or not optuna.load_study(study_name=study_name, storage=storage).trials
+        self._seed_base = 0 if fresh else 7919 * os.getpid()
         study = optuna.create_study(study_name=study_name, storage=storage, directions=directions,
-                                    sampler=make_sampler(self.sampler_spec, len(directions)),
+                                    sampler=make_sampler(self.sampler_spec, len(directions), self._seed_base),
                                     pruner=make_pruner(self.pruner_spec, len(directions)), load_if_exists=True)
         if list(d.name.lower() for d in study.directions) != directions:
             raise SweeperConfigError(f"study {study_name!r} in {storage_url} has directions "
@@ -173,6 +181,7 @@ class MostOptunaSweeper(Sweeper):
         log.info(f"study {study_name!r} ({storage_url or 'in memory'}): {n_before} trials so far, target "
                  f"{self.n_trials}, {self.n_jobs} worker(s), sweep dir {sweep_dir}")
         children = self._fork_workers(study_name, storage_url, settings) if self.n_jobs > 1 else []
+        # (each child shifts the seed by its index, see _child_main)
         from most_lightning.experiments.sweep_loop import run_worker
 
         run_worker(study, storage, settings, self._launch, self._validator())
@@ -192,13 +201,13 @@ class MostOptunaSweeper(Sweeper):
         ctx = multiprocessing.get_context("fork")  # before any job ran: no OpenMP/torch state to inherit
         children = []
         for i in range(1, self.n_jobs):
-            child = ctx.Process(target=self._child_main, args=(study_name, storage_url, settings),
+            child = ctx.Process(target=self._child_main, args=(study_name, storage_url, settings, i),
                                 name=f"most_optuna_worker_{i}")
             child.start()
             children.append(child)
         return children
 
-    def _child_main(self, study_name: str, storage_url: str, settings) -> None:
+    def _child_main(self, study_name: str, storage_url: str, settings, index: int) -> None:
         import optuna
 
         from most_lightning.experiments.optuna_setup import make_pruner, make_sampler, make_storage
@@ -207,7 +216,8 @@ class MostOptunaSweeper(Sweeper):
 
         storage = make_storage(storage_url)  # own connection: database handles do not survive a fork
         study = optuna.load_study(study_name=study_name, storage=storage,
-                                  sampler=make_sampler(self.sampler_spec, len(settings.directions)),
+                                  sampler=make_sampler(self.sampler_spec, len(settings.directions),
+                                                       self._seed_base + 104729 * index),
                                   pruner=make_pruner(self.pruner_spec, len(settings.directions)))
         register_in_process(study, storage)
         run_worker(study, storage, settings, self._launch, self._validator())
@@ -227,8 +237,7 @@ class MostOptunaSweeper(Sweeper):
         except Exception:  # noqa: BLE001 - not every launcher returns the job's hydra config
             pass
         if ret.status == JobStatus.COMPLETED:
-            outcome = outcome_from_return(ret.return_value, len(self.directions if isinstance(self.directions, list)
-                                                                 else [self.directions]))
+            outcome = outcome_from_return(ret.return_value, self.n_objectives)
         else:
             outcome = outcome_from_exception(ret._return_value)
         outcome.output_dir = output_dir

@@ -45,10 +45,13 @@ def check_directions(directions: Any) -> list[str]:
     return directions
 
 
-def make_sampler(spec: Mapping[str, Any] | str | None, n_objectives: int):
+def make_sampler(spec: Mapping[str, Any] | str | None, n_objectives: int, seed_offset: int = 0):
+    """The sampler; seed_offset shifts a fixed seed so that parallel workers do not propose the same points."""
     import optuna
 
     name, kwargs = _spec(spec, "sampler", "tpe")
+    if kwargs.get("seed") is not None and seed_offset:
+        kwargs["seed"] = (int(kwargs["seed"]) + seed_offset) % (2**32)
     if name == "cmaes" and n_objectives > 1:
         raise SweeperConfigError("hydra.sweeper.sampler=cmaes optimises a single objective; use tpe, gp or nsgaii "
                                  "for several directions")
