@@ -151,6 +151,7 @@ class MostOptunaSweeper(Sweeper):
             storage_url = f"journal:///{(sweep_dir / 'optuna_journal.log').resolve()}".replace("////", "///")
             log.info(f"n_jobs={self.n_jobs} without storage: using {storage_url}")
         study_name = self.study_name or f"most_{self.config.task_name}"
+        self._storage_used = storage_url
         storage = make_storage(storage_url)
         # a fixed seed is used as given by the first worker of a new study (reproducible single-worker sweeps);
         # every other worker (forked, or joining/resuming a study that has trials) shifts it, or all of them
@@ -251,7 +252,7 @@ class MostOptunaSweeper(Sweeper):
         states = {s.name: 0 for s in TrialState}
         for t in study.trials:
             states[t.state.name] += 1
-        summary: dict[str, Any] = {"study_name": study.study_name, "storage": self.storage_url,
+        summary: dict[str, Any] = {"study_name": study.study_name, "storage": self._storage_used,
                                    "trials": {k: v for k, v in states.items() if v}}
         complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
         if complete:
