@@ -20,6 +20,8 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from most_lightning.experiments.provenance import job_config
+
 # paths.root_dir defaults to this folder, wherever run.py is started from
 os.environ.setdefault("MOST_LIGHTNING_ROOT", str(Path(__file__).resolve().parent))
 
@@ -44,6 +46,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     import lightning as L
     from lightning.pytorch.utilities import rank_zero_only
 
+    from most_lightning.experiments.provenance import write_run_records
+    from most_lightning.lit.pruning import pruning_message
     from most_lightning.lit.runtime import (
         best_checkpoint_metrics,
         checkpoint_for_test,
@@ -88,6 +92,13 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if cfg.get("train", True):
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
         metrics |= scalar_metrics(trainer.callback_metrics) | best_checkpoint_metrics(trainer)
+        pruned = pruning_message(callbacks)  # an Optuna pruner stopped the fit: no test, the trial is PRUNED
+        if pruned is not None:
+            if trainer.is_global_zero:
+                write_run_records(output_dir, cfg, metrics)
+            import optuna
+
+            raise optuna.TrialPruned(pruned)
     if cfg.get("test", True):
         if cfg.get("train", True):
             ckpt = checkpoint_for_test(trainer, cfg.get("test_weights", "best"))
@@ -103,18 +114,14 @@ def train(cfg: DictConfig) -> dict[str, float]:
             f"{name.removeprefix('test/')} {metrics[name]:.4g}" for name in HEADLINE_METRICS if name in metrics))
 
     if trainer.is_global_zero:
-        # .hydra/config.yaml keeps the interpolations; this is what the run actually used
-        OmegaConf.save(job_config(cfg), output_dir / "config_resolved.yaml", resolve=True)
-        write_json(output_dir / "metrics.json", metrics)
+        # config_resolved.yaml (.hydra/config.yaml keeps the interpolations), metrics.json, provenance.json (git)
+        write_run_records(output_dir, cfg, metrics)
         if module.asr_examples:
             write_json(output_dir / "asr_examples.json", module.asr_examples)
         log_info(f"metrics written to {output_dir / 'metrics.json'}")
     return metrics
 
 
-def job_config(cfg: DictConfig) -> DictConfig:
-    """The run's config without Hydra's own node (present when composed with return_hydra_config)."""
-    return OmegaConf.masked_copy(cfg, [key for key in cfg if key != "hydra"])
 
 
 def make_test_loaders(datamodule: Any, add_mismatched_asr: bool) -> tuple[list, set[int]]:
@@ -135,9 +142,17 @@ def main(cfg: DictConfig) -> Any:
 
     from most_lightning.lit.runtime import optimized_metric
 
-    metrics = train(cfg)
+    if cfg.get("quick_objective"):  # sweep tests: a known function of the overrides instead of training
+        from most_lightning.experiments.quick_objective import run_quick_objective
+
+        metrics = run_quick_objective(cfg)
+    else:
+        metrics = train(cfg)
+    names = cfg.get("optimized_metric")
     try:
-        return optimized_metric(metrics, cfg.get("optimized_metric"))
+        if OmegaConf.is_list(names):  # several objectives (multi-objective sweeps): one value per name
+            return [optimized_metric(metrics, name) for name in names]
+        return optimized_metric(metrics, names)
     except KeyError as err:
         if HydraConfig.get().mode == RunMode.MULTIRUN:  # a sweeper needs the value: fail loudly
             raise
@@ -146,4 +161,9 @@ def main(cfg: DictConfig) -> Any:
 
 
 if __name__ == "__main__":
+    # our Hydra sweeper (hydra/sweeper=most_optuna) is found by Hydra's scan of the hydra_plugins namespace; register
+    # it explicitly too, for installs where that scan cannot list it (setuptools' PEP 660 editable finder)
+    from most_lightning.experiments.plugin_registration import register_sweeper_plugin
+
+    register_sweeper_plugin()
     main()

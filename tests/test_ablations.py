@@ -1,0 +1,159 @@
+"""Ablation experiments (conf/experiment/*_ablation.yaml): every cell of each grid composes into a valid config,
+one cell trains end to end and leaves its run records; the summariser on a synthetic multirun directory."""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+import statistics
+import subprocess
+from pathlib import Path
+
+import pytest
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import OmegaConf
+
+from conftest import FAST_OVERRIDES, REPO_ROOT, compose_run_config
+from most_lightning.lit.model_config import build_model_config
+from most_lightning.model import ConfigError
+
+ABLATIONS = ["router_ablation", "split_ablation", "init_ablation"]
+
+
+def grid(experiment: str, tmp_path: Path) -> list[list[str]]:
+    """The cells the basic sweeper would launch for `-m experiment=<name>` (hydra.sweeper.params)."""
+    cfg = compose_run_config([f"experiment={experiment}"], tmp_path)
+    params = cfg.hydra.sweeper.params
+    assert "seed" in params, f"{experiment}: seeds must be a sweep axis"
+    axes = []
+    for override in OverridesParser.create().parse_overrides([f"{k}={v}" for k, v in params.items()]):
+        key = override.get_key_element()
+        axes.append([f"{key}={v}" for v in override.sweep_string_iterator()])
+    return [list(cell) for cell in itertools.product(*axes)]
+
+
+@pytest.mark.parametrize("experiment", ABLATIONS)
+def test_every_cell_composes_into_a_valid_config(experiment, tmp_path):
+    cells = grid(experiment, tmp_path)
+    assert len(cells) >= 6
+    for cell in cells:
+        cfg = compose_run_config([f"experiment={experiment}", *cell], tmp_path)
+        for override in cell:
+            key, value = override.split("=")
+            if key == "router":
+                assert cfg.hydra.runtime.choices.router == value
+            elif key == "model/init":
+                assert cfg.hydra.runtime.choices["model/init"] == value
+            else:
+                assert str(OmegaConf.select(cfg, key)) == value, (key, value)
+        assert cfg.task_name == experiment
+        if experiment == "init_ablation":
+            init = cfg.model.init
+            chosen = cfg.hydra.runtime.choices["model/init"]
+            assert (init.from_pretrained is not None) == (chosen == "moe_import")
+            assert (init.upcycle_from is not None) == (chosen == "dense_upcycle")
+            continue  # model.init is read by the checkpoint importer (see test_init_ablation_cell_trains)
+        build_model_config(cfg.model, cfg.router, vocab_size=100)
+
+
+@pytest.mark.slow
+def test_one_split_cell_trains_and_records_config_commit_metrics(cfg_fast, tmp_path, shared_data_dir):
+    from run import train
+
+    cfg = compose_run_config(["experiment=split_ablation", "model.audio_expert_fraction=0.25", "seed=2",
+                              *FAST_OVERRIDES, f"paths.data_dir={shared_data_dir}"], tmp_path)
+    metrics = train(cfg)
+    run_dir = Path(cfg.paths.output_dir)
+    saved = OmegaConf.load(run_dir / "config_resolved.yaml")
+    assert saved.model.audio_expert_fraction == 0.25 and saved.seed == 2 and saved.task_name == "split_ablation"
+    assert json.loads((run_dir / "metrics.json").read_text())["val/nll"] == pytest.approx(metrics["val/nll"])
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True).stdout.strip()
+    assert json.loads((run_dir / "provenance.json").read_text())["git"]["commit"] == head
+    # 8 experts, fraction 0.25: experts 6, 7 form the audio group, and modality-aware routing keeps audio there
+    assert metrics["test/expert_load/audio_to_audio_group"] == pytest.approx(1.0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("init", ["moe_import", "dense_upcycle"])
+def test_init_ablation_cell_trains(init, tmp_path, shared_data_dir, single_thread):
+    """One cell per initialisation from tiny checkpoints written locally in the real HF layouts."""
+    cfg = compose_run_config(["experiment=init_ablation"], tmp_path)
+    try:
+        build_model_config(cfg.model, cfg.router, vocab_size=100)
+        from hf_checkpoints import deepseek_model, llama_model, save_hf  # tests/ helpers of the importer
+    except (ConfigError, ImportError) as err:
+        if isinstance(err, ImportError) or "init" in str(err):
+            pytest.skip("needs the checkpoint importer that reads model.init (branch wip/weights), not on this "
+                        f"branch yet: {err}")
+        raise
+    pytest.importorskip("transformers")
+    from run import train
+
+    moe = save_hf(deepseek_model(), tmp_path / "deepseek_v2")
+    dense = save_hf(llama_model(), tmp_path / "llama")
+    cfg = compose_run_config(["experiment=init_ablation", f"model/init={init}", "seed=1", *FAST_OVERRIDES,
+                              f"paths.data_dir={shared_data_dir}", f"init_ablation.moe_checkpoint={moe}",
+                              f"init_ablation.dense_checkpoint={dense}"], tmp_path)
+    metrics = train(cfg)
+    saved = OmegaConf.load(Path(cfg.paths.output_dir) / "config_resolved.yaml")
+    assert saved.model.init.from_pretrained == (str(moe) if init == "moe_import" else None)
+    assert saved.model.init.upcycle_from == (str(dense) if init == "dense_upcycle" else None)
+    assert metrics["val/nll"] == metrics["val/nll"] and metrics["val/nll"] < 50  # finite, trained
+
+
+# ---- summariser ----------------------------------------------------------------------------------------------------
+def write_job(root: Path, num: int, overrides: list[str], config: dict, metrics: dict | None) -> Path:
+    job = root / str(num)
+    (job / ".hydra").mkdir(parents=True)
+    OmegaConf.save(OmegaConf.create(overrides), job / ".hydra" / "overrides.yaml")
+    OmegaConf.save(OmegaConf.create(config), job / ".hydra" / "config.yaml")
+    if metrics is not None:
+        OmegaConf.save(OmegaConf.create(config), job / "config_resolved.yaml")
+        (job / "metrics.json").write_text(json.dumps(metrics))
+        (job / "provenance.json").write_text(json.dumps({"git": {"commit": "abc123", "dirty": False}}))
+    return job
+
+
+def test_summarizer_marks_failed_and_missing_runs(tmp_path):
+    from most_lightning.experiments.summarize import main
+
+    sweep = tmp_path / "multirun"
+    sweep.mkdir()
+    OmegaConf.save(OmegaConf.create({
+        "hydra": {"sweeper": {"_target_": "hydra._internal.core_plugins.basic_sweeper.BasicSweeper",
+                              "params": {"router": "vanilla,modality_aware"}},
+                  "overrides": {"task": ["seed=1,2,3"]}}}), sweep / "multirun.yaml")
+    values = {("vanilla", 1): 4.0, ("vanilla", 2): 4.5, ("vanilla", 3): 4.1, ("modality_aware", 1): 3.0,
+              ("modality_aware", 2): 3.5}
+    num = 0
+    for (router, seed), nll in values.items():
+        write_job(sweep, num, [f"router={router}", f"seed={seed}"],
+                  {"router": {"name": router}, "seed": seed, "model": {"audio_expert_fraction": 0.5}},
+                  {"val/nll": nll, "test/asr_wer": nll / 10})
+        num += 1
+    # modality_aware seed 3 crashed (no metrics.json); nothing is missing then... drop one job dir to make a gap
+    write_job(sweep, num, ["router=modality_aware", "seed=3"],
+              {"router": {"name": "modality_aware"}, "seed": 3}, None)
+    (sweep / "2").rename(tmp_path / "lost")  # vanilla seed 3 never ran: missing
+
+    out = tmp_path / "summary"
+    main([str(sweep), "--metrics", "val/nll", "test/asr_wer", "--cell-keys", "router.name", "--out", str(out)])
+    with open(out / "runs.csv") as f:
+        rows = list(csv.DictReader(f))
+    statuses = sorted(r["status"] for r in rows)
+    assert statuses == ["complete"] * 4 + ["failed", "missing"]
+    failed = next(r for r in rows if r["status"] == "failed")
+    assert failed["router.name"] == "modality_aware" and "metrics.json" in failed["reason"]
+    missing = next(r for r in rows if r["status"] == "missing")
+    assert set(missing["overrides"].split()) == {"router=vanilla", "seed=3"}
+    assert all(r["git_commit"] == "abc123" for r in rows if r["status"] == "complete")
+
+    table = (out / "summary.md").read_text()
+    vanilla = statistics.fmean([4.0, 4.5]), statistics.stdev([4.0, 4.5])
+    aware = statistics.fmean([3.0, 3.5]), statistics.stdev([3.0, 3.5])
+    assert f"| vanilla | 2/0/0/1 | 1 2 | {vanilla[0]:.4g} ± {vanilla[1]:.4g} |" in table, table
+    assert f"| modality_aware | 2/0/1/0 | 1 2 | {aware[0]:.4g} ± {aware[1]:.4g} |" in table, table
+    assert "**failed**" in table and "**missing**" in table
+    for name in ("cells_multirun.png", "runs.csv", "summary.md"):
+        assert (out / name).stat().st_size > 0, name
