@@ -5,6 +5,7 @@
     python run.py -m router=vanilla,modality_aware model.n_shared_experts=0,2
     python run.py experiment=demo_long logger=many
     python run.py --cfg job                         # print the composed config
+    python run.py mode=eval ckpt_path=<run>/checkpoints/last.ckpt eval=default task_name=eval   # eval suite
 
 Returns cfg.optimized_metric so Hydra sweepers can optimise it.
 """
@@ -129,7 +130,17 @@ def main(cfg: DictConfig) -> Any:
 
     from most_lightning.lit.runtime import optimized_metric
 
-    metrics = train(cfg)
+    mode = cfg.get("mode", "train")
+    if mode == "eval":
+        from most_lightning.eval.driver import run_eval
+
+        metrics = run_eval(cfg)
+        if cfg.get("optimized_metric") not in metrics:  # val/nll is a training metric: nothing to return
+            return None
+    elif mode == "train":
+        metrics = train(cfg)
+    else:
+        raise ValueError(f"mode={mode!r}: allowed values are 'train' and 'eval'")
     try:
         return optimized_metric(metrics, cfg.get("optimized_metric"))
     except KeyError as err:
