@@ -6,15 +6,11 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import subprocess
-import sys
-from pathlib import Path
-
 import jiwer
 import pytest
 import torch
 
-from conftest import FAST_OVERRIDES, REPO_ROOT
+from eval_fixtures import run_eval_cli, tiny_run  # noqa: F401
 from most_lightning.eval.asr import TranscriptErrorRates
 from most_lightning.eval.normalize import TextNormalizer, integer_to_words
 
@@ -143,36 +139,9 @@ def test_full_width_beam_finds_the_exhaustive_optimum():
 
 
 # ---------------------------------------------------------------------------------------------- entry point
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory) -> tuple[Path, Path]:
-    """A tiny model trained through run.py (seconds); returns (run dir, data dir)."""
-    base = tmp_path_factory.mktemp("eval_train")
-    data_dir = tmp_path_factory.getbasetemp() / "most_data_corpus"
-    run_dir = base / "run"
-    cmd = [sys.executable, "run.py", *FAST_OVERRIDES, f"paths.data_dir={data_dir}", f"hydra.run.dir={run_dir}",
-           f"paths.log_dir={base / 'logs'}", "test=false"]
-    result = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
-                            env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
-    assert result.returncode == 0, result.stderr[-3000:]
-    return run_dir, data_dir
-
-
-def run_eval_cli(tiny_run, tmp_path, *overrides, check=True):
-    run_dir, data_dir = tiny_run
-    ckpt = run_dir / "checkpoints" / "last.ckpt"
-    out = tmp_path / "eval"
-    cmd = [sys.executable, "run.py", "mode=eval", f"ckpt_path={ckpt}", *FAST_OVERRIDES,
-           f"paths.data_dir={data_dir}", f"hydra.run.dir={out}", "eval.progress=false", *overrides]
-    result = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
-                            env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
-    if check:
-        assert result.returncode == 0, result.stderr[-4000:]
-    return out, result
-
-
 @pytest.mark.slow
 def test_eval_entry_point_default_suite(tiny_run, tmp_path):
-    out, _ = run_eval_cli(tiny_run, tmp_path, "eval=default", "eval.tasks.asr.limit=4", "eval.batch_size=3")
+    out, _ = run_eval_cli(tiny_run, tmp_path / "eval", "eval=default", "eval.tasks.asr.limit=4", "eval.batch_size=3")
     report = json.loads((out / "eval_report.json").read_text())
     asr = report["tasks"]["asr"]["metrics"]
     assert asr["n_utterances"] == 4 and asr["n_skipped_samples"] == 0
@@ -193,7 +162,7 @@ def test_eval_entry_point_default_suite(tiny_run, tmp_path):
 
 @pytest.mark.slow
 def test_eval_rejects_checkpoint_of_another_config(tiny_run, tmp_path):
-    _, result = run_eval_cli(tiny_run, tmp_path, "eval=asr", "model.hidden_size=96", "router=vanilla",
+    _, result = run_eval_cli(tiny_run, tmp_path / "eval", "eval=asr", "model.hidden_size=96", "router=vanilla",
                              check=False)
     assert result.returncode != 0
     assert "trained with another config" in result.stderr
