@@ -93,3 +93,40 @@ def test_tts_suite_through_the_entry_point(tiny_run, tmp_path):
     assert m["wer_ground_truth"] < 0.6  # flite speech is intelligible to pocketsphinx
     assert (out / "vocoders" / "mean_mel" / "mean_mel_vocoder.json").is_file()
     assert list((out / "tts_audio").glob("*.resynth.flac"))
+
+
+def test_hf_ctc_recognizer_loads_a_local_save_pretrained_directory(tmp_path):
+    """A small random Wav2Vec2ForCTC + processor written with save_pretrained: the recogniser must give the
+    same text as decoding the in-memory model's argmax with the same tokenizer."""
+    import json as _json
+
+    from transformers import (Wav2Vec2Config, Wav2Vec2CTCTokenizer, Wav2Vec2FeatureExtractor, Wav2Vec2ForCTC,
+                              Wav2Vec2Processor)
+
+    from most_lightning.eval.recognizers import build_recognizer
+
+    vocab = {"<pad>": 0, "|": 1, "<unk>": 2, **{c: i + 3 for i, c in enumerate("abcdefghijklmnopqrstuvwxyz'")}}
+    (tmp_path / "vocab.json").write_text(_json.dumps(vocab))
+    tokenizer = Wav2Vec2CTCTokenizer(str(tmp_path / "vocab.json"), word_delimiter_token="|")
+    extractor = Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=16000, padding_value=0.0,
+                                         do_normalize=True, return_attention_mask=False)
+    processor = Wav2Vec2Processor(feature_extractor=extractor, tokenizer=tokenizer)
+    torch.manual_seed(0)
+    config = Wav2Vec2Config(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                            intermediate_size=64, conv_dim=(16, 16), conv_stride=(5, 4), conv_kernel=(10, 4),
+                            num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2, pad_token_id=0,
+                            do_stable_layer_norm=False, feat_extract_norm="group")
+    model = Wav2Vec2ForCTC(config).eval()
+    model.save_pretrained(tmp_path / "ctc")
+    processor.save_pretrained(tmp_path / "ctc")
+    waves = [torch.randn(8000) * 0.1, torch.randn(12000) * 0.1]
+    rec = build_recognizer({"kind": "hf_ctc", "model_dir": str(tmp_path / "ctc"), "batch_size": 1})
+    got = rec.transcribe(waves)
+    with torch.no_grad():
+        expected = []
+        for w in waves:
+            x = processor(w.numpy(), sampling_rate=16000, return_tensors="pt").input_values
+            expected.append(tokenizer.decode(model(x).logits.argmax(-1)[0]).strip())
+    assert got == expected
+    with pytest.raises(FileNotFoundError, match="save_pretrained"):
+        build_recognizer({"kind": "hf_ctc", "model_dir": str(tmp_path / "missing")})
