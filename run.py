@@ -137,10 +137,14 @@ def main(cfg: DictConfig) -> Any:
         metrics = run_eval(cfg)
         if cfg.get("optimized_metric") not in metrics:  # val/nll is a training metric: nothing to return
             return None
+    elif mode == "vocoder":  # experiment=vocoder: the unit HiFi-GAN
+        from most_lightning.lit.vocoder import train_vocoder
+
+        metrics = train_vocoder(cfg)
     elif mode == "train":
         metrics = train(cfg)
     else:
-        raise ValueError(f"mode={mode!r}: allowed values are 'train' and 'eval'")
+        raise ValueError(f"mode={mode!r}: allowed values are 'train', 'eval' and 'vocoder'")
     try:
         return optimized_metric(metrics, cfg.get("optimized_metric"))
     except KeyError as err:
