@@ -15,12 +15,13 @@ from conftest import FAST_OVERRIDES, REPO_ROOT
 
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory) -> tuple[Path, Path]:
-    """(run dir with checkpoints/last.ckpt, data dir): FAST_OVERRIDES training, seconds."""
+    """(run dir with checkpoints/last.ckpt and metrics.json of the Lightning test, data dir): FAST_OVERRIDES
+    training, seconds."""
     base = tmp_path_factory.mktemp("eval_train")
     data_dir = tmp_path_factory.getbasetemp() / "most_data_corpus"
     run_dir = base / "run"
     cmd = [sys.executable, "run.py", *FAST_OVERRIDES, f"paths.data_dir={data_dir}", f"hydra.run.dir={run_dir}",
-           f"paths.log_dir={base / 'logs'}", "test=false"]
+           f"paths.log_dir={base / 'logs'}", "test_asr_mismatched=false"]
     result = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]

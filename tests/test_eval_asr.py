@@ -161,6 +161,19 @@ def test_eval_entry_point_default_suite(tiny_run, tmp_path):
 
 
 @pytest.mark.slow
+def test_eval_greedy_wer_equals_the_lightning_test_loop(tiny_run, tmp_path):
+    """Two independent paths (MoSTLitModule.test_step during training vs mode=eval) on the same weights."""
+    run_dir, _ = tiny_run
+    trained = json.loads((run_dir / "metrics.json").read_text())
+    out, _ = run_eval_cli(tiny_run, tmp_path / "eval", "eval=asr", "eval.tasks.asr.decodings=[greedy]",
+                          "eval.tasks.asr.max_new_tokens=16")  # debug=fast's lit.evaluation.asr_max_new_tokens
+    asr = json.loads((out / "eval_report.json").read_text())["tasks"]["asr"]["metrics"]
+    assert asr["n_utterances"] == trained["test/asr_n_utterances"]
+    assert asr["wer_greedy"] == pytest.approx(trained["test/asr_wer"], abs=1e-6)
+    assert asr["cer_greedy"] == pytest.approx(trained["test/asr_cer"], abs=1e-6)
+
+
+@pytest.mark.slow
 def test_eval_rejects_checkpoint_of_another_config(tiny_run, tmp_path):
     _, result = run_eval_cli(tiny_run, tmp_path / "eval", "eval=asr", "model.hidden_size=96", "router=vanilla",
                              check=False)
