@@ -114,7 +114,9 @@ class MeanMelVocoder:
             u = u.repeat_interleave(self.mean_duration[u].round().clamp(min=1).long())
         log_mel = self.mean_log_mel[u].reshape(-1, self.config.n_mels)  # [frames, n_mels]
         magnitude = self.inverse_mel(torch.exp(log_mel).T)  # [n_fft/2+1, frames]
-        wave = self.griffin_lim(magnitude)
+        with torch.random.fork_rng(devices=[]):  # Griffin-Lim starts from random phases: same units, same audio
+            torch.manual_seed(0)
+            wave = self.griffin_lim(magnitude)
         return wave / wave.abs().max().clamp(min=1e-4) * 0.9
 
     def save(self, directory: str | Path) -> None:
