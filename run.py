@@ -6,6 +6,7 @@
     python run.py experiment=demo_long logger=many
     python run.py audio=continuous                  # MoST-C: frozen encoder features instead of input units
     python run.py --cfg job                         # print the composed config
+    python run.py mode=eval ckpt_path=<run>/checkpoints/last.ckpt eval=default task_name=eval   # eval suite
 
 Returns cfg.optimized_metric so Hydra sweepers can optimise it.
 """
@@ -142,13 +143,26 @@ def main(cfg: DictConfig) -> Any:
 
     from most_lightning.lit.runtime import optimized_metric
 
+    mode = cfg.get("mode", "train")
+    names = cfg.get("optimized_metric")
     if cfg.get("quick_objective"):  # sweep tests: a known function of the overrides instead of training
         from most_lightning.experiments.quick_objective import run_quick_objective
 
         metrics = run_quick_objective(cfg)
-    else:
+    elif mode == "eval":
+        from most_lightning.eval.driver import run_eval
+
+        metrics = run_eval(cfg)
+        if not OmegaConf.is_list(names) and names not in metrics:  # val/nll is a training metric: nothing to return
+            return None
+    elif mode == "vocoder":  # experiment=vocoder: the unit HiFi-GAN
+        from most_lightning.lit.vocoder import train_vocoder
+
+        metrics = train_vocoder(cfg)
+    elif mode == "train":
         metrics = train(cfg)
-    names = cfg.get("optimized_metric")
+    else:
+        raise ValueError(f"mode={mode!r}: allowed values are 'train', 'eval' and 'vocoder'")
     try:
         if OmegaConf.is_list(names):  # several objectives (multi-objective sweeps): one value per name
             return [optimized_metric(metrics, name) for name in names]

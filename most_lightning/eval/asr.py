@@ -1,29 +1,24 @@
 """ASR scoring: transcript normalisation and corpus-level WER/CER with torchmetrics.
 
-Both hypotheses and references go through the same normaliser (lower-case, punctuation stripped, spaces
-collapsed), the usual protocol for the published LibriSpeech numbers (MOST_SPEC section 6).
+Both hypotheses and references go through the same normaliser (by default lower-case, punctuation stripped,
+spaces collapsed: the usual protocol for the published LibriSpeech numbers, MOST_SPEC section 6; configurable,
+see most_lightning.eval.normalize.TextNormalizer).
 """
 
 from __future__ import annotations
 
-import re
-import unicodedata
 from collections.abc import Sequence
 
 import torch
 from torchmetrics import Metric
 from torchmetrics.text import CharErrorRate, WordErrorRate
 
-_PUNCTUATION = re.compile(r"[^\w\s']|_")  # keep apostrophes: "don't" stays one word
-_SPACES = re.compile(r"\s+")
+from most_lightning.eval.normalize import DEFAULT_NORMALIZER, TextNormalizer
 
 
 def normalize_transcript(text: str) -> str:
     """Lower-case, strip punctuation (apostrophes inside words are kept), collapse whitespace."""
-    text = unicodedata.normalize("NFKC", text).lower()
-    text = _PUNCTUATION.sub(" ", text)
-    text = re.sub(r"(^|\s)'+|'+(\s|$)", r"\1 \2", text)  # quote marks, not apostrophes
-    return _SPACES.sub(" ", text).strip()
+    return DEFAULT_NORMALIZER(text)
 
 
 class TranscriptErrorRates(Metric):
@@ -35,8 +30,9 @@ class TranscriptErrorRates(Metric):
 
     full_state_update = False
 
-    def __init__(self) -> None:
+    def __init__(self, normalizer: TextNormalizer | None = None) -> None:
         super().__init__()
+        self.normalizer = normalizer or DEFAULT_NORMALIZER
         self.wer = WordErrorRate()
         self.cer = CharErrorRate()
         self.add_state("n_utterances", default=torch.tensor(0), dist_reduce_fx="sum")
@@ -45,7 +41,7 @@ class TranscriptErrorRates(Metric):
     def update(self, hypotheses: Sequence[str], references: Sequence[str]) -> None:  # type: ignore[override]
         if len(hypotheses) != len(references):
             raise ValueError(f"{len(hypotheses)} hypotheses but {len(references)} references")
-        pairs = [(normalize_transcript(h), normalize_transcript(r)) for h, r in zip(hypotheses, references)]
+        pairs = [(self.normalizer(h), self.normalizer(r)) for h, r in zip(hypotheses, references)]
         kept = [(h, r) for h, r in pairs if r]
         self.n_empty_references += len(pairs) - len(kept)
         self.n_utterances += len(kept)
@@ -57,10 +53,80 @@ class TranscriptErrorRates(Metric):
     def compute(self) -> dict[str, torch.Tensor]:
         if int(self.n_utterances) == 0:
             nan = torch.tensor(float("nan"))
-            return {"wer": nan, "cer": nan, "n_utterances": self.n_utterances}
-        return {"wer": self.wer.compute(), "cer": self.cer.compute(), "n_utterances": self.n_utterances}
+            return {"wer": nan, "cer": nan, "n_utterances": self.n_utterances,
+                    "n_empty_references": self.n_empty_references}
+        return {"wer": self.wer.compute(), "cer": self.cer.compute(), "n_utterances": self.n_utterances,
+                "n_empty_references": self.n_empty_references}
 
     def reset(self) -> None:
         super().reset()
         self.wer.reset()
         self.cer.reset()
+
+
+# ---------------------------------------------------------------------------------------------- eval task
+ASR_DECODINGS = ("greedy", "beam")
+
+
+def decode_text_rows(tokenizer, rows: torch.Tensor) -> list[str]:
+    """Generated ids -> text, cut at the first eos (an empty string when nothing was generated)."""
+    texts = []
+    for row in rows.tolist():
+        if tokenizer.eos_id in row:
+            row = row[: row.index(tokenizer.eos_id)]
+        texts.append(tokenizer.decode_text(row))
+    return texts
+
+
+def generate_batch(ctx, prompts: list[list[int]], max_new_tokens: int, decoding: str = "greedy",
+                   beam_size: int = 4, length_penalty: float = 1.0) -> torch.Tensor:
+    """Left-pad token prompts and generate (greedy or beam) with the KV cache; returns the new ids [B, N]."""
+    from most_lightning.data.collate import collate_asr_generation
+    from most_lightning.data.tasks import GenerationExample
+    from most_lightning.model.generation import beam_generate, greedy_generate
+
+    tok = ctx.tokenizer
+    batch = collate_asr_generation([GenerationExample(p, "", "") for p in prompts], tok.pad_id, tok.modality_of)
+    args = (ctx.model, batch["prompt_ids"].to(ctx.device), batch["prompt_modality"].to(ctx.device),
+            batch["prompt_mask"].to(ctx.device), max_new_tokens)
+    if decoding == "greedy":
+        return greedy_generate(*args, eos_id=tok.eos_id, pad_id=tok.pad_id, modality_of=tok.modality_of)
+    if decoding == "beam":
+        return beam_generate(*args, eos_id=tok.eos_id, pad_id=tok.pad_id, modality_of=tok.modality_of,
+                             beam_size=beam_size, length_penalty=length_penalty)
+    raise ValueError(f"decoding={decoding!r}: allowed values are {ASR_DECODINGS}")
+
+
+def evaluate_asr(ctx, split: str = "test", limit: int | None = None, decodings=("greedy",), beam_size: int = 4,
+                 length_penalty: float = 1.0, max_new_tokens: int = 96, n_examples: int = 5) -> dict:
+    """Transcribe a prepared split's units and score WER/CER per decoding. Bad samples (missing audio, empty
+    transcripts, bad units) are skipped by the data config's on_bad_sample policy and counted."""
+    unknown = [d for d in decodings if d not in ASR_DECODINGS]
+    if unknown:
+        raise ValueError(f"asr.decodings has {unknown}; allowed: {ASR_DECODINGS}")
+    examples = ctx.datamodule.asr_generation_examples(split, limit=limit)
+    n_skipped = sum(e.n_skipped for e in examples)
+    metrics: dict[str, float] = {}
+    shown: dict[str, list[dict[str, str]]] = {}
+    for decoding in decodings:
+        scorer = TranscriptErrorRates(ctx.normalizer)
+        n_empty = 0
+        shown[decoding] = []
+        for chunk in ctx.batches(examples, f"asr {decoding}"):
+            new = generate_batch(ctx, [e.prompt_ids for e in chunk], max_new_tokens, decoding, beam_size,
+                                 length_penalty)
+            hyps = decode_text_rows(ctx.tokenizer, new)
+            n_empty += sum(not ctx.normalizer(h) for h in hyps)  # scored as all-deletion errors
+            scorer.update(hyps, [e.reference_text for e in chunk])
+            for e, h in zip(chunk, hyps):
+                if len(shown[decoding]) < n_examples:
+                    shown[decoding].append({"key": e.key, "reference": e.reference_text, "hypothesis": h})
+        scores = scorer.compute()
+        metrics[f"wer_{decoding}"] = float(scores["wer"])
+        metrics[f"cer_{decoding}"] = float(scores["cer"])
+        metrics[f"n_empty_hypotheses_{decoding}"] = n_empty
+        metrics["n_empty_references"] = int(scores["n_empty_references"])
+        metrics["n_utterances"] = int(scores["n_utterances"])
+    metrics["n_skipped_samples"] = n_skipped
+    return {"metrics": metrics, "examples": shown,
+            "settings": {"split": split, "limit": limit, "beam_size": beam_size, "max_new_tokens": max_new_tokens}}

@@ -51,3 +51,96 @@ def greedy_generate(model, input_ids: torch.Tensor, modality: torch.Tensor,
         return torch.stack(generated, dim=1)
     finally:
         model.train(was_training)
+
+
+def _reorder_cache(cache, index: torch.Tensor) -> None:
+    """Keep cache rows `index` (beam bookkeeping): every cached tensor is [B, ...]."""
+    cache.layers = [None if t is None else tuple(x.index_select(0, index) for x in t) for t in cache.layers]
+
+
+@torch.no_grad()
+def beam_generate(model, input_ids: torch.Tensor, modality: torch.Tensor,
+                  attention_mask: torch.Tensor | None, max_new_tokens: int, *, eos_id: int, beam_size: int = 4,
+                  length_penalty: float = 1.0, pad_id: int | None = None,
+                  modality_of: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """Beam search with the KV cache; returns each prompt's best hypothesis [B, <= max_new_tokens] (eos kept,
+    pad_id after it). Hypotheses are ranked by sum log p / length**length_penalty (finished ones by their
+    length including eos). beam_size=1 gives exactly the greedy output."""
+    if beam_size < 1:
+        raise ValueError(f"beam_size must be >= 1, got {beam_size}")
+    pad_id = eos_id if pad_id is None else pad_id
+    batch, width = input_ids.shape
+    device = input_ids.device
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
+    attention_mask = attention_mask.bool()
+    expand = lambda t: t.repeat_interleave(beam_size, dim=0)  # noqa: E731  [B*W, ...], beams of a prompt adjacent
+    ids, mods, mask = expand(input_ids), expand(modality), expand(attention_mask)
+    positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    was_training = model.training
+    model.eval()
+    try:
+        out = model(ids, mods, attention_mask=mask, position_ids=positions, use_cache=True)
+        cache, next_pos = out.past_key_values, positions[:, -1:] + 1
+        # only the first beam of each prompt is live at the start (the others are copies)
+        scores = torch.full((batch, beam_size), float("-inf"), device=device)
+        scores[:, 0] = 0.0
+        tokens = torch.empty(batch * beam_size, 0, dtype=torch.long, device=device)
+        finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(batch)]
+        vocab = out.logits.shape[-1]
+        for step in range(max_new_tokens):
+            logp = torch.log_softmax(out.logits[:, -1].float(), dim=-1).view(batch, beam_size, vocab)
+            total = (scores[:, :, None] + logp).view(batch, -1)
+            top, flat = total.topk(2 * beam_size, dim=-1)  # room for beams that finish now
+            new_scores = torch.full_like(scores, float("-inf"))
+            new_rows, new_tokens = [], []
+            for b in range(batch):
+                kept = 0
+                for rank, (value, index) in enumerate(zip(top[b].tolist(), flat[b].tolist())):
+                    if value == float("-inf"):
+                        break
+                    beam, token = divmod(index, vocab)
+                    row = b * beam_size + beam
+                    if token == eos_id:
+                        if rank < beam_size:  # as in HF: an eos ranked below the beam width does not finish
+                            seq = tokens[row].tolist() + [eos_id]
+                            finished[b].append((value / len(seq) ** length_penalty, seq))
+                        continue
+                    if kept < beam_size:
+                        new_scores[b, kept] = value
+                        new_rows.append(row)
+                        new_tokens.append(token)
+                        kept += 1
+                while kept < beam_size:  # fewer live candidates than beams: dead copies
+                    new_rows.append(b * beam_size)
+                    new_tokens.append(pad_id)
+                    kept += 1
+            # stop a prompt once its best finished beam beats every live beam's best possible score
+            done = all(len(finished[b]) >= beam_size or (
+                finished[b] and max(f[0] for f in finished[b]) >= float(new_scores[b].max()) /
+                (step + 2) ** length_penalty) for b in range(batch))
+            if done or step == max_new_tokens - 1:
+                for b in range(batch):
+                    for k in range(beam_size):
+                        if new_scores[b, k] > float("-inf"):
+                            seq = tokens[new_rows[b * beam_size + k]].tolist() + [new_tokens[b * beam_size + k]]
+                            finished[b].append((float(new_scores[b, k]) / len(seq) ** length_penalty, seq))
+                break
+            rows = torch.tensor(new_rows, device=device)
+            step_tokens = torch.tensor(new_tokens, device=device)[:, None]
+            tokens = torch.cat((tokens.index_select(0, rows), step_tokens), dim=1)
+            scores = new_scores
+            _reorder_cache(cache, rows)
+            mask = torch.cat((mask.index_select(0, rows), torch.ones_like(step_tokens, dtype=torch.bool)), dim=1)
+            step_modality = modality_of(step_tokens) if modality_of is not None else torch.zeros_like(step_tokens)
+            out = model(step_tokens, step_modality, attention_mask=mask, position_ids=next_pos,
+                        past_key_values=cache, use_cache=True)
+            next_pos = next_pos + 1
+        best = [max(f, key=lambda x: x[0])[1] if f else [] for f in finished]
+        length = max((len(s) for s in best), default=0)
+        result = torch.full((batch, length), pad_id, dtype=torch.long, device=device)
+        for b, seq in enumerate(best):
+            result[b, : len(seq)] = torch.tensor(seq, dtype=torch.long, device=device)
+        return result
+    finally:
+        model.train(was_training)

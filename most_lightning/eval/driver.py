@@ -1,0 +1,114 @@
+"""`python run.py mode=eval ckpt_path=... eval=<suite>`: run a checkpoint through a suite of eval tasks.
+
+A suite (conf/eval/*.yaml) lists tasks by name with their settings; a task set to null is skipped. Every task
+returns {"metrics": {...}, ...}; a task that fails is recorded with its error (and the suite goes on) unless
+eval.fail_fast is set. Writes eval_report.json and eval_report.md into the run directory.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger("most_lightning.eval")
+
+
+def _task_registry() -> dict[str, Callable[..., dict]]:
+    from most_lightning.eval.asr import evaluate_asr
+    from most_lightning.eval.text_lm import evaluate_text_perplexity
+
+    registry: dict[str, Callable[..., dict]] = {"asr": evaluate_asr, "text_ppl": evaluate_text_perplexity}
+    try:  # optional tasks register themselves here when their modules exist
+        from most_lightning.eval.tts import evaluate_tts
+
+        registry["tts"] = evaluate_tts
+    except ImportError:
+        pass
+    try:
+        from most_lightning.eval.minimal_pairs import evaluate_minimal_pairs
+
+        registry["minimal_pairs"] = evaluate_minimal_pairs
+    except ImportError:
+        pass
+    try:
+        from most_lightning.eval.spoken_qa import evaluate_spoken_qa
+
+        registry["spoken_qa"] = evaluate_spoken_qa
+    except ImportError:
+        pass
+    try:
+        from most_lightning.eval.lm_harness import evaluate_lm_harness
+
+        registry["lm_eval"] = evaluate_lm_harness
+    except ImportError:
+        pass
+    return registry
+
+
+def _plain(value: Any) -> Any:
+    return OmegaConf.to_container(value, resolve=True) if isinstance(value, DictConfig) else value
+
+
+def build_context(cfg: DictConfig):
+    import hydra
+
+    from most_lightning.eval.checkpoint import load_model_for_eval
+    from most_lightning.eval.context import EvalContext
+    from most_lightning.eval.normalize import TextNormalizer
+
+    suite = cfg.eval
+    datamodule = hydra.utils.instantiate(cfg.data)
+    datamodule.prepare_data()
+    tokenizer = datamodule.tokenizer
+    model, info = load_model_for_eval(cfg.get("ckpt_path"), cfg.model, cfg.router, tokenizer.vocab_size)
+    device = torch.device(suite.get("device") or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model.to(device)
+    ctx = EvalContext(model=model, tokenizer=tokenizer, datamodule=datamodule,
+                      normalizer=TextNormalizer.from_any(_plain(suite.get("normalizer"))),
+                      batch_size=int(suite.get("batch_size", 8)), device=device,
+                      output_dir=Path(cfg.paths.output_dir), progress=bool(suite.get("progress", True)))
+    return ctx, info
+
+
+def run_eval(cfg: DictConfig) -> dict[str, Any]:
+    from most_lightning.eval.report import flat_metrics, write_report
+
+    if cfg.get("eval") is None:
+        raise ValueError("mode=eval needs a suite: eval=<name of a file in conf/eval> (e.g. eval=asr, eval=full)")
+    suite = cfg.eval
+    registry = _task_registry()
+    tasks = {k: v for k, v in _plain(suite.tasks).items() if v is not None and v.get("enabled", True) is not False}
+    unknown = sorted(set(tasks) - set(registry))
+    if unknown:
+        raise ValueError(f"eval.tasks has unknown task(s) {unknown}; known: {sorted(registry)}")
+    if cfg.get("seed") is not None:
+        torch.manual_seed(int(cfg.seed))
+    ctx, info = build_context(cfg)
+    report: dict[str, Any] = {"suite": suite.get("name", "?"), "checkpoint": info,
+                              "router": cfg.router.name, "model": _plain(cfg.model),
+                              "vocab_size": ctx.tokenizer.vocab_size,
+                              "normalizer": _plain(suite.get("normalizer")), "tasks": {}}
+    for name, settings in tasks.items():
+        settings = {k: v for k, v in settings.items() if k != "enabled"}
+        log.info(f"eval task {name} {settings}")
+        start = time.perf_counter()
+        try:
+            result = registry[name](ctx, **settings)
+        except Exception as err:  # noqa: BLE001  one failing task must not lose the others' results
+            if suite.get("fail_fast", False):
+                raise
+            log.exception(f"eval task {name} failed")
+            result = {"error": f"{type(err).__name__}: {err}"}
+        result["seconds"] = round(time.perf_counter() - start, 2)
+        report["tasks"][name] = result
+        shown = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                          for k, v in (result.get("metrics") or {}).items())
+        log.info(f"{name}: {shown or result.get('error')}")
+    json_path, md_path = write_report(report, ctx.output_dir)
+    log.info(f"eval report written to {json_path} and {md_path}")
+    return flat_metrics(report)
