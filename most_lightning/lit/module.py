@@ -26,7 +26,8 @@ from torch import nn
 
 from most_lightning.eval.asr import TranscriptErrorRates
 from most_lightning.lit.expert_load import ExpertLoadAccumulator
-from most_lightning.lit.losses import MODALITY_NAMES, TASK_NAMES, TokenLosses, shifted_token_losses
+from most_lightning.lit.losses import (MODALITY_NAMES, TASK_NAMES, TokenLosses, fused_token_losses,
+                                       shifted_token_losses)
 from most_lightning.lit.metrics import TokenMean
 from most_lightning.lit.model_config import audio_expert_ids, build_model_config, moe_layer_ids
 from most_lightning.lit.schedule import linear_warmup_decay
@@ -63,7 +64,30 @@ def _count_skipped(value: Any) -> int:
     return int(value)
 
 
+def build_adamw(model: nn.Module, settings: Mapping[str, Any]) -> torch.optim.AdamW:
+    """AdamW over ``model`` with the lit.optimizer settings; no weight decay on vectors (norms, biases)."""
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if param.requires_grad:
+            (decay if param.ndim >= 2 else no_decay).append(param)
+    return torch.optim.AdamW(
+        [
+            {"params": decay, "weight_decay": float(settings["weight_decay"]), "name": "matrices"},
+            {"params": no_decay, "weight_decay": 0.0, "name": "vectors"},
+        ],
+        lr=float(settings["lr"]),
+        betas=tuple(float(b) for b in settings["betas"]),
+        eps=float(settings["eps"]),
+        # One multi-tensor kernel per step instead of ~10 small ops per parameter (14 -> 3 ms per step for the
+        # tiny preset on one CPU thread); the same AdamW maths. Fused kernels exist for CPU and CUDA tensors.
+        fused=all(p.device.type in ("cpu", "cuda") for p in decay + no_decay) or None,
+    )
+
+
 class MoSTLitModule(LightningModule):
+    # Training loss through lit.losses.fused_token_losses (False: plain logits + cross entropy, same values).
+    fused_lm_loss = True
+
     def __init__(
         self,
         model: Mapping,
@@ -145,9 +169,19 @@ class MoSTLitModule(LightningModule):
         return mask
 
     # ------------------------------------------------------------------ training
-    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
+    def _training_losses(self, batch: Mapping[str, Any]) -> tuple[Any, TokenLosses]:
+        """Model output and per-token losses. A MoST model gets the fused LM-head loss: the LM head runs only on
+        supervised positions and the full [B, T, vocab] logits never exist (lit/losses.py)."""
+        if self.fused_lm_loss and isinstance(self.model, MoSTForCausalLM):
+            out = self.model(batch["input_ids"], batch["modality"], attention_mask=batch.get("attention_mask"),
+                             compute_logits=False)
+            return out, fused_token_losses(out.hidden, self.model.lm_head.weight, batch["labels"],
+                                           batch["modality"])
         out = self(batch)
-        losses = shifted_token_losses(out.logits, batch["labels"], batch["modality"])
+        return out, shifted_token_losses(out.logits, batch["labels"], batch["modality"])
+
+    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
+        out, losses = self._training_losses(batch)
         lm_loss = losses.mean()
         loss = lm_loss + out.aux_loss
 
@@ -310,20 +344,7 @@ class MoSTLitModule(LightningModule):
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self) -> dict[str, Any]:
-        settings = self.optimizer_settings
-        decay, no_decay = [], []
-        for param in self.model.parameters():
-            if param.requires_grad:
-                (decay if param.ndim >= 2 else no_decay).append(param)  # norms/biases: no weight decay
-        optimizer = torch.optim.AdamW(
-            [
-                {"params": decay, "weight_decay": float(settings["weight_decay"]), "name": "matrices"},
-                {"params": no_decay, "weight_decay": 0.0, "name": "vectors"},
-            ],
-            lr=float(settings["lr"]),
-            betas=tuple(float(b) for b in settings["betas"]),
-            eps=float(settings["eps"]),
-        )
+        optimizer = build_adamw(self.model, self.optimizer_settings)
         sched = self.scheduler_settings
         total = sched.get("total_steps") or self.trainer.estimated_stepping_batches
         if total is None or total == float("inf"):
