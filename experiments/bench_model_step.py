@@ -12,6 +12,9 @@ transformers the fused AdamW too, to show how much of the gap is the optimizer.
     python experiments/bench_model_step.py                        # tiny preset, batch 8 x 256, 2 threads
     python experiments/bench_model_step.py --prompt-fraction 0.5  # first half of each row unsupervised (-100)
     python experiments/bench_model_step.py --memory               # peak RSS of one step per row (subprocesses)
+    python experiments/bench_model_step.py --threads 1 --clock thread  # CPU time of the one compute thread:
+        # on a machine shared with other jobs, wall time at 2 threads mostly measures OpenMP threads waiting
+        # for descheduled partners; one thread's own CPU time is (nearly) blind to the other processes
     python experiments/bench_model_step.py --quick                # smoke run
 """
 
@@ -24,6 +27,7 @@ import shlex
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -31,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # this checkout's package, not another install
 from bench_moe import Row, print_table, run_interleaved  # noqa: E402
 
 from most_lightning.lit.losses import fused_token_losses  # noqa: E402
@@ -143,6 +148,20 @@ def memory_row(args, kind: str) -> dict[str, float]:
     return dict(row=rows[0].name, before_mb=before, step_peak_delta_mb=peak - before)
 
 
+def run_interleaved_thread_clock(rows: list[Row], reps: int, warmup: int = 1, quiet: bool = False) -> None:
+    """Like bench_moe.run_interleaved, timing each step by this thread's CPU time (torch runs on it alone)."""
+    for row in rows:
+        for _ in range(warmup):
+            row.step()
+    for rep in range(reps):
+        for row in rows:
+            start = time.thread_time()
+            row.step()
+            row.times.append(time.thread_time() - start)
+        if not quiet:
+            print(f"  rep {rep + 1}/{reps} done", file=sys.stderr, flush=True)
+
+
 def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--preset", default="tiny")
@@ -156,10 +175,14 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--retries", type=int, default=3, help="re-runs of a repetition disturbed by other processes")
     parser.add_argument("--wait-budget", type=float, default=300.0,
                         help="seconds to wait in all for a quiet machine before re-running disturbed repetitions")
+    parser.add_argument("--clock", choices=("wall", "thread"), default="wall",
+                        help="thread: CPU seconds of the calling thread (needs --threads 1), blind to other processes")
     parser.add_argument("--quick", action="store_true", help="smoke run: batch 2 x 64, 2 repetitions")
     parser.add_argument("--memory", action="store_true", help="peak RSS of one step per row, each in a subprocess")
     parser.add_argument("--memory-row", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.clock == "thread" and args.threads != 1:
+        parser.error("--clock thread measures one thread's CPU time: use it with --threads 1")
     if args.quick:
         args.batch, args.seq_len, args.reps, args.retries = 2, 64, 2, 0
     torch.set_num_threads(args.threads)
@@ -200,9 +223,13 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
           f"of {labels[:, 1:].numel()}\ntransformers: attn_implementation={theirs.config._attn_implementation!r} "
           f"(its default), use_cache={theirs.config.use_cache} (its default); loss {their_loss.item():.6f}, ours "
           f"{ours_loss.item():.6f}")
-    run_interleaved(rows, args.reps, retries=args.retries, wait_budget=args.wait_budget, quiet=args.quick)
+    if args.clock == "thread":
+        run_interleaved_thread_clock(rows, args.reps, quiet=args.quick)
+    else:
+        run_interleaved(rows, args.reps, retries=args.retries, wait_budget=args.wait_budget, quiet=args.quick)
     ratios = print_table("training step: forward + backward + AdamW", rows, rows[0].name,
-                         note=f"ratios to our vanilla-router row; medians of {args.reps} interleaved repetitions")
+                         note=f"ratios to our vanilla-router row; medians of {args.reps} interleaved repetitions"
+                         + ("; CPU time of the compute thread" if args.clock == "thread" else "; wall time"))
     ours = statistics.median(rows[0].times)
     for row in rows[2:]:
         print(f"speed-up of MoST (vanilla) over {row.name}: {statistics.median(row.times) / ours:.2f}x")
