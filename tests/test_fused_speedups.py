@@ -115,6 +115,11 @@ def test_model_without_logits_gives_the_lm_head_input():
 def test_training_step_same_loss_and_gradients_with_and_without_fusion(toy_tokenizer, monkeypatch):
     from test_lit_module import capture_logs, make_batch, make_module
 
+    import most_lightning.lit.module as lit_module
+
+    calls = []
+    monkeypatch.setattr(lit_module, "fused_token_losses",
+                        lambda *a, **kw: calls.append(1) or fused_token_losses(*a, **kw))
     batch = make_batch(toy_tokenizer)
     results = []
     for fused in (False, True):
@@ -126,6 +131,7 @@ def test_training_step_same_loss_and_gradients_with_and_without_fusion(toy_token
         loss.backward()
         grads = {n: p.grad.clone() for n, p in module.model.named_parameters() if p.grad is not None}
         results.append((loss.detach(), dict(logged), grads))
+    assert len(calls) == 1  # the fused run really took the fused path, the plain one did not
     (plain_loss, plain_log, plain_grads), (fused_loss, fused_log, fused_grads) = results
     torch.testing.assert_close(fused_loss, plain_loss, rtol=1e-5, atol=1e-6)
     assert plain_grads.keys() == fused_grads.keys() and "lm_head.weight" in fused_grads

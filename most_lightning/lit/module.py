@@ -64,6 +64,14 @@ def _count_skipped(value: Any) -> int:
     return int(value)
 
 
+def _plain_weight(linear: nn.Linear) -> bool:
+    """The fused loss reads lm_head.weight outside lm_head's forward: only safe when the weight is an ordinary
+    whole tensor (not a ZeRO-3 partition or a sharded DTensor, which only their module's forward gathers)."""
+    weight = linear.weight
+    return type(weight) is nn.Parameter and not hasattr(weight, "ds_id") and weight.shape == (
+        linear.out_features, linear.in_features)
+
+
 def build_adamw(model: nn.Module, settings: Mapping[str, Any]) -> torch.optim.AdamW:
     """AdamW over ``model`` with the lit.optimizer settings; no weight decay on vectors (norms, biases)."""
     decay, no_decay = [], []
@@ -172,7 +180,7 @@ class MoSTLitModule(LightningModule):
     def _training_losses(self, batch: Mapping[str, Any]) -> tuple[Any, TokenLosses]:
         """Model output and per-token losses. A MoST model gets the fused LM-head loss: the LM head runs only on
         supervised positions and the full [B, T, vocab] logits never exist (lit/losses.py)."""
-        if self.fused_lm_loss and isinstance(self.model, MoSTForCausalLM):
+        if self.fused_lm_loss and isinstance(self.model, MoSTForCausalLM) and _plain_weight(self.model.lm_head):
             out = self.model(batch["input_ids"], batch["modality"], attention_mask=batch.get("attention_mask"),
                              compute_logits=False)
             return out, fused_token_losses(out.hidden, self.model.lm_head.weight, batch["labels"],
