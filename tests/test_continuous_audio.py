@@ -192,6 +192,29 @@ def test_loaded_encoder_survives_reinitialisation_and_training(tmp_path, toy_tok
     assert not torch.equal(module.audio_input.proj.weight, proj_before)
 
 
+def test_fused_training_loss_sees_the_spliced_frames(tmp_path, toy_tokenizer, monkeypatch):
+    """The training step's fused LM-head loss runs on the spliced embeddings: same loss and projection gradient as
+    full logits + cross entropy on `module(batch)`."""
+    tok = toy_tokenizer
+    module, _ = continuous_module(tmp_path, tok.vocab_size)
+    monkeypatch.setattr(module, "log", lambda *a, **kw: None)
+    monkeypatch.setattr(module, "log_dict", lambda *a, **kw: None)
+    monkeypatch.setattr(module, "_track_expert_load", lambda stats: None)
+    _, _, examples, _, _ = continuous_examples(tok, enc=module.audio_input.encoder)
+    batch = collate_teacher_forced(examples, tok.pad_id, tok.modality_of)
+    results = []
+    for fused in (False, True):
+        module.fused_lm_loss = fused
+        module.zero_grad(set_to_none=True)
+        loss = module.training_step(dict(batch), 0)
+        loss.backward()
+        results.append((loss.detach(), module.audio_input.proj.weight.grad.clone()))
+    (plain_loss, plain_grad), (fused_loss, fused_grad) = results
+    torch.testing.assert_close(fused_loss, plain_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fused_grad, plain_grad, rtol=1e-4, atol=1e-7)
+    assert plain_grad.abs().sum() > 0
+
+
 def test_module_transcribes_continuous_prompts(tmp_path, toy_tokenizer):
     tok = toy_tokenizer
     module, _ = continuous_module(tmp_path, tok.vocab_size)

@@ -41,6 +41,8 @@ def _attend(q, k, v, mask, scale):
 
 
 class MultiHeadLatentAttention(nn.Module):
+    pad_v_for_fused_kernel = True  # see forward; False is the plain (math-path) computation, for tests
+
     def __init__(self, config: MoSTConfig, layer_idx: int):
         super().__init__()
         c = config
@@ -79,7 +81,14 @@ class MultiHeadLatentAttention(nn.Module):
         k_nope, v = kv.split((self.nope, self.v_dim), dim=-1)
         k = torch.cat((k_nope, k_rot.expand(-1, self.num_heads, -1, -1)), dim=-1)
         q = torch.cat((q_nope, q_rot), dim=-1)
-        out = _attend(q, k, v, mask, self.scale)
+        pad = self.nope + self.rope - self.v_dim
+        if pad > 0 and q.device.type == "cpu" and self.pad_v_for_fused_kernel:
+            # The CPU's fused (flash) SDPA kernel needs one head dim for q, k and v; otherwise SDPA falls back
+            # to the unfused math path (full [T, T] scores, no causal skipping). Zero columns of v give zero
+            # output columns, cut off again below.
+            out = _attend(q, k, F.pad(v, (0, pad)), mask, self.scale)[..., : self.v_dim]
+        else:
+            out = _attend(q, k, v, mask, self.scale)
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
 
 

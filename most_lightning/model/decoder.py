@@ -22,11 +22,12 @@ from most_lightning.model.router import Router, RouterStats
 
 @dataclass
 class MoSTOutput:
-    logits: torch.Tensor
+    logits: torch.Tensor | None  # None when forward(compute_logits=False)
     aux_loss: torch.Tensor
     aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)
     router_stats: list[RouterStats] = field(default_factory=list)
     past_key_values: KVCache | None = None
+    hidden: torch.Tensor | None = None  # final-norm hidden states [B, T, H], the LM head's input
 
 
 class DecoderLayer(nn.Module):
@@ -106,9 +107,11 @@ class MoSTForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, modality: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
                 past_key_values: KVCache | None = None, use_cache: bool = False,
-                inputs_embeds: torch.Tensor | None = None) -> MoSTOutput:
+                inputs_embeds: torch.Tensor | None = None, compute_logits: bool = True) -> MoSTOutput:
         """input_ids/modality/position_ids [B, T]; attention_mask [B, past + T] bool (True = real token).
-        inputs_embeds [B, T, H]: used instead of embedding input_ids (e.g. with spliced audio frames)."""
+        inputs_embeds [B, T, H]: used instead of embedding input_ids (e.g. with spliced audio frames).
+        compute_logits=False skips the LM head (the fused training loss applies it itself, to the supervised
+        positions only: most_lightning.lit.losses.fused_token_losses)."""
         batch, seq = input_ids.shape
         if modality is None:
             modality = torch.zeros_like(input_ids)
@@ -138,10 +141,11 @@ class MoSTForCausalLM(nn.Module):
                 stats.append(routing.stats)
                 for name, value in routing.aux_losses.items():
                     aux_losses[name] = aux_losses.get(name, 0) + value
-        logits = self.lm_head(self.model.norm(hidden))
-        aux_loss = sum(aux_losses.values()) if aux_losses else logits.new_zeros(())
+        hidden = self.model.norm(hidden)
+        logits = self.lm_head(hidden) if compute_logits else None
+        aux_loss = sum(aux_losses.values()) if aux_losses else hidden.new_zeros(())
         return MoSTOutput(logits=logits, aux_loss=aux_loss, aux_losses=aux_losses, router_stats=stats,
-                          past_key_values=past_key_values if use_cache else None)
+                          past_key_values=past_key_values if use_cache else None, hidden=hidden)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
