@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..state_dicts import state_dict_mismatches
+
 ConvStack = tuple[tuple[int, int, int], ...]  # (channels, kernel, stride) per conv layer, as fairseq writes it
 
 CONV_50HZ: ConvStack = ((512, 10, 5),) + ((512, 3, 2),) * 4 + ((512, 2, 2),) * 2  # hop 320: HuBERT base/large
@@ -163,18 +165,8 @@ class HubertEncoder(nn.Module):
         from .hubert_checkpoints import HubertCheckpointError
 
         own = self.model.state_dict()
-        missing = sorted(set(own) - set(state_dict))
-        unexpected = sorted(set(state_dict) - set(own))
-        bad_shapes = [f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
-                      for k in sorted(set(own) & set(state_dict)) if own[k].shape != state_dict[k].shape]
-        if missing or unexpected or bad_shapes:
-            parts = []
-            if missing:
-                parts.append(f"missing keys {missing[:5]}{' ...' if len(missing) > 5 else ''}")
-            if unexpected:
-                parts.append(f"unexpected keys {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
-            if bad_shapes:
-                parts.append(f"shape mismatches {bad_shapes[:3]}")
+        parts = state_dict_mismatches(own, state_dict)
+        if parts:
             raise HubertCheckpointError(origin, "; ".join(parts) + " (is this a HuBERT checkpoint of another "
                                         "layout, or does its config disagree with its weights?)")
         self.model.load_state_dict(state_dict, strict=True)

@@ -15,6 +15,7 @@ import torch
 
 from most_lightning.lit.model_config import build_model_config
 from most_lightning.model import MoSTForCausalLM
+from most_lightning.state_dicts import state_dict_mismatches
 
 
 class CheckpointMismatchError(ValueError):
@@ -84,18 +85,8 @@ def load_model_for_eval(ckpt_path: str | None, model_cfg: Mapping, router_cfg: M
                if any(k.startswith("vocab_size") for k, _, _ in diffs) else ""))
     config = build_model_config(model_cfg, router_cfg, vocab_size)
     model = MoSTForCausalLM(config)
-    missing, unexpected = model.state_dict().keys() - state.keys(), state.keys() - model.state_dict().keys()
-    shapes = [(k, tuple(v.shape), tuple(model.state_dict()[k].shape)) for k, v in state.items()
-              if k in model.state_dict() and tuple(v.shape) != tuple(model.state_dict()[k].shape)]
-    if missing or unexpected or shapes:
-        detail = []
-        if missing:
-            detail.append(f"missing {len(missing)} tensors, e.g. {sorted(missing)[:3]}")
-        if unexpected:
-            detail.append(f"unexpected {len(unexpected)} tensors, e.g. {sorted(unexpected)[:3]}")
-        if shapes:
-            detail.append("shape mismatches, e.g. " + ", ".join(f"{k}: checkpoint {a} vs model {b}"
-                                                              for k, a, b in shapes[:3]))
+    detail = state_dict_mismatches(model.state_dict(), state, shown=3)
+    if detail:
         raise CheckpointMismatchError(f"{path} does not fit the configured model ({'; '.join(detail)}): it was "
                                       "written for another model config; pass the training run's model overrides")
     model.load_state_dict(state)

@@ -11,6 +11,7 @@ import logging
 import re
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 log = logging.getLogger("most_lightning.data.prepare")
@@ -197,3 +198,19 @@ def read_tsv(path, required: tuple[str, ...]):
         rows = [(n, dict(zip(header, row)) if len(row) == len(header) else None)
                 for n, row in enumerate(reader, 2) if row]
     return header, rows
+
+
+def index_files(paths: list[Path], default_names: tuple[str, ...], corpus: str) -> list[Path]:
+    """The tsv index files to read: files as given, and for a directory its `<name>.tsv` for each default name."""
+    out = []
+    for path in paths:
+        if path.is_dir():
+            found = [path / f"{name}.tsv" for name in default_names if (path / f"{name}.tsv").is_file()]
+            if not found:
+                raise FileNotFoundError(f"{path} has none of {[f'{n}.tsv' for n in default_names]}")
+            out += found
+        elif path.is_file():
+            out.append(path)
+        else:
+            raise FileNotFoundError(f"{corpus} index {path} does not exist")
+    return out

@@ -10,7 +10,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .common import BadInputs, Skip, SpeechItem, UniqueKeys, check_text, est_flac_bytes, read_tsv, sample_key
+from .common import (BadInputs, Skip, SpeechItem, UniqueKeys, check_text, est_flac_bytes, index_files, read_tsv,
+                     sample_key)
 
 NAME, KIND = "commonvoice", "speech"
 HELP = "Common Voice (*.tsv + clips/*.mp3)"
@@ -25,18 +26,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def tsv_files(paths: list[Path]) -> list[Path]:
-    out = []
-    for path in paths:
-        if path.is_dir():
-            found = [path / f"{name}.tsv" for name in DEFAULT_TSVS if (path / f"{name}.tsv").is_file()]
-            if not found:
-                raise FileNotFoundError(f"{path} has none of {[f'{n}.tsv' for n in DEFAULT_TSVS]}")
-            out += found
-        elif path.is_file():
-            out.append(path)
-        else:
-            raise FileNotFoundError(f"Common Voice index {path} does not exist")
-    return out
+    return index_files(paths, DEFAULT_TSVS, "Common Voice")
 
 
 def plan(args: argparse.Namespace, bad: BadInputs) -> dict[str, list[SpeechItem]]:
