@@ -123,8 +123,6 @@ def train(cfg: DictConfig) -> dict[str, float]:
     return metrics
 
 
-
-
 def make_test_loaders(datamodule: Any, add_mismatched_asr: bool) -> tuple[list, set[int]]:
     """The datamodule's test loaders ([0] ASR generation, [1] teacher-forced TTS + text), plus, if asked, an ASR
     loader whose audio comes from other sentences (the text-prior baseline); returns the mismatched indices."""
