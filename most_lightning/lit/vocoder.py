@@ -21,6 +21,9 @@ from lightning import LightningModule
 from torch.utils.data import DataLoader, IterableDataset
 
 from most_lightning.audio.hifigan import CodeGenerator, UnitHiFiGANConfig
+from most_lightning.audio.hifigan_discriminators import (MultiPeriodDiscriminator, MultiScaleDiscriminator,
+                                                         discriminator_loss, feature_matching_loss,
+                                                         generator_adversarial_loss)
 from most_lightning.audio.io import read_audio
 from most_lightning.data.samples import AUDIO_MEMBER, BadSampleError, BadSamplePolicy, decode_speech_sample, iter_shard
 
@@ -78,17 +81,37 @@ class UnitWaveSegments(IterableDataset):
                    "n_frames": torch.tensor(len(seg))}
 
 
+DISCRIMINATOR_DEFAULTS = {"periods": [2, 3, 5, 7, 11], "scales": 3, "channel_divisor": 1}
+
+
 class UnitVocoderLitModule(LightningModule):
     def __init__(self, generator: Mapping[str, Any], lr: float = 2e-4, betas=(0.8, 0.99),
-                 mel_weight: float = 1.0, stft_weight: float = 1.0, duration_weight: float = 1.0) -> None:
+                 mel_weight: float = 1.0, stft_weight: float = 1.0, duration_weight: float = 1.0,
+                 adversarial: bool = False, discriminator: Mapping[str, Any] | None = None,
+                 discriminator_start_step: int = 0, lr_decay: float = 0.999, lr_decay_interval: int = 800) -> None:
         super().__init__()
+        unknown = set(discriminator or {}) - set(DISCRIMINATOR_DEFAULTS)
+        if unknown:
+            raise ValueError(f"vocoder.discriminator: unknown key(s) {sorted(unknown)}; "
+                             f"known: {sorted(DISCRIMINATOR_DEFAULTS)}")
+        disc = {**DISCRIMINATOR_DEFAULTS, **(discriminator or {})}
         self.save_hyperparameters({"generator": dict(generator), "lr": lr, "betas": list(betas),
                                    "mel_weight": mel_weight, "stft_weight": stft_weight,
-                                   "duration_weight": duration_weight})
+                                   "duration_weight": duration_weight, "adversarial": adversarial,
+                                   "discriminator": {k: (list(v) if isinstance(v, (list, tuple)) else v)
+                                                     for k, v in disc.items()},
+                                   "discriminator_start_step": discriminator_start_step, "lr_decay": lr_decay,
+                                   "lr_decay_interval": lr_decay_interval})
         self.cfg = UnitHiFiGANConfig.from_dict(generator)
         self.generator = CodeGenerator(self.cfg)
         self.mel = torchaudio.transforms.MelSpectrogram(self.cfg.sampling_rate, n_fft=1024, win_length=1024,
                                                         hop_length=256, n_mels=80, power=1.0)
+        if adversarial:
+            self.automatic_optimization = False  # generator and discriminators alternate, as in HiFi-GAN
+            self.mpd = MultiPeriodDiscriminator(disc["periods"], int(disc["channel_divisor"]))
+            self.msd = MultiScaleDiscriminator(int(disc["scales"]), int(disc["channel_divisor"]))
+            # generator steps taken (trainer.global_step counts both optimisers' steps); saved for resuming
+            self.register_buffer("adversarial_steps", torch.zeros((), dtype=torch.long))
 
     def _stft_loss(self, fake: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
         loss = fake.new_zeros(())
@@ -100,10 +123,14 @@ class UnitVocoderLitModule(LightningModule):
                            + F.l1_loss(torch.log(f + 1e-5), torch.log(r + 1e-5)))
         return loss / 3
 
-    def losses(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        units, wave = batch["units"], batch["wave"]
+    def generate(self, units: torch.Tensor) -> torch.Tensor:
         spkr = torch.zeros(units.shape[0], dtype=torch.long, device=units.device) if self.cfg.multispkr else None
-        fake = self.generator(units, spkr=spkr)[:, 0]
+        return self.generator(units, spkr=spkr)[:, 0]
+
+    def losses(self, batch: Mapping[str, torch.Tensor], fake: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Reconstruction (mel, stft) and duration losses; `fake` [B, T] is the generator's output when known."""
+        units, wave = batch["units"], batch["wave"]
+        fake = self.generate(units) if fake is None else fake
         out = {"mel": F.l1_loss(torch.log(self.mel(fake) + 1e-5), torch.log(self.mel(wave) + 1e-5)),
                "stft": self._stft_loss(fake, wave)}
         if self.generator.dur_predictor is not None:
@@ -115,17 +142,61 @@ class UnitVocoderLitModule(LightningModule):
             out["duration"] = torch.stack(dur_losses).mean()
         return out
 
-    def training_step(self, batch, batch_idx):
-        parts = self.losses(batch)
+    def _reconstruction_loss(self, parts: Mapping[str, torch.Tensor]) -> torch.Tensor:
         h = self.hparams
-        loss = h.mel_weight * parts["mel"] + h.stft_weight * parts["stft"] + h.duration_weight * parts.get(
+        return h.mel_weight * parts["mel"] + h.stft_weight * parts["stft"] + h.duration_weight * parts.get(
             "duration", torch.zeros((), device=self.device))
+
+    def training_step(self, batch, batch_idx):
+        if self.hparams.adversarial:
+            return self._adversarial_step(batch)
+        parts = self.losses(batch)
+        loss = self._reconstruction_loss(parts)
         self.log_dict({f"train/{k}": v.detach() for k, v in parts.items()} | {"train/loss": loss.detach()},
                       prog_bar=True, batch_size=batch["units"].shape[0])
         return loss
 
+    def _adversarial_step(self, batch) -> torch.Tensor:
+        g_opt, d_opt = self.optimizers()
+        real = batch["wave"][:, None]
+        fake = self.generate(batch["units"])[:, None]
+        logs: dict[str, torch.Tensor] = {}
+        adversarial_on = int(self.adversarial_steps) >= self.hparams.discriminator_start_step
+        if adversarial_on:  # discriminators: real -> 1, (detached) generated -> 0
+            d_loss = sum(discriminator_loss(*disc(real, fake.detach())[:2]) for disc in (self.mpd, self.msd))
+            d_opt.zero_grad()
+            self.manual_backward(d_loss)
+            d_opt.step()
+            logs["disc"] = d_loss.detach()
+        parts = self.losses(batch, fake=fake[:, 0])
+        g_loss = self._reconstruction_loss(parts)
+        if adversarial_on:  # generator: fool both discriminators, match their features on real audio
+            adv, fm = fake.new_zeros(()), fake.new_zeros(())
+            for disc in (self.mpd, self.msd):
+                _, fake_scores, real_fmaps, fake_fmaps = disc(real, fake)
+                adv = adv + generator_adversarial_loss(fake_scores)
+                fm = fm + feature_matching_loss(real_fmaps, fake_fmaps)
+            g_loss = g_loss + adv + fm
+            logs |= {"gen_adv": adv.detach(), "feature_matching": fm.detach()}
+        g_opt.zero_grad()
+        self.manual_backward(g_loss)
+        g_opt.step()
+        self.adversarial_steps += 1
+        if int(self.adversarial_steps) % self.hparams.lr_decay_interval == 0:
+            for scheduler in self.lr_schedulers():
+                scheduler.step()
+        logs |= {k: v.detach() for k, v in parts.items()} | {"loss": g_loss.detach()}
+        self.log_dict({f"train/{k}": v for k, v in logs.items()}, prog_bar=True, batch_size=real.shape[0])
+        return g_loss.detach()
+
     def configure_optimizers(self):
-        return torch.optim.AdamW(self.generator.parameters(), lr=self.hparams.lr, betas=tuple(self.hparams.betas))
+        h = self.hparams
+        g_opt = torch.optim.AdamW(self.generator.parameters(), lr=h.lr, betas=tuple(h.betas))
+        if not h.adversarial:
+            return g_opt
+        d_opt = torch.optim.AdamW([*self.mpd.parameters(), *self.msd.parameters()], lr=h.lr, betas=tuple(h.betas))
+        schedulers = [torch.optim.lr_scheduler.ExponentialLR(opt, gamma=h.lr_decay) for opt in (g_opt, d_opt)]
+        return [g_opt, d_opt], schedulers
 
 
 def train_vocoder(cfg) -> dict[str, float]:
@@ -144,7 +215,9 @@ def train_vocoder(cfg) -> dict[str, float]:
     datamodule.prepare_data()
     n_units = datamodule.tokenizer.n_units
     generator = {**voc.get("generator", {}), "num_embeddings": n_units}
-    module = UnitVocoderLitModule(generator, **voc.get("optim", {}))
+    module = UnitVocoderLitModule(generator, **voc.get("optim", {}), adversarial=bool(voc.get("adversarial", False)),
+                                  discriminator=voc.get("discriminator"),
+                                  discriminator_start_step=int(voc.get("discriminator_start_step", 0)))
     hop = module.cfg.hop_length
     frame_hop = int(round(datamodule.manifest.get("frame_rate", 0) and 16000 / datamodule.manifest["frame_rate"]))
     if frame_hop and frame_hop != hop:
