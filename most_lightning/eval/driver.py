@@ -82,7 +82,8 @@ def build_context(cfg: DictConfig):
 
 # tasks that feed speech to the model as unit tokens (audio -> the corpus' unit extractor -> prompt); a MoST-C
 # model reads speech as continuous features, so they are reported as not applicable to it, never run
-UNIT_INPUT_TASKS = {"minimal_pairs": "scores speech as unit tokens", "spoken_qa": "feeds spoken questions as unit tokens"}
+UNIT_INPUT_TASKS = {"minimal_pairs": "scores speech as unit tokens",
+                    "spoken_qa": "feeds spoken questions as unit tokens"}
 
 
 def not_applicable(name: str, ctx) -> str | None:
