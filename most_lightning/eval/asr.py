@@ -81,26 +81,38 @@ def decode_text_rows(tokenizer, rows: torch.Tensor) -> list[str]:
 def generate_batch(ctx, prompts: list[list[int]], max_new_tokens: int, decoding: str = "greedy",
                    beam_size: int = 4, length_penalty: float = 1.0) -> torch.Tensor:
     """Left-pad token prompts and generate (greedy or beam) with the KV cache; returns the new ids [B, N]."""
-    from most_lightning.data.collate import collate_asr_generation
     from most_lightning.data.tasks import GenerationExample
+
+    return generate_examples(ctx, [GenerationExample(p, "", "") for p in prompts], max_new_tokens, decoding,
+                             beam_size, length_penalty)
+
+
+def generate_examples(ctx, examples: list, max_new_tokens: int, decoding: str = "greedy", beam_size: int = 4,
+                      length_penalty: float = 1.0) -> torch.Tensor:
+    """Generation examples -> new ids [B, N]. Continuous-audio examples (MoST-C) get their frames spliced into
+    the prompt embeddings by the model's audio input; unit prompts are embedded by the model."""
+    from most_lightning.data.collate import collate_asr_generation
     from most_lightning.model.generation import beam_generate, greedy_generate
 
     tok = ctx.tokenizer
-    batch = collate_asr_generation([GenerationExample(p, "", "") for p in prompts], tok.pad_id, tok.modality_of)
+    batch = collate_asr_generation(examples, tok.pad_id, tok.modality_of)
     args = (ctx.model, batch["prompt_ids"].to(ctx.device), batch["prompt_modality"].to(ctx.device),
             batch["prompt_mask"].to(ctx.device), max_new_tokens)
+    embeds = ctx.prompt_embeds(batch) if hasattr(ctx, "prompt_embeds") else None
+    common = dict(eos_id=tok.eos_id, pad_id=tok.pad_id, modality_of=tok.modality_of, inputs_embeds=embeds)
     if decoding == "greedy":
-        return greedy_generate(*args, eos_id=tok.eos_id, pad_id=tok.pad_id, modality_of=tok.modality_of)
+        return greedy_generate(*args, **common)
     if decoding == "beam":
-        return beam_generate(*args, eos_id=tok.eos_id, pad_id=tok.pad_id, modality_of=tok.modality_of,
-                             beam_size=beam_size, length_penalty=length_penalty)
+        return beam_generate(*args, **common, beam_size=beam_size, length_penalty=length_penalty)
     raise ValueError(f"decoding={decoding!r}: allowed values are {ASR_DECODINGS}")
 
 
 def evaluate_asr(ctx, split: str = "test", limit: int | None = None, decodings=("greedy",), beam_size: int = 4,
                  length_penalty: float = 1.0, max_new_tokens: int = 96, n_examples: int = 5) -> dict:
-    """Transcribe a prepared split's units and score WER/CER per decoding. Bad samples (missing audio, empty
-    transcripts, bad units) are skipped by the data config's on_bad_sample policy and counted."""
+    """Transcribe a prepared split's speech and score WER/CER per decoding. The prompts carry the utterances'
+    units, or for a continuous model (audio=continuous, MoST-C) frame slots filled with its encoder's projected
+    features. Bad samples (missing audio, empty transcripts, bad units) are skipped by the data config's
+    on_bad_sample policy and counted."""
     unknown = [d for d in decodings if d not in ASR_DECODINGS]
     if unknown:
         raise ValueError(f"asr.decodings has {unknown}; allowed: {ASR_DECODINGS}")
@@ -113,8 +125,7 @@ def evaluate_asr(ctx, split: str = "test", limit: int | None = None, decodings=(
         n_empty = 0
         shown[decoding] = []
         for chunk in ctx.batches(examples, f"asr {decoding}"):
-            new = generate_batch(ctx, [e.prompt_ids for e in chunk], max_new_tokens, decoding, beam_size,
-                                 length_penalty)
+            new = generate_examples(ctx, list(chunk), max_new_tokens, decoding, beam_size, length_penalty)
             hyps = decode_text_rows(ctx.tokenizer, new)
             n_empty += sum(not ctx.normalizer(h) for h in hyps)  # scored as all-deletion errors
             scorer.update(hyps, [e.reference_text for e in chunk])
@@ -129,4 +140,5 @@ def evaluate_asr(ctx, split: str = "test", limit: int | None = None, decodings=(
         metrics["n_utterances"] = int(scores["n_utterances"])
     metrics["n_skipped_samples"] = n_skipped
     return {"metrics": metrics, "examples": shown,
-            "settings": {"split": split, "limit": limit, "beam_size": beam_size, "max_new_tokens": max_new_tokens}}
+            "settings": {"split": split, "limit": limit, "beam_size": beam_size, "max_new_tokens": max_new_tokens,
+                         "speech_input": "continuous" if getattr(ctx, "continuous", False) else "units"}}

@@ -22,6 +22,25 @@ class EvalContext:
     output_dir: Path = Path(".")
     progress: bool = True
     cache: dict[str, Any] = field(default_factory=dict)  # shared between tasks (e.g. the recogniser)
+    audio_input: Any = None  # MoST-C (audio=continuous): frozen encoder + trained projection; None = units model
+
+    @property
+    def continuous(self) -> bool:
+        """The model reads speech as continuous encoder features (MoST-C), not unit tokens."""
+        return self.audio_input is not None
+
+    def prompt_embeds(self, batch: dict[str, Any]) -> torch.Tensor | None:
+        """The prompts' embeddings with the audio frames spliced in for a continuous-audio generation batch (the
+        same splice as MoSTLitModule's), else None (the model embeds the ids itself)."""
+        if "audio_mask" not in batch:
+            return None
+        if self.audio_input is None:
+            raise ValueError("these prompts carry continuous audio but the model has no audio input: evaluate with "
+                             "the training run's audio=continuous")
+        ids = batch["prompt_ids"].to(self.device)
+        return self.audio_input.splice(self.model.model.embed_tokens(ids), batch["audio_mask"].to(self.device),
+                                       batch["audio_waves"].to(self.device), batch["audio_wave_lengths"],
+                                       batch.get("key"))
 
     def batches(self, items: Sequence[Any], desc: str) -> Iterator[Sequence[Any]]:
         """items in batches of batch_size, with a progress bar on a terminal."""

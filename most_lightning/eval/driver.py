@@ -57,22 +57,40 @@ def _plain(value: Any) -> Any:
 def build_context(cfg: DictConfig):
     import hydra
 
-    from most_lightning.eval.checkpoint import load_model_for_eval
+    from most_lightning.eval.checkpoint import load_for_eval
     from most_lightning.eval.context import EvalContext
     from most_lightning.eval.normalize import TextNormalizer
 
     suite = cfg.eval
-    datamodule = hydra.utils.instantiate(cfg.data)
+    audio = cfg.get("audio")  # the same speech front end for the test prompts and the model (as in run.py)
+    datamodule = hydra.utils.instantiate(cfg.data, audio=audio)
     datamodule.prepare_data()
     tokenizer = datamodule.tokenizer
-    model, info = load_model_for_eval(cfg.get("ckpt_path"), cfg.model, cfg.router, tokenizer.vocab_size)
+    model, audio_input, info = load_for_eval(cfg.get("ckpt_path"), cfg.model, cfg.router, tokenizer.vocab_size,
+                                             _plain(audio))
     device = torch.device(suite.get("device") or ("cuda" if torch.cuda.is_available() else "cpu"))
     model.to(device)
+    if audio_input is not None:
+        audio_input.to(device)
     ctx = EvalContext(model=model, tokenizer=tokenizer, datamodule=datamodule,
                       normalizer=TextNormalizer.from_any(_plain(suite.get("normalizer"))),
                       batch_size=int(suite.get("batch_size", 8)), device=device,
-                      output_dir=Path(cfg.paths.output_dir), progress=bool(suite.get("progress", True)))
+                      output_dir=Path(cfg.paths.output_dir), progress=bool(suite.get("progress", True)),
+                      audio_input=audio_input)
     return ctx, info
+
+
+# tasks that feed speech to the model as unit tokens (audio -> the corpus' unit extractor -> prompt); a MoST-C
+# model reads speech as continuous features, so they are reported as not applicable to it, never run
+UNIT_INPUT_TASKS = {"minimal_pairs": "scores speech as unit tokens",
+                    "spoken_qa": "feeds spoken questions as unit tokens"}
+
+
+def not_applicable(name: str, ctx) -> str | None:
+    if ctx.continuous and name in UNIT_INPUT_TASKS:
+        return (f"the model reads speech as continuous features (audio=continuous) and this task "
+                f"{UNIT_INPUT_TASKS[name]}")
+    return None
 
 
 def run_eval(cfg: DictConfig) -> dict[str, Any]:
@@ -90,15 +108,20 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
         torch.manual_seed(int(cfg.seed))
     ctx, info = build_context(cfg)
     report: dict[str, Any] = {"suite": suite.get("name", "?"), "checkpoint": info,
-                              "router": cfg.router.name, "model": _plain(cfg.model),
+                              "router": cfg.router.name, "model": _plain(cfg.model), "audio": _plain(cfg.get("audio")),
                               "vocab_size": ctx.tokenizer.vocab_size,
                               "normalizer": _plain(suite.get("normalizer")), "tasks": {}}
     for name, settings in tasks.items():
         settings = {k: v for k, v in settings.items() if k != "enabled"}
         log.info(f"eval task {name} {settings}")
         start = time.perf_counter()
+        reason = not_applicable(name, ctx)
         try:
-            result = registry[name](ctx, **settings)
+            if reason is not None:
+                log.warning(f"eval task {name}: not applicable: {reason}")
+                result = {"metrics": {}, "not_applicable": reason}
+            else:
+                result = registry[name](ctx, **settings)
         except Exception as err:  # noqa: BLE001  one failing task must not lose the others' results
             if suite.get("fail_fast", False):
                 raise
@@ -108,7 +131,7 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
         report["tasks"][name] = result
         shown = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                           for k, v in (result.get("metrics") or {}).items())
-        log.info(f"{name}: {shown or result.get('error')}")
+        log.info(f"{name}: {shown or result.get('error') or 'not applicable'}")
     json_path, md_path = write_report(report, ctx.output_dir)
     log.info(f"eval report written to {json_path} and {md_path}")
     return flat_metrics(report)

@@ -37,6 +37,9 @@ def markdown_table(report: dict[str, Any]) -> str:
         if "error" in result:
             lines.append(f"| {task} | error | {result['error']} |")
             continue
+        if "not_applicable" in result:
+            lines.append(f"| {task} | not applicable | {result['not_applicable']} |")
+            continue
         for name, value in (result.get("metrics") or {}).items():
             lines.append(f"| {task} | {name} | {_fmt(value)} |")
     return "\n".join(lines) + "\n"

@@ -1,4 +1,4 @@
-"""Greedy decoding with the KV cache for batches of left-padded prompts."""
+"""Greedy and beam decoding with the KV cache for batches of left-padded prompts (token ids or embeddings)."""
 
 from __future__ import annotations
 
@@ -62,10 +62,12 @@ def _reorder_cache(cache, index: torch.Tensor) -> None:
 def beam_generate(model, input_ids: torch.Tensor, modality: torch.Tensor,
                   attention_mask: torch.Tensor | None, max_new_tokens: int, *, eos_id: int, beam_size: int = 4,
                   length_penalty: float = 1.0, pad_id: int | None = None,
-                  modality_of: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+                  modality_of: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                  inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
     """Beam search with the KV cache; returns each prompt's best hypothesis [B, <= max_new_tokens] (eos kept,
     pad_id after it). Hypotheses are ranked by sum log p / length**length_penalty (finished ones by their
-    length including eos). beam_size=1 gives exactly the greedy output."""
+    length including eos). beam_size=1 gives exactly the greedy output.
+    inputs_embeds [B, P, H]: the prompt's embeddings (e.g. with spliced audio frames) instead of its ids'."""
     if beam_size < 1:
         raise ValueError(f"beam_size must be >= 1, got {beam_size}")
     pad_id = eos_id if pad_id is None else pad_id
@@ -76,11 +78,12 @@ def beam_generate(model, input_ids: torch.Tensor, modality: torch.Tensor,
     attention_mask = attention_mask.bool()
     expand = lambda t: t.repeat_interleave(beam_size, dim=0)  # noqa: E731  [B*W, ...], beams of a prompt adjacent
     ids, mods, mask = expand(input_ids), expand(modality), expand(attention_mask)
+    embeds = None if inputs_embeds is None else expand(inputs_embeds)
     positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
     was_training = model.training
     model.eval()
     try:
-        out = model(ids, mods, attention_mask=mask, position_ids=positions, use_cache=True)
+        out = model(ids, mods, attention_mask=mask, position_ids=positions, use_cache=True, inputs_embeds=embeds)
         cache, next_pos = out.past_key_values, positions[:, -1:] + 1
         # only the first beam of each prompt is live at the start (the others are copies)
         scores = torch.full((batch, beam_size), float("-inf"), device=device)
