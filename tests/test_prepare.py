@@ -567,3 +567,24 @@ def test_refuses_to_write_over_foreign_shards(tmp_path):
     assert (out / "train-00000.tar").read_bytes() == b"someone else's shard"
     m = prep("text", tmp_path / "t.jsonl", "--out", out, "--overwrite")
     check_manifest_integrity(out, m)
+
+
+def test_any_prepared_corpus_serves_as_an_eval_split(tmp_path, tmp_path_factory, clips):
+    """A LibriSpeech preparation with the demo corpus' unit extractor is read as a test split by shard glob:
+    transcripts and units as the preparer wrote them (what `eval.tasks.asr.split=<glob>` reads)."""
+    from most_lightning.data.datamodule import MoSTDataModule
+    from most_lightning.data.testing import TINY_RECIPE, build_tiny_corpus
+
+    corpus = build_tiny_corpus(tmp_path_factory.getbasetemp() / "most_data_corpus")
+    write_librispeech(tmp_path / "in", "test-clean", clips)
+    out = tmp_path / "prepared"
+    m = prep("librispeech", tmp_path / "in" / "LibriSpeech", "--out", out, "--units", corpus / "unit_extractor")
+    dm = MoSTDataModule(data_dir=str(corpus.parent.parent), corpus=TINY_RECIPE, progress=False)
+    records, n_skipped = dm.speech_records(str(out / "*.tar"))
+    written = {s["__key__"]: s for s in samples_of(out, m)}
+    assert n_skipped == 0 and sorted(r.key for r in records) == sorted(written)
+    for rec in records:
+        assert rec.transcript == written[rec.key]["txt"].decode()
+        units = np.load(io.BytesIO(written[rec.key]["units.npy"])).tolist()
+        assert rec.units == [u for i, u in enumerate(units) if i == 0 or u != units[i - 1]]  # deduplicated
+    assert dm.shards("test") != dm.shards(str(out / "*.tar"))  # a split name still means the corpus' own split

@@ -35,7 +35,7 @@ from .demo_corpus import DemoCorpusRecipe, build_demo_corpus, corpus_dir_for, lo
 from .samples import (BadSamplePolicy, OverlongSampleError, SpeechRecord, decode_speech_sample,
                       iter_records)
 from .pipeline import SourceMixStream
-from .sources import SourceSpec, parse_sources
+from .sources import SourceSpec, parse_sources, resolve_shards
 from .streams import EpochAwareLoader, MixedTaskStream, ResumableLoader
 from .tasks import TASKS, Example, GenerationExample, TaskFormatter
 
@@ -264,7 +264,11 @@ class MoSTDataModule(LightningDataModule):
         return self._tokenizer
 
     def shards(self, split: str) -> list[str]:
-        """Absolute shard paths of a speech split ('train', 'validation', 'test') or 'text'."""
+        """Absolute shard paths of a speech split ('train', 'validation', 'test') or 'text' of this corpus, or of
+        shard paths / globs / a directory of any prepared corpus (python -m most_lightning.data.prepare), e.g. an
+        eval test set `/data/librispeech/test-clean-*.tar` (its units must come from this corpus' unit extractor)."""
+        if any(mark in split for mark in ("/", "*", "{")) or split.endswith(".tar"):
+            return resolve_shards(split, root=self.corpus_dir, name=split)
         m = self.manifest
         entry = m["text"] if split == "text" else m["speech"].get(split)
         if entry is None:
