@@ -297,12 +297,10 @@ def _run_synthesis(jobs: list, num_workers: int, progress, n_utts: int) -> None:
         pending.get()  # re-raise worker errors
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file's bytes (the checksum manifests record per shard)."""
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _read_work_shard(path: Path) -> Iterator[dict]:
@@ -425,7 +423,7 @@ def _write_speech_shards(corpus_dir: Path, jobs: list, extractor: UnitExtractor,
                             "units.npy": _npy(units)})
         entry = splits[split]
         entry["shards"].append({"path": f"speech/{path.name}", "samples": len(utts), "seconds": round(seconds, 2),
-                                "sha256": _sha256(path)})
+                                "sha256": sha256_file(path)})
         entry["utterances"] += len(utts)
         entry["hours"] = round(entry["hours"] + seconds / 3600, 4)
         progress.advance(task)
@@ -447,7 +445,7 @@ def _write_text_shards(corpus_dir: Path, sentences: list[str], shard_size: int) 
                 key = f"text_{j * shard_size + i:06d}"
                 sink.write({"__key__": key, "txt": normalize_transcript(sentence),
                             "json": {"key": key, "text": sentence, "source": "wordnet"}})
-        shards.append({"path": f"text/{path.name}", "samples": len(chunk), "sha256": _sha256(path)})
+        shards.append({"path": f"text/{path.name}", "samples": len(chunk), "sha256": sha256_file(path)})
     return {"shards": shards, "sentences": len(sentences)}
 
 

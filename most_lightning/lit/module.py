@@ -24,7 +24,7 @@ from lightning import LightningModule
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from most_lightning.eval.asr import TranscriptErrorRates
+from most_lightning.eval.asr import TranscriptErrorRates, decode_text_rows
 from most_lightning.lit.expert_load import ExpertLoadAccumulator
 from most_lightning.lit.losses import (MODALITY_NAMES, TASK_NAMES, TokenLosses, fused_token_losses,
                                        shifted_token_losses)
@@ -364,12 +364,7 @@ class MoSTLitModule(LightningModule):
             modality_of=tok.modality_of,
             **({} if embeds is None else {"inputs_embeds": embeds}),
         )
-        hypotheses = []
-        for row in new_tokens.tolist():
-            if tok.eos_id in row:
-                row = row[: row.index(tok.eos_id)]
-            hypotheses.append(tok.decode_text(row))
-        return hypotheses
+        return decode_text_rows(tok, new_tokens)
 
     def _asr_generation_update(self, batch: Mapping[str, Any], name: str) -> None:
         hypotheses = self.transcribe(batch)

@@ -27,6 +27,7 @@ from typing import Any, Iterator
 
 import webdataset as wds
 
+from ..demo_corpus import sha256_file
 from .build import BuildOptions, build_sample
 from .common import BadInputs, Item, Skip, log, log_skips
 
@@ -98,14 +99,6 @@ def plan_hash(jobs: list[Job], build: BuildOptions, target: ShardTarget) -> str:
         h.update(json.dumps([job.name, [type(i).__name__ for i in job.items],
                              [dataclasses.asdict(i) for i in job.items]], sort_keys=True).encode())
     return h.hexdigest()[:16]
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 # ================================================================================================ one shard
