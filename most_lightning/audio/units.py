@@ -1,4 +1,6 @@
-"""Unit extractor = feature encoder + k-means quantizer (+ dedup of consecutive repeats).
+"""Unit extractor = feature encoder + quantizer (+ dedup of consecutive repeats).
+
+The quantizer is k-means (the default) or a phone classifier fitted on alignments (audio/phone_classifier.py).
 
     extractor = UnitExtractor.fit(train_waveforms, n_units=500)   # MFCC encoder by default
     units = extractor(wave)                                         # LongTensor [frames] at 25 Hz
@@ -15,10 +17,12 @@ from typing import Iterable, Sequence
 import torch
 
 from .features import FeatureEncoder, MFCCEncoder, build_encoder
+from .phone_classifier import PhoneClassifierQuantizer
 from .quantizer import KMeansQuantizer
 
 CONFIG_FILE = "unit_extractor.json"
 CENTROIDS_FILE = "kmeans.safetensors"
+QUANTIZER_FILES = {"kmeans": CENTROIDS_FILE, "phone_classifier": "phone_classifier.safetensors"}
 
 
 def dedup_units(units: Sequence[int] | torch.Tensor) -> list[int]:
@@ -37,7 +41,8 @@ def sample_frames(features: Sequence[torch.Tensor], max_frames: int, seed: int =
 
 
 class UnitExtractor:
-    def __init__(self, encoder: FeatureEncoder, quantizer: KMeansQuantizer, dedup: bool = False):
+    def __init__(self, encoder: FeatureEncoder, quantizer: KMeansQuantizer | PhoneClassifierQuantizer,
+                 dedup: bool = False):
         if encoder.dim != quantizer.dim:
             layer = f" layer {encoder.layer}" if hasattr(encoder, "layer") else ""
             raise ValueError(f"the {getattr(encoder, 'kind', 'feature')} encoder{layer} gives {encoder.dim}-d features "
@@ -81,9 +86,10 @@ class UnitExtractor:
     def save(self, directory: str | os.PathLike) -> None:
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
-        self.quantizer.save(d / CENTROIDS_FILE)
+        kind = getattr(self.quantizer, "kind", "kmeans")
+        self.quantizer.save(d / QUANTIZER_FILES[kind])
         meta = {"encoder": self.encoder.config(), "n_units": self.n_units, "dedup": self.dedup,
-                "frame_rate": self.frame_rate, "quantizer": CENTROIDS_FILE}
+                "frame_rate": self.frame_rate, "quantizer": QUANTIZER_FILES[kind], "quantizer_kind": kind}
         (d / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
 
     @classmethod
@@ -92,5 +98,9 @@ class UnitExtractor:
         if not (d / CONFIG_FILE).is_file():
             raise FileNotFoundError(f"{d}: no {CONFIG_FILE}; expected a directory written by UnitExtractor.save")
         meta = json.loads((d / CONFIG_FILE).read_text())
-        return cls(build_encoder(meta["encoder"]), KMeansQuantizer.load(d / meta.get("quantizer", CENTROIDS_FILE)),
-                   bool(meta.get("dedup", False)))
+        kind = meta.get("quantizer_kind", "kmeans")
+        if kind not in QUANTIZER_FILES:
+            raise ValueError(f"{d / CONFIG_FILE}: unknown quantizer_kind {kind!r} (known: {sorted(QUANTIZER_FILES)})")
+        quantizer_cls = PhoneClassifierQuantizer if kind == "phone_classifier" else KMeansQuantizer
+        quantizer = quantizer_cls.load(d / meta.get("quantizer", QUANTIZER_FILES[kind]))
+        return cls(build_encoder(meta["encoder"]), quantizer, bool(meta.get("dedup", False)))

@@ -40,8 +40,9 @@ import torch
 import webdataset as wds
 
 from ..audio.features import MFCCConfig
+from ..audio.phone_classifier import PhoneClassifierQuantizer
 from ..audio.io import TARGET_SAMPLE_RATE, audio_info, encode_audio, read_audio
-from ..audio.quality import utterance_pnmi
+from ..audio.quality import frame_phones, utterance_pnmi
 from ..audio.quantizer import KMeansQuantizer
 from ..audio.units import UnitExtractor, sample_frames
 from ..text.tokenizer import MoSTTokenizer
@@ -54,6 +55,10 @@ CORPUS_VERSION = 1  # bump when the build's output changes for the same recipe
 MANIFEST = "manifest.json"
 SPEECH_SPLITS = ("train", "validation", "test")
 FEATS_MEMBER = "feats.npy"
+UNIT_MODELS = ("kmeans", "phone_classifier")
+# frames of context either side, MLP width, passes over the train frames (docs/audio_frontends.md: 95.0% frame
+# accuracy and 6.9% phone error rate on demo_long's validation, against 93.2% / 10.2% with 3 / 256 / 4)
+PHONE_CLASSIFIER_DEFAULTS: dict[str, Any] = {"context": 5, "hidden": 512, "epochs": 6}
 
 
 @dataclass
@@ -77,6 +82,10 @@ class DemoCorpusRecipe:
     # empty = MFCC. unit_quantizer: its k-means centroid file; None = fit k-means on the train audio.
     unit_encoder: dict[str, Any] = field(default_factory=dict)
     unit_quantizer: str | None = None
+    # kmeans: k-means over the encoder's frames (n_units clusters); phone_classifier: a frame classifier fitted on
+    # flite's phone alignments of the train audio (one unit per phone, ids < n_units; audio/phone_classifier.py)
+    unit_model: str = "kmeans"
+    phone_classifier: dict[str, Any] = field(default_factory=dict)  # PhoneClassifierQuantizer.fit overrides
     kmeans_max_frames: int = 200_000  # frames sampled from train audio to fit k-means
     text_vocab_size: int = 2000  # BPE vocabulary (BOS/EOS included) before the audio tokens
     shard_size: int = 250  # utterances per speech shard (and 4x that many sentences per text shard)
@@ -91,6 +100,16 @@ class DemoCorpusRecipe:
         self.mfcc = {str(k): v for k, v in dict(self.mfcc).items()}
         MFCCConfig(**self.mfcc)  # validate early
         self.unit_encoder = {str(k): v for k, v in dict(self.unit_encoder or {}).items()}
+        if self.unit_model not in UNIT_MODELS:
+            raise ValueError(f"DemoCorpusRecipe.unit_model must be one of {UNIT_MODELS}, got {self.unit_model!r}")
+        self.phone_classifier = {str(k): v for k, v in dict(self.phone_classifier or {}).items()}
+        unknown = set(self.phone_classifier) - set(PHONE_CLASSIFIER_DEFAULTS)
+        if unknown:
+            raise ValueError(f"DemoCorpusRecipe.phone_classifier: unknown settings {sorted(unknown)} (known: "
+                             f"{sorted(PHONE_CLASSIFIER_DEFAULTS)})")
+        if self.unit_model == "phone_classifier" and self.unit_quantizer is not None:
+            raise ValueError("DemoCorpusRecipe.unit_quantizer (a k-means file) cannot be used with "
+                             "unit_model=phone_classifier, which is fitted on the train audio")
         if self.unit_quantizer is not None and not self.unit_encoder:
             raise ValueError("DemoCorpusRecipe.unit_quantizer needs unit_encoder (the MFCC k-means is always fitted)")
         for name in ("n_train", "n_val", "n_test"):
@@ -114,6 +133,9 @@ class DemoCorpusRecipe:
             return value
         return cls(**{str(k): v for k, v in dict(value).items() if k != "_target_"})
 
+    def phone_classifier_settings(self) -> dict[str, Any]:
+        return {**PHONE_CLASSIFIER_DEFAULTS, **self.phone_classifier}
+
     def mfcc_config(self) -> MFCCConfig:
         return MFCCConfig(**self.mfcc)
 
@@ -130,6 +152,11 @@ class DemoCorpusRecipe:
         for key in ("unit_encoder", "unit_quantizer"):  # absent when unused: MFCC corpora keep their hash
             if not d[key]:
                 d.pop(key)
+        if d["unit_model"] == "kmeans":  # the same for corpora built before the field existed
+            d.pop("unit_model")
+            d.pop("phone_classifier")
+        else:  # its settings decide the units: defaults count
+            d["phone_classifier"] = self.phone_classifier_settings()
         return d
 
     def hash(self) -> str:
@@ -359,6 +386,8 @@ def build_demo_corpus(
 
 
 def _fit_extractor(recipe: DemoCorpusRecipe, train_work: list[Path], progress) -> UnitExtractor:
+    if recipe.unit_model == "phone_classifier":
+        return _fit_phone_classifier(recipe, train_work, progress)
     task = progress.add_task("fitting k-means", total=None)
     feats = [] if recipe.unit_quantizer else [
         torch.from_numpy(np.load(io.BytesIO(s[FEATS_MEMBER]), allow_pickle=False))
@@ -380,6 +409,25 @@ def _fit_extractor(recipe: DemoCorpusRecipe, train_work: list[Path], progress) -
     # HuBERT k-means is fitted on raw features (as the reference's); MFCC dimensions are standardised first
     quantizer = KMeansQuantizer.fit(frames, recipe.n_units, seed=recipe.seed, standardize=not recipe.unit_encoder)
     progress.update(task, total=1, completed=1)
+    return UnitExtractor(encoder, quantizer)
+
+
+def _fit_phone_classifier(recipe: DemoCorpusRecipe, train_work: list[Path], progress) -> UnitExtractor:
+    encoder = _cached_encoder(recipe.encoder_config())
+    feats, labels = [], []
+    for path in train_work:
+        for s in _read_work_shard(path):
+            f = torch.from_numpy(np.load(io.BytesIO(s[FEATS_MEMBER]), allow_pickle=False))
+            feats.append(f)
+            labels.append(frame_phones(json.loads(s["json"])["phones"], f.shape[0], encoder.frame_rate))
+    n_phones = len({p for lab in labels for p in lab})
+    if n_phones > recipe.n_units:
+        raise ValueError(f"the train alignments have {n_phones} phones but the corpus recipe has n_units="
+                         f"{recipe.n_units}: set data.corpus.n_units >= {n_phones}")
+    task = progress.add_task("fitting phone classifier", total=None)
+    quantizer = PhoneClassifierQuantizer.fit(
+        feats, labels, seed=recipe.seed, on_epoch=lambda done, total: progress.update(task, completed=done, total=total),
+        **recipe.phone_classifier_settings())
     return UnitExtractor(encoder, quantizer)
 
 
@@ -464,7 +512,9 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--voices", default=",".join(d.voices), help="comma-separated flite voices")
     p.add_argument("--voices-per-sentence", type=int, default=d.voices_per_sentence)
     p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--n-units", type=int, default=d.n_units, help="k-means units")
+    p.add_argument("--n-units", type=int, default=d.n_units, help="k-means units (phone_classifier: at most)")
+    p.add_argument("--unit-model", choices=UNIT_MODELS, default=d.unit_model, help="how frames become units")
+    p.add_argument("--cmvn", choices=("none", "utterance"), default="none", help="MFCC mean/variance normalisation")
     p.add_argument("--text-vocab-size", type=int, default=d.text_vocab_size, help="BPE vocabulary size")
     p.add_argument("--shard-size", type=int, default=d.shard_size, help="utterances per speech shard")
     p.add_argument("--num-workers", type=int, default=None, help="parallel synthesis processes (default: all cores)")
@@ -478,7 +528,8 @@ def main(argv: list[str] | None = None) -> int:
     recipe = DemoCorpusRecipe(n_train=args.n_train, n_val=args.n_val, n_test=args.n_test, n_text=args.n_text,
                               voices=tuple(v for v in args.voices.split(",") if v),
                               voices_per_sentence=args.voices_per_sentence, seed=args.seed, n_units=args.n_units,
-                              text_vocab_size=args.text_vocab_size, shard_size=args.shard_size)
+                              text_vocab_size=args.text_vocab_size, shard_size=args.shard_size,
+                              unit_model=args.unit_model, mfcc={"cmvn": args.cmvn} if args.cmvn != "none" else {})
     if args.print_dir:
         print(corpus_dir_for(recipe, args.data_dir))
         return 0
