@@ -41,7 +41,12 @@ from most_lightning.audio.quantizer import KMeansQuantizer  # noqa: E402
 from most_lightning.audio.units import dedup_units, sample_frames  # noqa: E402
 from most_lightning.data.collate import collate_asr_generation, collate_teacher_forced  # noqa: E402
 from most_lightning.data.datamodule import MoSTDataModule  # noqa: E402
-from most_lightning.data.samples import BadSamplePolicy, decode_speech_sample, decode_text_sample, iter_records  # noqa: E402
+from most_lightning.data.samples import (  # noqa: E402
+    BadSamplePolicy,
+    decode_speech_sample,
+    decode_text_sample,
+    iter_records,
+)
 from most_lightning.data.tasks import TASKS, TaskFormatter  # noqa: E402
 from most_lightning.eval.asr import TranscriptErrorRates  # noqa: E402
 from most_lightning.lit.losses import shifted_token_losses  # noqa: E402
@@ -74,8 +79,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-seconds", type=float, default=None, help="stop training after this much time, then evaluate")
     p.add_argument("--export", default=None, help="write the corpus with unit variants to this .json.gz and exit")
     p.add_argument("--records", default=None, help="read an --export file instead of the shards")
-    p.add_argument("--units", default="base", help="with --records: base (stored), cmvn, pcls (phone classifier) or phone (flite oracle)")
-    p.add_argument("--text-vocab", type=int, default=None, help="with --records: train a BPE of this size (300 ~ chars)")
+    p.add_argument("--units", default="base",
+                   help="with --records: base (stored), cmvn, pcls (phone classifier) or phone (flite oracle)")
+    p.add_argument("--text-vocab", type=int, default=None,
+                   help="with --records: train a BPE of this size (300 ~ chars)")
     p.add_argument("--voice", default=None, help="with --records: train and evaluate on this flite voice only")
     return p.parse_args(argv)
 

@@ -4,8 +4,9 @@ K-means over MFCC frames splits every phone by voice, pitch and neighbours (demo
 2.5 s utterance, dedup removes 11%), and a 5M-parameter decoder does not learn to read such units within a CPU
 budget (docs/learning_check.md). Where the corpus has phone alignments (flite gives them; real corpora get them
 from forced alignment), a frame classifier over a few frames of context gives about one unit per phone instead
-(95% frame accuracy on unseen sentences of the demo voices, 6.8% phone error rate after dedup). Same interface as `KMeansQuantizer`: [frames, dim] features -> unit ids, where the id of a phone is its
-index in the sorted phone inventory seen in training.
+(95% frame accuracy on unseen sentences of the demo voices, 6.8% phone error rate after dedup). Same interface
+as `KMeansQuantizer`: [frames, dim] features -> unit ids, where the id of a phone is its index in the sorted
+phone inventory seen in training.
 """
 
 from __future__ import annotations

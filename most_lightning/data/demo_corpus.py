@@ -40,8 +40,8 @@ import torch
 import webdataset as wds
 
 from ..audio.features import MFCCConfig
-from ..audio.phone_classifier import PhoneClassifierQuantizer
 from ..audio.io import TARGET_SAMPLE_RATE, audio_info, encode_audio, read_audio
+from ..audio.phone_classifier import PhoneClassifierQuantizer
 from ..audio.quality import frame_phones, utterance_pnmi
 from ..audio.quantizer import KMeansQuantizer
 from ..audio.units import UnitExtractor, sample_frames
@@ -57,7 +57,7 @@ SPEECH_SPLITS = ("train", "validation", "test")
 FEATS_MEMBER = "feats.npy"
 UNIT_MODELS = ("kmeans", "phone_classifier")
 # frames of context either side, MLP width, passes over the train frames (docs/audio_frontends.md: 95.0% frame
-# accuracy and 6.9% phone error rate on demo_long's validation, against 93.2% / 10.2% with 3 / 256 / 4)
+# accuracy and 6.8% phone error rate on demo_long's validation, against 93.2% / 10.2% with 3 / 256 / 4)
 PHONE_CLASSIFIER_DEFAULTS: dict[str, Any] = {"context": 5, "hidden": 512, "epochs": 6}
 
 
@@ -426,8 +426,8 @@ def _fit_phone_classifier(recipe: DemoCorpusRecipe, train_work: list[Path], prog
                          f"{recipe.n_units}: set data.corpus.n_units >= {n_phones}")
     task = progress.add_task("fitting phone classifier", total=None)
     quantizer = PhoneClassifierQuantizer.fit(
-        feats, labels, seed=recipe.seed, on_epoch=lambda done, total: progress.update(task, completed=done, total=total),
-        **recipe.phone_classifier_settings())
+        feats, labels, seed=recipe.seed, **recipe.phone_classifier_settings(),
+        on_epoch=lambda done, total: progress.update(task, completed=done, total=total))
     return UnitExtractor(encoder, quantizer)
 
 
