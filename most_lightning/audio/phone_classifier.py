@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -129,8 +130,6 @@ class PhoneClassifierQuantizer:
         path = os.fspath(path)
         if not os.path.isfile(path):
             raise QuantizerFileError(path, "no such file")
-        from safetensors import safe_open
-
         with safe_open(path, "pt") as f:
             meta = f.metadata() or {}
         if meta.get("kind") != cls.kind:

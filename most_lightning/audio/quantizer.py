@@ -32,6 +32,7 @@ class QuantizerFileError(ValueError):
 
 
 class KMeansQuantizer:
+    kind = "kmeans"
     source: str = "<fitted>"  # file it was loaded from, for error messages
 
     def __init__(self, centroids: torch.Tensor, mean: torch.Tensor | None = None, std: torch.Tensor | None = None):

@@ -86,7 +86,7 @@ class UnitExtractor:
     def save(self, directory: str | os.PathLike) -> None:
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
-        kind = getattr(self.quantizer, "kind", "kmeans")
+        kind = self.quantizer.kind
         self.quantizer.save(d / QUANTIZER_FILES[kind])
         meta = {"encoder": self.encoder.config(), "n_units": self.n_units, "dedup": self.dedup,
                 "frame_rate": self.frame_rate, "quantizer": QUANTIZER_FILES[kind], "quantizer_kind": kind}
