@@ -151,3 +151,15 @@ def test_pnmi_scores_units_against_phone_alignments():
     assert pnmi(phones, [7] * len(phones))[0] == pytest.approx(0.0)
     score, purity = utterance_pnmi(["a:0.04 b:0.08"], [[3, 4]])
     assert score == pytest.approx(1.0) and purity == 1.0
+
+
+def test_phone_error_rate_merges_repeats_and_counts_edits_by_hand():
+    from most_lightning.audio.quality import phone_error_rate
+
+    # ref pau a b pau (4 phones); hyp frames pau pau a c c pau -> pau a c pau: one substitution
+    assert phone_error_rate(["pau:0.1 a:0.2 b:0.3 pau:0.4"], [["pau", "pau", "a", "c", "c", "pau"]]) == 0.25
+    # a second utterance: ref x y (2), hyp x (one deletion) -> 2 errors over 6 reference phones
+    assert phone_error_rate(["pau:0.1 a:0.2 b:0.3 pau:0.4", "x:0.1 y:0.2"],
+                            [["pau", "a", "c", "pau"], ["x", "x"]]) == pytest.approx(2 / 6)
+    with pytest.raises(ValueError, match="no reference phones"):
+        phone_error_rate([], [])

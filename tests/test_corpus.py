@@ -163,3 +163,9 @@ def test_cli_help_and_print_dir(tmp_path, capsys):
     assert dc.main(["--data-dir", str(tmp_path), "--n-train", "123", "--voices", "slt,rms", "--print-dir"]) == 0
     expected = tmp_path / "demo" / DemoCorpusRecipe(n_train=123, voices=("slt", "rms")).hash()
     assert capsys.readouterr().out.strip() == str(expected)
+    assert dc.main(["--data-dir", str(tmp_path), "--unit-model", "phone_classifier", "--cmvn", "utterance",
+                    "--mfcc", '{"hop_length": 320, "frame_stack": 2}', "--phone-classifier", '{"context": 8}',
+                    "--print-dir"]) == 0
+    recipe = DemoCorpusRecipe(unit_model="phone_classifier", phone_classifier={"context": 8},
+                              mfcc={"cmvn": "utterance", "hop_length": 320, "frame_stack": 2})
+    assert capsys.readouterr().out.strip() == str(tmp_path / "demo" / recipe.hash())

@@ -4,6 +4,7 @@ synthetic phones, save/load round trips through UnitExtractor, bad input, and a 
 from __future__ import annotations
 
 import io
+import itertools
 import json
 
 import numpy as np
@@ -12,7 +13,7 @@ import torch
 
 from most_lightning.audio import UnitExtractor, read_audio
 from most_lightning.audio.features import MFCCEncoder
-from most_lightning.audio.phone_classifier import PhoneClassifierQuantizer, stack_context
+from most_lightning.audio.phone_classifier import PhoneClassifierQuantizer, best_phone_path, stack_context
 from most_lightning.audio.quality import frame_phones
 from most_lightning.audio.quantizer import KMeansQuantizer, QuantizerFileError
 from most_lightning.data.demo_corpus import DemoCorpusRecipe, build_demo_corpus, load_manifest
@@ -28,6 +29,26 @@ def test_stack_context_matches_a_loop_with_repeated_edges():
         expected = torch.cat([x[min(max(j, 0), 4)] for j in range(i - 2, i + 3)])
         assert torch.equal(got[i], expected)
     assert torch.equal(stack_context(x, 0), x)
+
+
+@pytest.mark.parametrize("penalty", [0.5, 1.5, 4.0])
+def test_best_phone_path_is_the_best_of_all_paths(penalty):
+    """Against brute force: every one of the 3^6 phone paths scored as sum of log-probs - penalty * changes."""
+    for seed in range(5):
+        log_probs = torch.log_softmax(torch.randn(6, 3, generator=torch.Generator().manual_seed(seed)), dim=1)
+        score = lambda path: (sum(float(log_probs[t, p]) for t, p in enumerate(path))  # noqa: E731
+                              - penalty * sum(a != b for a, b in zip(path, path[1:])))
+        best = max(itertools.product(range(3), repeat=6), key=score)
+        got = best_phone_path(log_probs, penalty).tolist()
+        assert score(got) == pytest.approx(score(best), abs=1e-6)
+
+
+def test_switch_penalty_removes_flicker_and_zero_is_the_argmax():
+    p = torch.full((7, 2), 0.1).log()
+    p[:, 0] = torch.tensor([0.9, 0.9, 0.9, 0.4, 0.9, 0.2, 0.2]).log()  # one-frame dip at t=3, real change at t=5
+    p[:, 1] = (1 - p[:, 0].exp()).log()
+    assert best_phone_path(p, 0.0).tolist() == p.argmax(1).tolist() == [0, 0, 0, 1, 0, 1, 1]
+    assert best_phone_path(p, 1.0).tolist() == [0, 0, 0, 0, 0, 1, 1]
 
 
 def _synthetic(n_utts: int, seed: int):
@@ -87,6 +108,13 @@ def test_unit_extractor_round_trip_keeps_the_classifier(tmp_path, fitted):
     feats, _, _ = _synthetic(3, seed=3)
     for f in feats:
         assert torch.equal(loaded.quantizer(f), q(f))
+    assert loaded.quantizer.switch_penalty == q.switch_penalty == 0.0
+    q.switch_penalty = 2.5
+    try:
+        q.save(tmp_path / "pc.safetensors")
+        assert PhoneClassifierQuantizer.load(tmp_path / "pc.safetensors").switch_penalty == 2.5
+    finally:
+        q.switch_penalty = 0.0
     wave = torch.randn(16000)
     assert torch.equal(loaded(wave), UnitExtractor(encoder, q)(wave))
 
@@ -103,6 +131,8 @@ def test_bad_files_and_inputs_are_named(tmp_path, fitted):
     feats, labels, _ = _synthetic(2, seed=4)
     with pytest.raises(ValueError, match="utterance 1: .* feature frames but .* phone labels"):
         PhoneClassifierQuantizer.fit(feats, [labels[0], labels[1][:-1]])
+    with pytest.raises(ValueError, match="switch_penalty must be >= 0"):
+        PhoneClassifierQuantizer.fit(feats, labels, switch_penalty=-1.0)
     with pytest.raises(ValueError, match="at least 2 phones"):
         PhoneClassifierQuantizer.fit([feats[0]], [["aa"] * len(feats[0])])
     (tmp_path / "ue").mkdir()
@@ -122,7 +152,8 @@ def test_recipe_validates_the_unit_model_and_keeps_old_hashes():
     assert "unit_model" not in canonical and "phone_classifier" not in canonical
     pc = DemoCorpusRecipe(unit_model="phone_classifier")
     assert pc.hash() != DemoCorpusRecipe().hash()
-    assert pc.canonical()["phone_classifier"] == {"context": 5, "hidden": 512, "epochs": 6}  # defaults count
+    assert pc.canonical()["phone_classifier"] == {"context": 5, "hidden": 512, "epochs": 6,
+                                                      "switch_penalty": 3.0}  # defaults count
     assert DemoCorpusRecipe(unit_model="phone_classifier", phone_classifier={"hidden": 64}).hash() != pc.hash()
 
 
@@ -147,6 +178,25 @@ def test_corpus_with_phone_classifier_units(tmp_path):
         correct += sum(extractor.quantizer.phones[u] == p for u, p in zip(units, phones))
         frames += len(units)
     assert correct / frames > 0.5  # fitted on these utterances: most frames get their own phone (chance ~0.1)
+    refs, hyps = [], []  # the manifest's validation phone error rate, recomputed with a hand-written Levenshtein
+    for shard in m["speech"]["validation"]["shards"]:
+        for sample in read_shard(corpus / shard["path"]):
+            units = np.load(io.BytesIO(sample["units.npy"]), allow_pickle=False).tolist()
+            refs.append([x.rsplit(":", 1)[0] for x in json.loads(sample["json"])["phones"].split()])
+            hyps.append([extractor.quantizer.phones[u] for u in units])
+    merged = lambda seq: [x for i, x in enumerate(seq) if i == 0 or x != seq[i - 1]]  # noqa: E731
+    errors = sum(_levenshtein(merged(r), merged(h)) for r, h in zip(refs, hyps))
+    expected = errors / sum(len(merged(r)) for r in refs)
+    assert m["speech"]["validation"]["unit_phone_error_rate"] == pytest.approx(expected, abs=1e-4)
+
+
+def _levenshtein(a: list, b: list) -> int:
+    row = list(range(len(b) + 1))
+    for i, x in enumerate(a, 1):
+        prev, row[0] = row[0], i
+        for j, y in enumerate(b, 1):
+            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (x != y))
+    return row[-1]
 
 
 def test_too_few_units_for_the_phone_inventory_is_named(tmp_path):

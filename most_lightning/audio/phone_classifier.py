@@ -3,10 +3,11 @@
 K-means over MFCC frames splits every phone by voice, pitch and neighbours (demo corpus: PNMI 0.71, 55 units per
 2.5 s utterance, dedup removes 11%), and a 5M-parameter decoder does not learn to read such units within a CPU
 budget (docs/learning_check.md). Where the corpus has phone alignments (flite gives them; real corpora get them
-from forced alignment), a frame classifier over a few frames of context gives about one unit per phone instead
-(95% frame accuracy on unseen sentences of the demo voices, 6.8% phone error rate after dedup). Same interface
-as `KMeansQuantizer`: [frames, dim] features -> unit ids, where the id of a phone is its index in the sorted
-phone inventory seen in training.
+from forced alignment), a frame classifier over a few frames of context gives about one unit per phone instead.
+Units are the Viterbi path through its frame posteriors with a cost per phone change (`switch_penalty`): plain
+argmax flickers at phone boundaries, and every flicker survives dedup as an inserted unit
+(experiments/phone_frontend_study.py). Same interface as `KMeansQuantizer`: [frames, dim] features -> unit ids,
+where the id of a phone is its index in the sorted phone inventory seen in training.
 """
 
 from __future__ import annotations
@@ -47,11 +48,14 @@ class PhoneClassifierQuantizer:
     kind = "phone_classifier"
     source: str = "<fitted>"
 
-    def __init__(self, net: _FrameMLP, phones: Sequence[str], context: int, mean: torch.Tensor, std: torch.Tensor):
+    def __init__(self, net: _FrameMLP, phones: Sequence[str], context: int, mean: torch.Tensor, std: torch.Tensor,
+                 switch_penalty: float = 0.0):
+        _check_switch_penalty(switch_penalty)
         self.net = net.eval()
         self.phones = list(phones)
         self.context = context
         self.mean, self.std = mean.float(), std.float()
+        self.switch_penalty = float(switch_penalty)
 
     @property
     def n_units(self) -> int:
@@ -73,10 +77,14 @@ class PhoneClassifierQuantizer:
         batch_size: int = 1024,
         seed: int = 0,
         min_steps: int = 300,
+        switch_penalty: float = 0.0,
         on_epoch: Callable[[int, int], None] | None = None,
     ) -> "PhoneClassifierQuantizer":
         """Fit on utterances' [frames, dim] features and their per-frame phone labels (same lengths), for
-        `epochs` passes but at least `min_steps` batches (small corpora). on_epoch(done, total) reports progress."""
+        `epochs` passes but at least `min_steps` batches (small corpora). switch_penalty > 0 decodes the Viterbi
+        path that pays that log-probability per phone change (`best_phone_path`). on_epoch(done, total) reports
+        progress."""
+        _check_switch_penalty(switch_penalty)  # before the fit, not after
         if len(features) != len(frame_labels) or not features:
             raise ValueError(f"need matching, non-empty features and labels, got {len(features)} and "
                              f"{len(frame_labels)} utterances")
@@ -108,7 +116,7 @@ class PhoneClassifierQuantizer:
                     sched.step()
                 if on_epoch is not None:
                     on_epoch(epoch + 1, epochs)
-        return cls(net, phones, context, mean, std)
+        return cls(net, phones, context, mean, std, switch_penalty)
 
     @torch.no_grad()
     def __call__(self, features: torch.Tensor) -> torch.Tensor:
@@ -116,14 +124,16 @@ class PhoneClassifierQuantizer:
         if features.dim() != 2 or features.shape[1] != self.dim:
             raise ValueError(f"expected features [frames, {self.dim}], got {tuple(features.shape)}")
         x = (stack_context(features.float(), self.context) - self.mean) / self.std
-        return self.net(x).argmax(dim=1)
+        log_probs = F.log_softmax(self.net(x), dim=1)
+        return best_phone_path(log_probs, self.switch_penalty) if self.switch_penalty else log_probs.argmax(dim=1)
 
     def save(self, path: str | os.PathLike) -> None:
         tensors = {f"net.{k}": v.contiguous() for k, v in self.net.state_dict().items()}
         tensors.update(mean=self.mean, std=self.std)
         hidden = self.net[0].out_features
         save_file(tensors, os.fspath(path), metadata={"kind": self.kind, "phones": json.dumps(self.phones),
-                                                      "context": str(self.context), "hidden": str(hidden)})
+                                                      "context": str(self.context), "hidden": str(hidden),
+                                                      "switch_penalty": repr(self.switch_penalty)})
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "PhoneClassifierQuantizer":
@@ -139,9 +149,35 @@ class PhoneClassifierQuantizer:
         phones = json.loads(meta["phones"])
         net = _FrameMLP(tensors["mean"].shape[0], int(meta["hidden"]), len(phones))
         net.load_state_dict({k.removeprefix("net."): v for k, v in tensors.items() if k.startswith("net.")})
-        quantizer = cls(net, phones, int(meta["context"]), tensors["mean"], tensors["std"])
+        quantizer = cls(net, phones, int(meta["context"]), tensors["mean"], tensors["std"],
+                        float(meta.get("switch_penalty", 0.0)))  # files written before the Viterbi decoding: argmax
         quantizer.source = path
         return quantizer
+
+
+def _check_switch_penalty(value: float) -> None:
+    if value < 0:
+        raise ValueError(f"switch_penalty must be >= 0 (a log-probability cost per phone change), got {value}")
+
+
+def best_phone_path(log_probs: torch.Tensor, switch_penalty: float) -> torch.Tensor:
+    """Viterbi path through [frames, phones] log-probabilities where every change of phone costs switch_penalty:
+    the per-frame argmax without one- or two-frame flickers at phone boundaries (which dedup would keep as
+    inserted units)."""
+    n_frames, _ = log_probs.shape
+    score = log_probs[0].clone()
+    came_from = torch.empty(log_probs.shape, dtype=torch.long)
+    for t in range(1, n_frames):
+        best = int(score.argmax())
+        switch = score[best] - switch_penalty
+        stay = score >= switch
+        came_from[t] = torch.where(stay, torch.arange(score.shape[0]), best)
+        score = torch.where(stay, score, switch) + log_probs[t]
+    path = torch.empty(n_frames, dtype=torch.long)
+    path[-1] = score.argmax()
+    for t in range(n_frames - 1, 0, -1):
+        path[t - 1] = came_from[t, path[t]]
+    return path
 
 
 @contextlib.contextmanager

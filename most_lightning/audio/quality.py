@@ -1,4 +1,5 @@
-"""Unit quality against phone alignments: phone-normalised mutual information (PNMI) and phone purity.
+"""Unit quality against phone alignments: phone-normalised mutual information (PNMI), phone purity and, for units
+that name phones (the phone classifier), the phone error rate.
 
 The demo corpus stores flite's phone alignment of every utterance ("pau:0.171 dh:0.216 ...", end times in s),
 so a unit extractor can be scored without training anything (HuBERT reports PNMI the same way). Higher is
@@ -10,6 +11,8 @@ from __future__ import annotations
 import math
 from collections import Counter
 from typing import Hashable, Iterable, Sequence
+
+import torchaudio
 
 
 def frame_phones(alignment: str, n_frames: int, frame_rate: float) -> list[str]:
@@ -51,3 +54,20 @@ def utterance_pnmi(alignments: Sequence[str], unit_seqs: Sequence[Sequence[int]]
         phones += frame_phones(alignment, len(seq), frame_rate)
         units += list(seq)
     return pnmi(phones, units)
+
+
+def phone_error_rate(alignments: Sequence[str], phone_seqs: Sequence[Sequence[str]]) -> float:
+    """Edit distance of the deduplicated phone sequences to the alignments' phone strings, over the reference
+    phones (repeats merged on both sides: dedup cannot tell two equal phones in a row apart)."""
+    errors = n_ref = 0
+    for alignment, seq in zip(alignments, phone_seqs):
+        ref = _merge_repeats([item.rsplit(":", 1)[0] for item in alignment.split()])
+        errors += torchaudio.functional.edit_distance(ref, _merge_repeats(list(seq)))
+        n_ref += len(ref)
+    if n_ref == 0:
+        raise ValueError("no reference phones")
+    return errors / n_ref
+
+
+def _merge_repeats(seq: list) -> list:
+    return [x for i, x in enumerate(seq) if i == 0 or x != seq[i - 1]]

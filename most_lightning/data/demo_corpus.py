@@ -42,7 +42,7 @@ import webdataset as wds
 from ..audio.features import MFCCConfig
 from ..audio.io import TARGET_SAMPLE_RATE, audio_info, encode_audio, read_audio
 from ..audio.phone_classifier import PhoneClassifierQuantizer
-from ..audio.quality import frame_phones, utterance_pnmi
+from ..audio.quality import frame_phones, phone_error_rate, utterance_pnmi
 from ..audio.quantizer import KMeansQuantizer
 from ..audio.units import UnitExtractor, sample_frames
 from ..text.tokenizer import MoSTTokenizer
@@ -56,9 +56,10 @@ MANIFEST = "manifest.json"
 SPEECH_SPLITS = ("train", "validation", "test")
 FEATS_MEMBER = "feats.npy"
 UNIT_MODELS = ("kmeans", "phone_classifier")
-# frames of context either side, MLP width, passes over the train frames (docs/audio_frontends.md: 95.0% frame
-# accuracy and 6.8% phone error rate on demo_long's validation, against 93.2% / 10.2% with 3 / 256 / 4)
-PHONE_CLASSIFIER_DEFAULTS: dict[str, Any] = {"context": 5, "hidden": 512, "epochs": 6}
+# frames of context either side, MLP width, passes over the train frames, Viterbi cost per phone change
+# (docs/audio_frontends.md; experiments/phone_frontend_study.py: the switch penalty removes boundary flicker,
+# 12.2% -> 9.8% phone error rate at 25 Hz and 11.5% -> 4.9% at 50 Hz)
+PHONE_CLASSIFIER_DEFAULTS: dict[str, Any] = {"context": 5, "hidden": 512, "epochs": 6, "switch_penalty": 3.0}
 
 
 @dataclass
@@ -479,6 +480,10 @@ def _write_speech_shards(corpus_dir: Path, jobs: list, extractor: UnitExtractor,
         splits[split]["sentences"] = len({u.transcript for job in jobs if job[0] == split for u in job[1]})
     score, purity = utterance_pnmi(*held_out, frame_rate=extractor.frame_rate)
     splits["validation"]["unit_pnmi"], splits["validation"]["unit_phone_purity"] = round(score, 4), round(purity, 4)
+    if isinstance(extractor.quantizer, PhoneClassifierQuantizer):  # its units name phones
+        phones = extractor.quantizer.phones
+        per = phone_error_rate(held_out[0], [[phones[u] for u in seq] for seq in held_out[1]])
+        splits["validation"]["unit_phone_error_rate"] = round(per, 4)
     return splits
 
 
@@ -515,6 +520,10 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--n-units", type=int, default=d.n_units, help="k-means units (phone_classifier: at most)")
     p.add_argument("--unit-model", choices=UNIT_MODELS, default=d.unit_model, help="how frames become units")
     p.add_argument("--cmvn", choices=("none", "utterance"), default="none", help="MFCC mean/variance normalisation")
+    p.add_argument("--mfcc", type=json.loads, default={}, metavar="JSON",
+                   help='more MFCC settings, e.g. \'{"hop_length": 320, "frame_stack": 2}\' (50 Hz frames)')
+    p.add_argument("--phone-classifier", type=json.loads, default={}, metavar="JSON",
+                   help=f"phone-classifier settings over {PHONE_CLASSIFIER_DEFAULTS}, e.g. '{{\"context\": 8}}'")
     p.add_argument("--text-vocab-size", type=int, default=d.text_vocab_size, help="BPE vocabulary size")
     p.add_argument("--shard-size", type=int, default=d.shard_size, help="utterances per speech shard")
     p.add_argument("--num-workers", type=int, default=None, help="parallel synthesis processes (default: all cores)")
@@ -529,7 +538,8 @@ def main(argv: list[str] | None = None) -> int:
                               voices=tuple(v for v in args.voices.split(",") if v),
                               voices_per_sentence=args.voices_per_sentence, seed=args.seed, n_units=args.n_units,
                               text_vocab_size=args.text_vocab_size, shard_size=args.shard_size,
-                              unit_model=args.unit_model, mfcc={"cmvn": args.cmvn} if args.cmvn != "none" else {})
+                              unit_model=args.unit_model, phone_classifier=args.phone_classifier,
+                              mfcc={**({"cmvn": args.cmvn} if args.cmvn != "none" else {}), **args.mfcc})
     if args.print_dir:
         print(corpus_dir_for(recipe, args.data_dir))
         return 0
@@ -540,6 +550,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{split:>10}: {e['utterances']} utterances, {e['sentences']} sentences, {e['hours']:.2f} h, "
               f"{len(e['shards'])} shards")
     print(f"{'text':>10}: {m['text']['sentences']} sentences, {len(m['text']['shards'])} shards")
+    quality = {k: v for k, v in m["speech"]["validation"].items() if k.startswith("unit_")}
+    print("validation units: " + ", ".join(f"{k} {v}" for k, v in quality.items()))
     print(f"built in {m['build_seconds']} s -> {corpus_dir}")
     return 0
 
