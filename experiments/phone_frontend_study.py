@@ -122,8 +122,8 @@ def main(argv=None):
         for penalty in a.penalties:
             q.switch_penalty = penalty
             r = evaluate(q, te_f, [ali for _, ali in test], encoder.frame_rate)
-            print(f"| {name} | {penalty:g} | {r['frame_acc']:.3f} | {r['per']:.4f} | {r['sub']:.4f} | {r['dele']:.4f} | "
-                  f"{r['ins']:.4f} | {r['units_per_utt']:.1f} | {fit_s:.0f} |", flush=True)
+            print(f"| {name} | {penalty:g} | {r['frame_acc']:.3f} | {r['per']:.4f} | {r['sub']:.4f} | "
+                  f"{r['dele']:.4f} | {r['ins']:.4f} | {r['units_per_utt']:.1f} | {fit_s:.0f} |", flush=True)
 
 
 if __name__ == "__main__":

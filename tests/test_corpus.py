@@ -169,3 +169,28 @@ def test_cli_help_and_print_dir(tmp_path, capsys):
     recipe = DemoCorpusRecipe(unit_model="phone_classifier", phone_classifier={"context": 8},
                               mfcc={"cmvn": "utterance", "hop_length": 320, "frame_stack": 2})
     assert capsys.readouterr().out.strip() == str(tmp_path / "demo" / recipe.hash())
+
+
+def test_build_from_a_script_without_main_guard_fails_instead_of_hanging(tmp_path):
+    """Spawned synthesis workers import the calling script; without the guard each would start the build again
+    and wait forever on the build lock. The worker now stops with the fix, and the parent reports the dead worker."""
+    script = tmp_path / "build_unguarded.py"
+    script.write_text("import sys\nfrom most_lightning.data.demo_corpus import DemoCorpusRecipe, build_demo_corpus\n"
+                      f"build_demo_corpus(DemoCorpusRecipe(**{MICRO!r}), sys.argv[1], num_workers=2, progress=False)\n")
+    run = subprocess.run([sys.executable, str(script), str(tmp_path / "data")], capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode != 0
+    assert 'put that call under `if __name__ == "__main__":`' in run.stderr
+    assert "a flite synthesis worker died before finishing its shard" in run.stderr
+
+
+def test_parallel_synthesis_writes_the_same_corpus_as_one_worker(tmp_path):
+    one = build_demo_corpus(DemoCorpusRecipe(**MICRO), tmp_path / "one", num_workers=1, progress=False)
+    two = build_demo_corpus(DemoCorpusRecipe(**MICRO), tmp_path / "two", num_workers=2, progress=False)
+
+    def samples(corpus):  # member bytes per sample key (the tar headers carry write times)
+        return {s["__key__"]: {k: v for k, v in s.items() if not k.startswith("__")}
+                for split in load_manifest(corpus)["speech"].values() for shard in split["shards"]
+                for s in read_shard(corpus / shard["path"])}
+
+    assert samples(one) == samples(two) and len(samples(one)) == 8

@@ -98,7 +98,7 @@ class PhoneClassifierQuantizer:
         x = torch.cat([stack_context(f.float(), context) for f in features])
         y = torch.tensor([index[p] for lab in frame_labels for p in lab])
         mean, std = x.mean(0), x.std(0).clamp_min(1e-5)
-        x = (x - mean) / std
+        x.sub_(mean).div_(std)  # in place: at 50 Hz the stacked train frames are several GB
         with _seeded(seed) as gen:
             net = _FrameMLP(x.shape[1], hidden, len(phones))
             steps_per_epoch = max(len(x) // batch_size, 1)

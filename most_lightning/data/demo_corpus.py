@@ -25,12 +25,15 @@ import hashlib
 import io
 import json
 import logging
+import multiprocessing as mp
 import os
 import random
 import shutil
 import sys
 import tempfile
 import time
+from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -301,8 +304,6 @@ def _progress(enabled: bool):
 
 
 def _run_synthesis(jobs: list, num_workers: int, progress, n_utts: int) -> None:
-    import multiprocessing as mp
-
     task = progress.add_task("speaking (flite)", total=n_utts)
     done = sum(len(j[1]) for j in jobs if Path(j[3]).is_file())
     progress.update(task, completed=done)
@@ -316,13 +317,24 @@ def _run_synthesis(jobs: list, num_workers: int, progress, n_utts: int) -> None:
         return
     ctx = mp.get_context("spawn")  # fork after torch has started its thread pools can hang
     queue = ctx.SimpleQueue()
-    with ctx.Pool(num_workers, initializer=_init_worker, initargs=(queue,)) as pool:
-        pending = pool.map_async(synthesize_shard, todo, chunksize=1)
-        while not pending.ready() or not queue.empty():
+    # an executor, not mp.Pool: a worker that dies (killed, or failing while it starts) breaks the build with an
+    # error instead of being replaced forever while the build waits
+    with ProcessPoolExecutor(num_workers, mp_context=ctx, initializer=_init_worker, initargs=(queue,)) as pool:
+        pending = [pool.submit(synthesize_shard, job) for job in todo]
+        failed = []
+        while not failed and (not all(f.done() for f in pending) or not queue.empty()):
             while not queue.empty():
                 progress.advance(task, queue.get())
-            pending.wait(0.1)
-        pending.get()  # re-raise worker errors
+            wait(pending, timeout=0.1, return_when=FIRST_EXCEPTION)
+            failed = [f for f in pending if f.done() and f.exception() is not None]
+        for f in pending:
+            f.cancel()  # after a failure: do not start the shards still queued
+    if failed:
+        if isinstance(failed[0].exception(), BrokenProcessPool):
+            raise RuntimeError("a flite synthesis worker died before finishing its shard (see the error above "
+                               "this one); the finished shards are kept and the next build resumes") \
+                from failed[0].exception()
+        raise failed[0].exception()
 
 
 def sha256_file(path: Path) -> str:
@@ -342,6 +354,9 @@ def build_demo_corpus(
     progress: bool = True,
 ) -> Path:
     """Build the corpus for `recipe` under `<data_dir>/demo/<hash>` unless it is already there; return the dir."""
+    if getattr(mp.current_process(), "_inheriting", False):  # how multiprocessing itself detects this case
+        raise RuntimeError("build_demo_corpus was called while a spawned synthesis worker was importing the script "
+                           "that started the build: put that call under `if __name__ == \"__main__\":`")
     recipe = DemoCorpusRecipe.from_any(recipe)
     corpus_dir = corpus_dir_for(recipe, data_dir)
     with _build_lock(corpus_dir):
