@@ -49,6 +49,7 @@ def test_switch_penalty_removes_flicker_and_zero_is_the_argmax():
     p[:, 1] = (1 - p[:, 0].exp()).log()
     assert best_phone_path(p, 0.0).tolist() == p.argmax(1).tolist() == [0, 0, 0, 1, 0, 1, 1]
     assert best_phone_path(p, 1.0).tolist() == [0, 0, 0, 0, 0, 1, 1]
+    assert best_phone_path(p[:0], 1.0).tolist() == [] and best_phone_path(p[:1], 1.0).tolist() == [0]
 
 
 def _synthetic(n_utts: int, seed: int):

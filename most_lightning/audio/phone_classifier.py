@@ -165,6 +165,8 @@ def best_phone_path(log_probs: torch.Tensor, switch_penalty: float) -> torch.Ten
     the per-frame argmax without one- or two-frame flickers at phone boundaries (which dedup would keep as
     inserted units)."""
     n_frames, _ = log_probs.shape
+    if n_frames == 0:
+        return torch.empty(0, dtype=torch.long)
     score = log_probs[0].clone()
     came_from = torch.empty(log_probs.shape, dtype=torch.long)
     for t in range(1, n_frames):
