@@ -12,21 +12,20 @@ classifier would have at each frame rate (phones shorter than a frame vanish).
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import sys
-import tarfile
 import time
 from pathlib import Path
 
-import soundfile as sf
 import torch
-import torchaudio
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from most_lightning.audio import read_audio  # noqa: E402
 from most_lightning.audio.features import MFCCConfig, MFCCEncoder  # noqa: E402
 from most_lightning.audio.phone_classifier import PhoneClassifierQuantizer  # noqa: E402
-from most_lightning.audio.quality import frame_phones  # noqa: E402
+from most_lightning.audio.quality import frame_phones, phone_error_rate  # noqa: E402
+from most_lightning.audio.units import dedup_units  # noqa: E402
+from most_lightning.data.testing import read_shard  # noqa: E402
 
 # name -> (MFCC settings, classifier settings)
 VARIANTS = {
@@ -36,22 +35,15 @@ VARIANTS = {
 }
 
 
-def dedup(seq):
-    return [x for i, x in enumerate(seq) if i == 0 or x != seq[i - 1]]
-
-
 def read_split(corpus: Path, split: str, limit: int):
     """[(wave, flite phone alignment)] of the first `limit` utterances of a split."""
     out = []
     for shard in sorted((corpus / "speech").glob(f"{split}-*.tar")):
-        with tarfile.open(shard) as tar:
-            members = {m.name: m for m in tar.getmembers()}
-            for name in sorted(n for n in members if n.endswith(".flac")):
-                wave, _ = sf.read(io.BytesIO(tar.extractfile(members[name]).read()), dtype="float32")
-                meta = json.loads(tar.extractfile(members[name[: -len(".flac")] + ".json"]).read())
-                out.append((torch.from_numpy(wave), meta["phones"]))
-                if len(out) == limit:
-                    return out
+        for sample in read_shard(shard):
+            wave, _ = read_audio(sample["flac"])
+            out.append((torch.as_tensor(wave, dtype=torch.float32), json.loads(sample["json"])["phones"]))
+            if len(out) == limit:
+                return out
     return out
 
 
@@ -78,8 +70,8 @@ def evaluate(quantizer, feats, alignments, frame_rate):
         labels = frame_phones(ali, f.shape[0], frame_rate)
         correct += sum(p == q for p, q in zip(pred, labels))
         frames += len(labels)
-        ref = dedup([x.rsplit(":", 1)[0] for x in ali.split()])
-        hyp = dedup(pred)
+        ref = dedup_units([x.rsplit(":", 1)[0] for x in ali.split()])
+        hyp = dedup_units(pred)
         s, d, i = edit_counts(ref, hyp)
         sub, dele, ins, n_ref, n_units = sub + s, dele + d, ins + i, n_ref + len(ref), n_units + len(hyp)
     return dict(frame_acc=correct / frames, per=(sub + dele + ins) / n_ref, sub=sub / n_ref, dele=dele / n_ref,
@@ -96,18 +88,13 @@ def main(argv=None):
                    help="Viterbi switch penalties to decode each variant with (0: per-frame argmax)")
     p.add_argument("--variants", nargs="*", default=list(VARIANTS), help="names from VARIANTS")
     a = p.parse_args(argv)
-    torch.set_num_threads(torch.get_num_threads())
     corpus = Path(a.corpus)
     train, test = read_split(corpus, "train", a.n_train), read_split(corpus, "test", a.n_eval)
     print(f"{len(train)} train / {len(test)} test utterances from {corpus}")
     for rate in (25, 50):
-        err = n = 0
-        for wave, ali in test:
-            ref = dedup([x.rsplit(":", 1)[0] for x in ali.split()])
-            err += torchaudio.functional.edit_distance(ref, dedup(frame_phones(ali, int(len(wave) / 16000 * rate),
-                                                                               rate)))
-            n += len(ref)
-        print(f"perfect frame classifier at {rate} Hz: PER {err / n:.4f}")
+        alignments = [ali for _, ali in test]
+        labels = [frame_phones(ali, int(len(wave) / 16000 * rate), rate) for wave, ali in test]
+        print(f"perfect frame classifier at {rate} Hz: PER {phone_error_rate(alignments, labels):.4f}")
     print("| variant | switch penalty | frame acc | PER | sub | del | ins | units/utt | fit s |")
     print("|---|---|---|---|---|---|---|---|---|")
     for name in a.variants:

@@ -14,6 +14,8 @@ from typing import Hashable, Iterable, Sequence
 
 import torchaudio
 
+from .units import dedup_units
+
 
 def frame_phones(alignment: str, n_frames: int, frame_rate: float) -> list[str]:
     """Phone label at the centre of each of n_frames frames, from 'phone:end_time' pairs."""
@@ -61,13 +63,10 @@ def phone_error_rate(alignments: Sequence[str], phone_seqs: Sequence[Sequence[st
     phones (repeats merged on both sides: dedup cannot tell two equal phones in a row apart)."""
     errors = n_ref = 0
     for alignment, seq in zip(alignments, phone_seqs):
-        ref = _merge_repeats([item.rsplit(":", 1)[0] for item in alignment.split()])
-        errors += torchaudio.functional.edit_distance(ref, _merge_repeats(list(seq)))
+        ref = dedup_units([item.rsplit(":", 1)[0] for item in alignment.split()])
+        errors += torchaudio.functional.edit_distance(ref, dedup_units(seq))
         n_ref += len(ref)
     if n_ref == 0:
         raise ValueError("no reference phones")
     return errors / n_ref
 
-
-def _merge_repeats(seq: list) -> list:
-    return [x for i, x in enumerate(seq) if i == 0 or x != seq[i - 1]]

@@ -25,8 +25,9 @@ CENTROIDS_FILE = "kmeans.safetensors"
 QUANTIZER_FILES = {"kmeans": CENTROIDS_FILE, "phone_classifier": "phone_classifier.safetensors"}
 
 
-def dedup_units(units: Sequence[int] | torch.Tensor) -> list[int]:
-    """Merge runs of the same unit: [5, 5, 7, 7, 7, 5] -> [5, 7, 5] (as SpiritLM/MoST feed units to the LM)."""
+def dedup_units(units: Sequence | torch.Tensor) -> list:
+    """Merge runs of the same unit: [5, 5, 7, 7, 7, 5] -> [5, 7, 5] (as SpiritLM/MoST feed units to the LM; also
+    phone names)."""
     seq = units.tolist() if isinstance(units, torch.Tensor) else list(units)
     return [u for i, u in enumerate(seq) if i == 0 or u != seq[i - 1]]
 
