@@ -68,7 +68,8 @@ def our_loss(model: MoSTForCausalLM, ids, labels, modality, fused: bool = True) 
     """LM loss + router aux losses as MoSTLitModule.training_step computes them."""
     if fused:
         out = model(ids, modality, compute_logits=False)
-        return fused_token_losses(out.hidden, model.lm_head.weight, labels, modality).mean() + out.aux_loss
+        return (fused_token_losses(out.hidden, model.lm_head.weight, labels, modality, backend=model.config.cpu_matmul)
+                .mean() + out.aux_loss)
     out = model(ids, modality)
     return F.cross_entropy(out.logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten()) + out.aux_loss
 
@@ -111,13 +112,16 @@ def build_rows(args, kinds: list[str]) -> tuple[list[Row], MoSTForCausalLM, torc
     for kind in kinds:
         if kind.startswith("ours"):
             router = "modality_aware" if "modality_aware" in kind else "vanilla"
-            model = reference if router == "vanilla" and kind != "ours-plain-loss" else None
+            matmul = "torch" if kind == "ours-torch-matmul" else config.cpu_matmul
+            model = reference if kind == "ours" else None
             if model is None:
-                model = MoSTForCausalLM(config.replace(router=dict(name=router))).train()
+                model = MoSTForCausalLM(config.replace(router=dict(name=router), cpu_matmul=matmul)).train()
                 model.load_state_dict(reference.state_dict())
             fused = kind != "ours-plain-loss"
             name = (f"MoST {args.preset} ({router} router)" if fused
                     else f"MoST {args.preset} (vanilla, unfused loss + torch AdamW)")
+            if kind == "ours-torch-matmul":
+                name = f"MoST {args.preset} (vanilla router, cpu_matmul=torch)"
             optimizer = our_optimizer(model) if fused else their_optimizer(model)
             rows.append(Row(name, training_step(model, optimizer, ids, modality, True, labels, fused)))
         else:
@@ -201,7 +205,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                   f"(resident before the step: {result['before_mb']:.0f} MiB)")
         return {}
 
-    kinds = ["ours", "ours-modality_aware", "theirs-eager", "theirs-grouped_mm", "theirs-eager-fused"]
+    kinds = ["ours", "ours-modality_aware", "ours-torch-matmul", "theirs-eager", "theirs-grouped_mm",
+             "theirs-eager-fused"]
     rows, reference, theirs, data = build_rows(args, kinds)
     ids, modality, labels = data["ids"], data["modality"], data["labels"]
 
@@ -232,6 +237,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                          + ("; CPU time of the compute thread" if args.clock == "thread" else "; wall time"))
     ours = statistics.median(rows[0].times)
     for row in rows[2:]:
+        if row.name.startswith("MoST"):
+            print(f"speed-up of MoST (vanilla) over the same model with torch's CPU matmul: "
+                  f"{statistics.median(row.times) / ours:.2f}x")
+            continue
         print(f"speed-up of MoST (vanilla) over {row.name}: {statistics.median(row.times) / ours:.2f}x")
     return ratios
 

@@ -96,7 +96,7 @@ def test_loop_backward_passes_gradcheck():
 
     def loop_experts(x, weights, gate, up, down):
         sorted_weights = weights.reshape(-1).index_select(0, order)
-        return _LoopSwiGLUExperts.apply(x, token_index, sorted_weights, counts.tolist(), gate, up, down)
+        return _LoopSwiGLUExperts.apply(x, token_index, sorted_weights, counts.tolist(), gate, up, down, "torch")
 
     assert torch.autograd.gradcheck(loop_experts, (x, weights, *params))
 

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from most_lightning.model.gemm import Backend, add_matmul_tn_, matmul_nn, matmul_nt
+
 IGNORE_INDEX = -100
 MODALITY_NAMES = ("text", "audio")  # modality mark 0 / 1
 TASK_NAMES = ("asr", "tts", "text")
@@ -98,7 +100,7 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk_rows: int, want_correct: bool):
+    def forward(ctx, hidden, weight, targets, chunk_rows: int, want_correct: bool, backend: Backend):
         need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         rows = hidden.shape[0]
         nll = hidden.new_empty(rows, dtype=torch.float32)
@@ -108,7 +110,7 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
         for start in range(0, rows, chunk_rows):
             end = min(start + chunk_rows, rows)
             h, t = hidden[start:end], targets[start:end, None]
-            logp = torch.log_softmax((h @ weight.T).float(), dim=-1)  # one fused pass over the chunk
+            logp = torch.log_softmax(matmul_nt(h, weight, backend).float(), dim=-1)  # one fused pass over the chunk
             nll[start:end] = logp.gather(1, t).squeeze(1).neg_()
             if want_correct:
                 correct[start:end] = logp.argmax(-1) == t.squeeze(1)
@@ -117,9 +119,9 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
                 d_logits.scatter_add_(1, t, d_logits.new_full(t.shape, -1.0))
                 d_logits = d_logits.to(hidden.dtype)
                 if need_hidden:
-                    torch.mm(d_logits, weight, out=grad_hidden[start:end])
+                    grad_hidden[start:end] = matmul_nn(d_logits, weight, backend)
                 if need_weight and grad_weight.dtype == h.dtype:
-                    grad_weight.addmm_(d_logits.T, h)
+                    add_matmul_tn_(grad_weight, d_logits, h, backend)
                 elif need_weight:  # low-precision weights: accumulate the chunks' shares in fp32
                     grad_weight += (d_logits.T @ h).float()
         ctx.save_for_backward(grad_hidden, grad_weight)
@@ -135,11 +137,12 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
             grad_hidden = grad_hidden * grad_total.to(grad_hidden.dtype)
         if grad_weight is not None:
             grad_weight = (grad_weight * grad_total).to(ctx.weight_dtype)
-        return grad_hidden, grad_weight, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None
 
 
 def fused_token_losses(hidden: torch.Tensor, lm_head_weight: torch.Tensor, labels: torch.Tensor,
-                       modality: torch.Tensor, chunk_rows: int = 256, want_correct: bool = False) -> TokenLosses:
+                       modality: torch.Tensor, chunk_rows: int = 256, want_correct: bool = False,
+                       backend: Backend = "onednn") -> TokenLosses:
     """Same per-token losses as ``shifted_token_losses(hidden @ lm_head_weight.T, labels, modality)``, computed
     from the final hidden states [B, T, H]: the LM head runs only on positions whose next label is supervised,
     ``chunk_rows`` rows at a time (FusedLinearCrossEntropy). ``correct`` is filled only when ``want_correct``
@@ -162,7 +165,7 @@ def fused_token_losses(hidden: torch.Tensor, lm_head_weight: torch.Tensor, label
         selected, lm_head_weight = selected.to(dtype), lm_head_weight.to(dtype)
     with torch.autocast(hidden.device.type, enabled=False):
         total, nll_rows, *correct_rows = FusedLinearCrossEntropy.apply(
-            selected, lm_head_weight, target.reshape(-1).index_select(0, rows), chunk_rows, want_correct)
+            selected, lm_head_weight, target.reshape(-1).index_select(0, rows), chunk_rows, want_correct, backend)
     nll = torch.zeros(target.shape, dtype=torch.float32, device=hidden.device)
     nll.view(-1).index_copy_(0, rows, nll_rows)
     correct = None

@@ -6,11 +6,14 @@ Both take (hidden [B, T, H], cos/sin for the new positions, a boolean mask or No
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from most_lightning.model.config import MoSTConfig
+from most_lightning.model.gemm import Linear
 from most_lightning.model.norm import RMSNorm
 from most_lightning.model.rope import apply_rotary, attention_softmax_scale, deinterleave
 
@@ -46,19 +49,20 @@ class MultiHeadLatentAttention(nn.Module):
     def __init__(self, config: MoSTConfig, layer_idx: int):
         super().__init__()
         c = config
+        linear = partial(Linear, bias=False, backend=c.cpu_matmul)
         self.layer_idx, self.num_heads = layer_idx, c.num_heads
         self.nope, self.rope, self.v_dim, self.kv_rank = c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim, c.kv_lora_rank
         q_out = c.num_heads * c.qk_head_dim
         if c.q_lora_rank is None:
-            self.q_proj = nn.Linear(c.hidden_size, q_out, bias=False)
+            self.q_proj = linear(c.hidden_size, q_out)
         else:
-            self.q_a_proj = nn.Linear(c.hidden_size, c.q_lora_rank, bias=False)
+            self.q_a_proj = linear(c.hidden_size, c.q_lora_rank)
             self.q_a_layernorm = RMSNorm(c.q_lora_rank, c.rms_norm_eps)
-            self.q_b_proj = nn.Linear(c.q_lora_rank, q_out, bias=False)
-        self.kv_a_proj_with_mqa = nn.Linear(c.hidden_size, c.kv_lora_rank + c.qk_rope_head_dim, bias=False)
+            self.q_b_proj = linear(c.q_lora_rank, q_out)
+        self.kv_a_proj_with_mqa = linear(c.hidden_size, c.kv_lora_rank + c.qk_rope_head_dim)
         self.kv_a_layernorm = RMSNorm(c.kv_lora_rank, c.rms_norm_eps)
-        self.kv_b_proj = nn.Linear(c.kv_lora_rank, c.num_heads * (c.qk_nope_head_dim + c.v_head_dim), bias=False)
-        self.o_proj = nn.Linear(c.num_heads * c.v_head_dim, c.hidden_size, bias=False)
+        self.kv_b_proj = linear(c.kv_lora_rank, c.num_heads * (c.qk_nope_head_dim + c.v_head_dim))
+        self.o_proj = linear(c.num_heads * c.v_head_dim, c.hidden_size)
         self.scale = attention_softmax_scale(c.qk_head_dim, c.rope_scaling)
 
     def forward(self, hidden, cos, sin, mask=None, cache: KVCache | None = None):
@@ -98,13 +102,14 @@ class GroupedQueryAttention(nn.Module):
     def __init__(self, config: MoSTConfig, layer_idx: int):
         super().__init__()
         c = config
+        linear = partial(Linear, bias=False, backend=c.cpu_matmul)
         self.layer_idx, self.num_heads = layer_idx, c.num_heads
         self.num_kv_heads = c.num_kv_heads or c.num_heads
         self.head_dim = c.head_dim or c.hidden_size // c.num_heads
-        self.q_proj = nn.Linear(c.hidden_size, c.num_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(c.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(c.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(c.num_heads * self.head_dim, c.hidden_size, bias=False)
+        self.q_proj = linear(c.hidden_size, c.num_heads * self.head_dim)
+        self.k_proj = linear(c.hidden_size, self.num_kv_heads * self.head_dim)
+        self.v_proj = linear(c.hidden_size, self.num_kv_heads * self.head_dim)
+        self.o_proj = linear(c.num_heads * self.head_dim, c.hidden_size)
         self.scale = self.head_dim ** -0.5
 
     def forward(self, hidden, cos, sin, mask=None, cache: KVCache | None = None):

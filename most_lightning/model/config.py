@@ -76,6 +76,8 @@ class MoSTConfig:
     audio_expert_fraction: float = 0.5
     partition: str = "index"
     expert_dispatch: str = "auto"  # "auto" | "grouped_mm" | "loop"
+    # fp32 matmuls on the CPU: "onednn" (AVX-512 kernels, ~2x MKL on AMD CPUs; see model/gemm.py) or "torch".
+    cpu_matmul: str = "onednn"
     rms_norm_eps: float = 1e-6
     tie_word_embeddings: bool = False
     initializer_range: float = 0.02
@@ -92,6 +94,7 @@ class MoSTConfig:
 
     # ------------------------------------------------------------------ validation
     def _validate(self) -> None:
+        from most_lightning.model.gemm import BACKENDS
         from most_lightning.model.partition import PARTITIONS, expert_partition
         from most_lightning.model.router import ROUTERS
 
@@ -125,6 +128,8 @@ class MoSTConfig:
             raise ConfigError(
                 f"model.expert_dispatch={self.expert_dispatch!r}: allowed values are 'auto', 'grouped_mm', 'loop'"
             )
+        if self.cpu_matmul not in BACKENDS:
+            raise ConfigError(f"model.cpu_matmul={self.cpu_matmul!r}: allowed values are {list(BACKENDS)}")
         if self.partition not in PARTITIONS:
             raise ConfigError(f"model.partition={self.partition!r}: allowed values are {sorted(PARTITIONS)}")
         if self.rope_scaling is not None and self.rope_scaling.get("type") not in ("yarn", "llama3"):

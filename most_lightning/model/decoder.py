@@ -14,6 +14,7 @@ from torch import nn
 from most_lightning.model.attention import KVCache, build_attention
 from most_lightning.model.config import MoSTConfig
 from most_lightning.model.experts import GroupedExperts, SwiGLU
+from most_lightning.model.gemm import Linear
 from most_lightning.model.moe import MoELayer
 from most_lightning.model.norm import RMSNorm
 from most_lightning.model.rope import RotaryEmbedding
@@ -34,8 +35,8 @@ class DecoderLayer(nn.Module):
     def __init__(self, config: MoSTConfig, layer_idx: int):
         super().__init__()
         self.self_attn = build_attention(config, layer_idx)
-        self.mlp = MoELayer(config) if config.is_moe_layer(layer_idx) else SwiGLU(config.hidden_size,
-                                                                                    config.intermediate_size)
+        self.mlp = (MoELayer(config) if config.is_moe_layer(layer_idx)
+                    else SwiGLU(config.hidden_size, config.intermediate_size, config.cpu_matmul))
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -86,7 +87,7 @@ class MoSTForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.model = MoSTModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False, backend=config.cpu_matmul)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.reset_parameters()

@@ -35,6 +35,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from most_lightning.model.gemm import Backend, Linear, check_backend, matmul_nn, matmul_nt, matmul_tn
+
 Dispatch = Literal["auto", "grouped_mm", "loop"]
 DISPATCHES = ("auto", "grouped_mm", "loop")
 
@@ -42,11 +44,11 @@ DISPATCHES = ("auto", "grouped_mm", "loop")
 class SwiGLU(nn.Module):
     """Dense SwiGLU MLP without biases: down(silu(gate(x)) * up(x)). Dense layers and shared experts."""
 
-    def __init__(self, hidden_size: int, intermediate_size: int):
+    def __init__(self, hidden_size: int, intermediate_size: int, cpu_matmul: Backend = "onednn"):
         super().__init__()
-        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.gate_proj = Linear(hidden_size, intermediate_size, bias=False, backend=cpu_matmul)
+        self.up_proj = Linear(hidden_size, intermediate_size, bias=False, backend=cpu_matmul)
+        self.down_proj = Linear(intermediate_size, hidden_size, bias=False, backend=cpu_matmul)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -74,7 +76,7 @@ class _LoopSwiGLUExperts(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, token_index, weights, counts, gate, up, down):
+    def forward(ctx, x, token_index, weights, counts, gate, up, down, backend):
         n_pairs, inter = token_index.shape[0], gate.shape[1]
         gate_out = x.new_empty(n_pairs, inter)
         up_out = x.new_empty(n_pairs, inter)
@@ -83,23 +85,23 @@ class _LoopSwiGLUExperts(torch.autograd.Function):
             for e, start, end in pieces:
                 tokens = token_index[start:end]
                 x_e = x.index_select(0, tokens)
-                a = torch.mm(x_e, gate[e].T, out=gate_out[start:end])
-                b = torch.mm(x_e, up[e].T, out=up_out[start:end])
+                a = gate_out[start:end].copy_(matmul_nt(x_e, gate[e], backend))
+                b = up_out[start:end].copy_(matmul_nt(x_e, up[e], backend))
                 # The gate weight scales the [n, I] activation rather than the (larger) [n, H] output.
                 h = F.silu(a).mul_(b).mul_(weights[start:end, None])
-                add_rows(tokens, torch.mm(h, down[e].T))
+                add_rows(tokens, matmul_nt(h, down[e], backend))
 
         out = torch.zeros_like(x)
         _run_pieces(run, counts, out, x.shape[1] * inter)
         ctx.save_for_backward(x, token_index, weights, gate_out, up_out, gate, up, down)
-        ctx.counts = counts
+        ctx.counts, ctx.backend = counts, backend
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
         x, token_index, weights, gate_out, up_out, gate, up, down = ctx.saved_tensors
-        counts, starts = ctx.counts, _starts(ctx.counts)
+        counts, starts, backend = ctx.counts, _starts(ctx.counts), ctx.backend
         need_x, need_w, need_params = ctx.needs_input_grad[0], ctx.needs_input_grad[2], any(ctx.needs_input_grad[4:])
         grad_out = grad_out.contiguous()
         grad_x = torch.zeros_like(x)
@@ -120,22 +122,22 @@ class _LoopSwiGLUExperts(torch.autograd.Function):
                     if need_params:
                         shares.append((e, targets))
                 g_out = grad_out.index_select(0, tokens)
-                g_h = torch.mm(g_out, down[e])  # gradient w.r.t. the weighted activation w * h
+                g_h = matmul_nn(g_out, down[e], backend)  # gradient w.r.t. the weighted activation w * h
                 silu_a = F.silu(a)
                 h = silu_a * b
                 if need_w:
                     torch.sum(g_h * h, dim=1, out=grad_w[start:end])
                 if need_params:
-                    torch.mm(g_out.T, h.mul_(w), out=targets[0])
+                    targets[0].copy_(matmul_tn(g_out, h.mul_(w), backend))
                 g_h.mul_(w)
                 g_a = torch.ops.aten.silu_backward(g_h * b, a)
                 g_b = g_h.mul_(silu_a)
                 if need_params:
                     x_e = x.index_select(0, tokens)
-                    torch.mm(g_a.T, x_e, out=targets[1])
-                    torch.mm(g_b.T, x_e, out=targets[2])
+                    targets[1].copy_(matmul_tn(g_a, x_e, backend))
+                    targets[2].copy_(matmul_tn(g_b, x_e, backend))
                 if need_x:
-                    add_rows(tokens, torch.mm(g_a, gate[e]).addmm_(g_b, up[e]))
+                    add_rows(tokens, matmul_nn(g_a, gate[e], backend).add_(matmul_nn(g_b, up[e], backend)))
             return shares
 
         shares = _run_pieces(run, counts, grad_x, x.shape[1] * gate.shape[1])
@@ -147,7 +149,7 @@ class _LoopSwiGLUExperts(torch.autograd.Function):
                 for grad in grad_params:
                     grad[e].zero_()
         grad_down, grad_gate, grad_up = grad_params or (None, None, None)
-        return grad_x if need_x else None, None, grad_w, None, grad_gate, grad_up, grad_down
+        return grad_x if need_x else None, None, grad_w, None, grad_gate, grad_up, grad_down, None
 
 
 def _starts(counts: list[int]) -> list[int]:
@@ -260,12 +262,14 @@ class GroupedExperts(nn.Module):
     needs rows of a multiple of 16 bytes), the loop everywhere else.
     """
 
-    def __init__(self, hidden_size: int, intermediate_size: int, n_experts: int, dispatch: Dispatch = "auto"):
+    def __init__(self, hidden_size: int, intermediate_size: int, n_experts: int, dispatch: Dispatch = "auto",
+                 cpu_matmul: Backend = "onednn"):
         super().__init__()
         if dispatch not in DISPATCHES:
             raise ValueError(f"expert dispatch {dispatch!r} is unknown; choose one of {DISPATCHES}")
+        check_backend(cpu_matmul)
         self.hidden_size, self.intermediate_size, self.n_experts = hidden_size, intermediate_size, n_experts
-        self.dispatch = dispatch
+        self.dispatch, self.cpu_matmul = dispatch, cpu_matmul
         self.gate_proj = nn.Parameter(torch.empty(n_experts, intermediate_size, hidden_size))
         self.up_proj = nn.Parameter(torch.empty(n_experts, intermediate_size, hidden_size))
         self.down_proj = nn.Parameter(torch.empty(n_experts, hidden_size, intermediate_size))
@@ -312,7 +316,7 @@ class GroupedExperts(nn.Module):
         weights = expert_weights.to(x.dtype).reshape(-1).index_select(0, order)
         if self.resolved_dispatch(x) == "grouped_mm":
             return _grouped_mm_experts(x, token_index, weights, counts, gate, up, down)
-        return _LoopSwiGLUExperts.apply(x, token_index, weights, counts.tolist(), gate, up, down)
+        return _LoopSwiGLUExperts.apply(x, token_index, weights, counts.tolist(), gate, up, down, self.cpu_matmul)
 
     def extra_repr(self) -> str:
         return (f"hidden_size={self.hidden_size}, intermediate_size={self.intermediate_size}, "

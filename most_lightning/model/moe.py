@@ -19,8 +19,8 @@ class MoELayer(nn.Module):
         super().__init__()
         self.gate = build_router(config)
         self.experts = GroupedExperts(config.hidden_size, config.moe_intermediate_size, config.n_routed_experts,
-                                      dispatch=config.expert_dispatch)
-        self.shared_experts = (SwiGLU(config.hidden_size, config.shared_intermediate_size)
+                                      dispatch=config.expert_dispatch, cpu_matmul=config.cpu_matmul)
+        self.shared_experts = (SwiGLU(config.hidden_size, config.shared_intermediate_size, config.cpu_matmul)
                                if config.n_shared_experts > 0 else None)
 
     def forward(self, hidden: torch.Tensor, modality: torch.Tensor,

@@ -36,7 +36,7 @@ MOST_KEY = "most"  # config.json entry our exporter writes: the full MoSTConfig,
 # MoE design choices an upcycled model takes from the model group (everything else comes from config.json).
 UPCYCLE_CHOICES = ("n_routed_experts", "top_k", "moe_intermediate_size", "n_shared_experts", "first_k_dense_replace")
 # MoST choices that are never architecture of the checkpoint.
-MOST_CHOICES = ("audio_expert_fraction", "partition", "expert_dispatch")
+MOST_CHOICES = ("audio_expert_fraction", "partition", "expert_dispatch", "cpu_matmul")
 
 
 def checkpoint_kind(ckpt: CheckpointDir) -> str:

@@ -1,0 +1,113 @@
+"""fp32 matrix products on the CPU through oneDNN, with torch's own matmul as the fallback and the oracle.
+
+torch sends CPU fp32 matmuls to MKL's sgemm. On the AMD EPYC machines this project trains on, that runs at
+~50 GMAC/s per core, the rate of an AVX2 kernel, while oneDNN (built into torch as MKL-DNN) dispatches on the
+CPU's feature flags and runs the same fp32 products with AVX-512 at ~100-120 GMAC/s
+(``python experiments/bench_cpu_matmul.py``). torch reaches oneDNN's fp32 matmul from Python only through
+``torch.ops.mkldnn._linear_pointwise`` (an inference op without autograd), so this module wraps it:
+
+- ``matmul_nt(a, b)`` = a @ b.T, ``matmul_nn(a, b)`` = a @ b, ``matmul_tn(a, b)`` = a.T @ b (2-D operands);
+- ``linear(x, weight, bias)`` = F.linear with a oneDNN backward (an autograd Function), and ``Linear``,
+  an nn.Linear that uses it (same parameters and state-dict keys).
+
+Every entry point takes ``backend``: "onednn" uses oneDNN where it applies (CPU, fp32, autocast off, oneDNN
+built in) and torch otherwise; "torch" always uses torch. The products are full fp32 (oneDNN's default strict
+math mode): the two backends differ only in summation order, ~1e-6 relative.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+Backend = Literal["onednn", "torch"]
+BACKENDS = ("onednn", "torch")
+_ONEDNN_BUILT = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def check_backend(backend: str) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"cpu_matmul={backend!r}: allowed values are {list(BACKENDS)}")
+
+
+def uses_onednn(backend: str, *tensors: torch.Tensor) -> bool:
+    """Whether products of these tensors go through oneDNN under ``backend``."""
+    return (backend == "onednn" and _ONEDNN_BUILT and torch.backends.mkldnn.enabled
+            and all(t.device.type == "cpu" and t.dtype == torch.float32 and t.numel() > 0 for t in tensors)
+            and not torch.is_autocast_enabled("cpu"))
+
+
+def _nt(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """a [..., K] @ b [N, K].T (+ bias) by oneDNN (b is what oneDNN calls the weight; any strides)."""
+    return torch.ops.mkldnn._linear_pointwise(a, b, bias, "none", [], "")
+
+
+def matmul_nt(a: torch.Tensor, b: torch.Tensor, backend: Backend = "onednn") -> torch.Tensor:
+    return _nt(a, b) if uses_onednn(backend, a, b) else a @ b.T
+
+
+def matmul_nn(a: torch.Tensor, b: torch.Tensor, backend: Backend = "onednn") -> torch.Tensor:
+    return _nt(a, b.T) if uses_onednn(backend, a, b) else a @ b
+
+
+def matmul_tn(a: torch.Tensor, b: torch.Tensor, backend: Backend = "onednn") -> torch.Tensor:
+    """a [K, M].T @ b [K, N]. oneDNN computes (b.T @ a).T: with the long K dim as its reduction over
+    transposed operands that layout runs at full speed, a.T @ b directly at half. The result is a
+    transposed view; callers that store it copy or add it."""
+    return _nt(b.T, a.T).T if uses_onednn(backend, a, b) else a.T @ b
+
+
+def add_matmul_tn_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, backend: Backend = "onednn") -> torch.Tensor:
+    """out += a.T @ b, in place."""
+    if uses_onednn(backend, out, a, b):
+        return out.add_(_nt(b.T, a.T).T)
+    return out.addmm_(a.T, b)
+
+
+class _OneDNNLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return _nt(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight = ctx.saved_tensors
+        grad_2d = grad_out.reshape(-1, grad_out.shape[-1])
+        grad_x = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = _nt(grad_2d, weight.T).view(*x.shape[:-1], weight.shape[1])
+        if ctx.needs_input_grad[1]:
+            grad_weight = matmul_tn(grad_2d, x.reshape(-1, x.shape[-1])).contiguous()
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = grad_2d.sum(0)
+        return grad_x, grad_weight, grad_bias
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           backend: Backend = "onednn") -> torch.Tensor:
+    """F.linear(x, weight, bias); forward and backward by oneDNN where ``uses_onednn``."""
+    tensors = (x, weight) if bias is None else (x, weight, bias)
+    if not uses_onednn(backend, *tensors):
+        return F.linear(x, weight, bias)
+    return _OneDNNLinear.apply(x.contiguous(), weight, bias)
+
+
+class Linear(nn.Linear):
+    """nn.Linear whose products go through ``linear`` (same parameters, state-dict keys and init)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, backend: Backend = "onednn",
+                 **factory):
+        super().__init__(in_features, out_features, bias, **factory)
+        check_backend(backend)
+        self.backend = backend
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias, self.backend)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, backend={self.backend}"

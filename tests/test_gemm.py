@@ -1,0 +1,163 @@
+"""oneDNN matmuls (model/gemm.py): values and gradients against float64 torch, the fallbacks, and a whole
+training step that matches the torch backend."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import most_lightning.model.gemm as gemm
+from most_lightning.lit.losses import fused_token_losses
+from most_lightning.model import MoSTConfig, MoSTForCausalLM
+from most_lightning.model.config import ConfigError
+from most_lightning.model.gemm import Linear, add_matmul_tn_, linear, matmul_nn, matmul_nt, matmul_tn, uses_onednn
+
+
+@pytest.fixture
+def onednn_calls(monkeypatch):
+    """Counts the oneDNN products (every one goes through gemm._nt)."""
+    calls = []
+    real = gemm._nt
+
+    def counting(*args):
+        calls.append(1)
+        return real(*args)
+
+    monkeypatch.setattr(gemm, "_nt", counting)
+    return calls
+
+
+def max_error(value: torch.Tensor, exact: torch.Tensor) -> float:
+    return float((value.detach().double() - exact).abs().max() / exact.abs().max())
+
+
+def test_this_torch_build_has_the_onednn_path():
+    # The pinned torch wheels ship oneDNN; without it every model silently ran the slower path.
+    assert uses_onednn("onednn", torch.zeros(2, 2))
+
+
+@pytest.mark.parametrize("name", ["nt", "nn", "tn"])
+def test_matmuls_match_float64_at_fp32_accuracy(name, onednn_calls):
+    g = torch.Generator().manual_seed(0)
+    a64, b64 = torch.randn(300, 70, generator=g, dtype=torch.float64), torch.randn(300, 90, generator=g,
+                                                                                      dtype=torch.float64)
+    w64 = torch.randn(90, 70, generator=g, dtype=torch.float64)
+    cases = {"nt": (matmul_nt, a64, w64, a64 @ w64.T),
+             "nn": (matmul_nn, b64, w64, b64 @ w64),
+             "tn": (matmul_tn, a64, b64, a64.T @ b64)}
+    fn, left, right, exact = cases[name]
+    ours = fn(left.float(), right.float(), "onednn")
+    torch_fp32 = fn(left.float(), right.float(), "torch")
+    assert onednn_calls == [1]
+    assert ours.shape == exact.shape
+    # Full fp32 accuracy: a bf16 or tf32 product would be ~1e-3 off, fp32 ~1e-7.
+    assert max_error(ours, exact) < 1e-5
+    assert max_error(ours, exact) < 10 * max_error(torch_fp32, exact) + 1e-7
+
+
+def test_add_matmul_tn_accumulates_in_place():
+    g = torch.Generator().manual_seed(1)
+    a, b, start = torch.randn(64, 8, generator=g), torch.randn(64, 5, generator=g), torch.randn(8, 5, generator=g)
+    for backend in ("onednn", "torch"):
+        out = start.clone()
+        result = add_matmul_tn_(out, a, b, backend)
+        assert result is out
+        torch.testing.assert_close(out, start + a.T @ b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_values_and_gradients_match_float64(bias, onednn_calls):
+    g = torch.Generator().manual_seed(2)
+    x64 = torch.randn(3, 40, 24, generator=g, dtype=torch.float64)
+    w64 = torch.randn(36, 24, generator=g, dtype=torch.float64)
+    b64 = torch.randn(36, generator=g, dtype=torch.float64) if bias else None
+    grad = torch.randn(3, 40, 36, generator=g, dtype=torch.float64)
+    leaves = [t.float().requires_grad_() if t is not None else None for t in (x64, w64, b64)]
+    out = linear(leaves[0][:, ::2], leaves[1], leaves[2])  # a non-contiguous input is fine too
+    out.backward(grad[:, ::2].float())
+    exact_sub = [t.clone().detach().requires_grad_() if t is not None else None for t in (x64, w64, b64)]
+    F.linear(exact_sub[0][:, ::2], *exact_sub[1:]).backward(grad[:, ::2])
+    assert len(onednn_calls) == 3  # forward, d input, d weight
+    assert max_error(out, F.linear(x64[:, ::2], w64, b64)) < 1e-5
+    for ours, reference in zip(leaves, exact_sub):
+        if ours is not None:
+            assert ours.grad.shape == reference.shape and ours.grad.is_contiguous()
+            assert max_error(ours.grad, reference.grad) < 1e-5
+
+
+def test_linear_skips_gradients_nobody_needs(onednn_calls):
+    x = torch.randn(16, 8)  # no grad: only d weight is computed
+    weight = torch.randn(4, 8, requires_grad=True)
+    linear(x, weight).sum().backward()
+    assert len(onednn_calls) == 2
+    torch.testing.assert_close(weight.grad, torch.ones(16, 4).T @ x)
+
+
+@pytest.mark.parametrize("case", ["torch backend", "bf16", "autocast", "empty", "meta", "float64"])
+def test_falls_back_to_torch_where_onednn_does_not_apply(case, onednn_calls):
+    x, weight, backend = torch.randn(8, 6), torch.randn(5, 6), "onednn"
+    if case == "torch backend":
+        backend = "torch"
+    elif case in ("bf16", "float64"):
+        dtype = torch.bfloat16 if case == "bf16" else torch.float64
+        x, weight = x.to(dtype), weight.to(dtype)
+    elif case == "empty":
+        x = x[:0]
+    elif case == "meta":
+        x, weight = x.to("meta"), weight.to("meta")
+    if case == "autocast":
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = linear(x, weight, backend=backend)
+        assert out.dtype == torch.bfloat16  # autocast still applies, as for nn.Linear
+    else:
+        out = linear(x, weight, backend=backend)
+        assert out.shape == (x.shape[0], 5) and out.dtype == x.dtype
+        if case != "meta":
+            torch.testing.assert_close(out, F.linear(x, weight))
+    assert onednn_calls == []
+
+
+def test_linear_module_is_a_drop_in_nn_linear():
+    plain = nn.Linear(6, 4)
+    ours = Linear(6, 4)
+    assert isinstance(ours, nn.Linear) and list(ours.state_dict()) == list(plain.state_dict())
+    ours.load_state_dict(plain.state_dict())
+    x = torch.randn(5, 6)
+    torch.testing.assert_close(ours(x), plain(x))
+    assert "backend=onednn" in repr(ours)
+    with pytest.raises(ValueError, match=r"cpu_matmul='mkl': allowed values are \['onednn', 'torch'\]"):
+        Linear(6, 4, backend="mkl")
+
+
+def test_config_rejects_an_unknown_backend():
+    with pytest.raises(ConfigError, match=r"model.cpu_matmul='mkl': allowed values are \['onednn', 'torch'\]"):
+        MoSTConfig.from_preset("tiny", cpu_matmul="mkl")
+
+
+def training_grads(model: MoSTForCausalLM, ids, labels, modality):
+    model.zero_grad(set_to_none=True)
+    out = model(ids, modality, compute_logits=False)
+    loss = fused_token_losses(out.hidden, model.lm_head.weight, labels, modality,
+                              backend=model.config.cpu_matmul).mean() + out.aux_loss
+    loss.backward()
+    return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+def test_training_step_with_onednn_matches_the_torch_backend(onednn_calls):
+    torch.manual_seed(0)
+    config = MoSTConfig.from_preset("tiny", vocab_size=512, num_layers=2, router=dict(name="modality_aware"))
+    reference = MoSTForCausalLM(config.replace(cpu_matmul="torch"))
+    ours = MoSTForCausalLM(config)
+    ours.load_state_dict(reference.state_dict())
+    ids = torch.randint(0, 512, (2, 48))
+    modality = (torch.arange(48) >= 20).long().expand(2, -1)
+    labels = ids.clone()
+    labels[:, :10] = -100
+    expected_loss, expected = training_grads(reference, ids, labels, modality)
+    assert onednn_calls == []
+    loss, grads = training_grads(ours, ids, labels, modality)
+    assert len(onednn_calls) > 30  # attention, dense and shared MLPs, every expert, LM head: fwd and bwd
+    torch.testing.assert_close(loss, expected_loss, rtol=1e-5, atol=1e-6)
+    assert grads.keys() == expected.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, expected[name], rtol=1e-4, atol=1e-6, msg=name)
