@@ -10,7 +10,7 @@ import most_lightning.model.gemm as gemm
 from most_lightning.lit.losses import fused_token_losses
 from most_lightning.model import MoSTConfig, MoSTForCausalLM
 from most_lightning.model.config import ConfigError
-from most_lightning.model.gemm import Linear, add_matmul_tn_, linear, matmul_nn, matmul_nt, matmul_tn, uses_onednn
+from most_lightning.model.gemm import Linear, linear, matmul_nn, matmul_nt, matmul_tn, uses_onednn
 
 
 @pytest.fixture
@@ -53,16 +53,6 @@ def test_matmuls_match_float64_at_fp32_accuracy(name, onednn_calls):
     # Full fp32 accuracy: a bf16 or tf32 product would be ~1e-3 off, fp32 ~1e-7.
     assert max_error(ours, exact) < 1e-5
     assert max_error(ours, exact) < 10 * max_error(torch_fp32, exact) + 1e-7
-
-
-def test_add_matmul_tn_accumulates_in_place():
-    g = torch.Generator().manual_seed(1)
-    a, b, start = torch.randn(64, 8, generator=g), torch.randn(64, 5, generator=g), torch.randn(8, 5, generator=g)
-    for backend in ("onednn", "torch"):
-        out = start.clone()
-        result = add_matmul_tn_(out, a, b, backend)
-        assert result is out
-        torch.testing.assert_close(out, start + a.T @ b, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("bias", [False, True])

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from most_lightning.model.gemm import Backend, add_matmul_tn_, matmul_nn, matmul_nt
+from most_lightning.model.gemm import Backend, matmul_nn, matmul_nt, matmul_tn, uses_onednn
 
 IGNORE_INDEX = -100
 MODALITY_NAMES = ("text", "audio")  # modality mark 0 / 1
@@ -106,7 +106,12 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
         nll = hidden.new_empty(rows, dtype=torch.float32)
         correct = torch.empty(rows, dtype=torch.bool, device=hidden.device) if want_correct else None
         grad_hidden = torch.empty_like(hidden) if need_hidden else None
-        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_weight else None
+        # oneDNN: the weight gradient is accumulated transposed ([H, V]), the layout its matmul writes
+        # contiguously (gemm.matmul_tn), and transposed once at the end.
+        transposed = uses_onednn(backend, hidden, weight)
+        grad_weight = None
+        if need_weight:
+            grad_weight = hidden.new_zeros(weight.shape[::-1] if transposed else weight.shape, dtype=torch.float32)
         for start in range(0, rows, chunk_rows):
             end = min(start + chunk_rows, rows)
             h, t = hidden[start:end], targets[start:end, None]
@@ -120,10 +125,14 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
                 d_logits = d_logits.to(hidden.dtype)
                 if need_hidden:
                     grad_hidden[start:end] = matmul_nn(d_logits, weight, backend)
-                if need_weight and grad_weight.dtype == h.dtype:
-                    add_matmul_tn_(grad_weight, d_logits, h, backend)
+                if need_weight and transposed:
+                    grad_weight += matmul_tn(h, d_logits, backend)
+                elif need_weight and grad_weight.dtype == h.dtype:
+                    grad_weight.addmm_(d_logits.T, h)
                 elif need_weight:  # low-precision weights: accumulate the chunks' shares in fp32
                     grad_weight += (d_logits.T @ h).float()
+        if need_weight and transposed:
+            grad_weight = grad_weight.T.contiguous()
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.weight_dtype = weight.dtype
         outputs = (nll.sum(), nll) + ((correct,) if want_correct else ())

@@ -54,17 +54,14 @@ def matmul_nn(a: torch.Tensor, b: torch.Tensor, backend: Backend = "onednn") -> 
 
 
 def matmul_tn(a: torch.Tensor, b: torch.Tensor, backend: Backend = "onednn") -> torch.Tensor:
-    """a [K, M].T @ b [K, N]. oneDNN computes (b.T @ a).T: with the long K dim as its reduction over
-    transposed operands that layout runs at full speed, a.T @ b directly at half. The result is a
-    transposed view; callers that store it copy or add it."""
-    return _nt(b.T, a.T).T if uses_onednn(backend, a, b) else a.T @ b
-
-
-def add_matmul_tn_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, backend: Backend = "onednn") -> torch.Tensor:
-    """out += a.T @ b, in place."""
-    if uses_onednn(backend, out, a, b):
-        return out.add_(_nt(b.T, a.T).T)
-    return out.addmm_(a.T, b)
+    """a [K, M].T @ b [K, N] (a weight gradient: K runs over tokens). oneDNN wants its left operand with K
+    contiguous, so one operand gets a transposed copy; copying the narrower one is faster: a.T when M <= N
+    (the result comes out contiguous), else b.T (computing (b.T @ a).T: the result is a transposed view)."""
+    if not uses_onednn(backend, a, b):
+        return a.T @ b
+    if a.shape[1] <= b.shape[1]:
+        return _nt(a.T, b.T)
+    return _nt(b.T, a.T).T
 
 
 class _OneDNNLinear(torch.autograd.Function):
