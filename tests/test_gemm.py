@@ -10,7 +10,7 @@ import most_lightning.model.gemm as gemm
 from most_lightning.lit.losses import fused_token_losses
 from most_lightning.model import MoSTConfig, MoSTForCausalLM
 from most_lightning.model.config import ConfigError
-from most_lightning.model.gemm import Linear, linear, matmul_nn, matmul_nt, matmul_tn, uses_onednn
+from most_lightning.model.gemm import Linear, bucket_rows, linear, matmul_nn, matmul_nt, matmul_tn, uses_onednn
 
 
 @pytest.fixture
@@ -151,3 +151,10 @@ def test_training_step_with_onednn_matches_the_torch_backend(onednn_calls):
     assert grads.keys() == expected.keys()
     for name, grad in grads.items():
         torch.testing.assert_close(grad, expected[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_bucket_rows_pads_by_at_most_an_eighth_with_few_sizes():
+    assert [bucket_rows(n) for n in (1, 7, 32, 33, 48, 49, 1037, 2048, 2049)] == [1, 7, 32, 48, 48, 64, 1152, 2048,
+                                                                                2304]
+    assert len({bucket_rows(n) for n in range(1025, 2049)}) == 8  # eight shapes per power of two
+    assert all(n <= bucket_rows(n) <= n + max(15, n / 8) for n in range(1, 5000))

@@ -35,7 +35,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from most_lightning.model.gemm import Backend, Linear, check_backend, matmul_nn, matmul_nt, matmul_tn
+from most_lightning.model.gemm import (Backend, Linear, check_backend, gather_rows, matmul_nn, matmul_nt, matmul_tn,
+                                      pad_rows)
 
 Dispatch = Literal["auto", "grouped_mm", "loop"]
 DISPATCHES = ("auto", "grouped_mm", "loop")
@@ -69,38 +70,39 @@ class _LoopSwiGLUExperts(torch.autograd.Function):
     """Grouped SwiGLU over experts with a hand-written backward; see the module docstring.
 
     Inputs: x [N, H], token_index [M] (tokens sorted by expert), weights [M] (gate weights in the same
-    order), counts (python list of M's split per expert), gate/up [E, I, H], down [E, H, I]. Saves only the
-    pre-activations (gate and up outputs, [M, I] each); everything else is recomputed per expert in cache.
+    order), counts (python list of M's split per expert), gate/up [E, I, H], down [E, H, I]. Keeps only the
+    pre-activations (gate and up outputs per piece, rows padded as gemm.gather_rows pads them); everything
+    else is recomputed per expert in cache.
     Work comes in pieces (expert e, rows start:end of the sorted order); an expert may be cut in two pieces
     that run on different threads.
     """
 
     @staticmethod
     def forward(ctx, x, token_index, weights, counts, gate, up, down, backend):
-        n_pairs, inter = token_index.shape[0], gate.shape[1]
-        gate_out = x.new_empty(n_pairs, inter)
-        up_out = x.new_empty(n_pairs, inter)
+        pre_activations: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # piece start -> (gate, up) out
 
         def run(pieces: list[Piece], add_rows: AddRows) -> None:
             for e, start, end in pieces:
                 tokens = token_index[start:end]
-                x_e = x.index_select(0, tokens)
-                a = gate_out[start:end].copy_(matmul_nt(x_e, gate[e], backend))
-                b = up_out[start:end].copy_(matmul_nt(x_e, up[e], backend))
+                # Rows padded with zeros to a oneDNN bucket size (gemm.pad_rows) stay zero through the SwiGLU.
+                x_e = gather_rows(x, tokens, backend)
+                a, b = matmul_nt(x_e, gate[e], backend), matmul_nt(x_e, up[e], backend)
+                pre_activations[start] = a, b
                 # The gate weight scales the [n, I] activation rather than the (larger) [n, H] output.
-                h = F.silu(a).mul_(b).mul_(weights[start:end, None])
-                add_rows(tokens, matmul_nt(h, down[e], backend))
+                h = F.silu(a).mul_(b).mul_(pad_rows(weights[start:end], backend)[:, None])
+                add_rows(tokens, matmul_nt(h, down[e], backend)[: end - start])
 
         out = torch.zeros_like(x)
-        _run_pieces(run, counts, out, x.shape[1] * inter)
-        ctx.save_for_backward(x, token_index, weights, gate_out, up_out, gate, up, down)
-        ctx.counts, ctx.backend = counts, backend
+        _run_pieces(run, counts, out, x.shape[1] * gate.shape[1])
+        ctx.save_for_backward(x, token_index, weights, gate, up, down)
+        ctx.counts, ctx.backend, ctx.pre_activations = counts, backend, pre_activations
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
-        x, token_index, weights, gate_out, up_out, gate, up, down = ctx.saved_tensors
+        x, token_index, weights, gate, up, down = ctx.saved_tensors
+        pre_activations = ctx.pre_activations
         counts, starts, backend = ctx.counts, _starts(ctx.counts), ctx.backend
         need_x, need_w, need_params = ctx.needs_input_grad[0], ctx.needs_input_grad[2], any(ctx.needs_input_grad[4:])
         grad_out = grad_out.contiguous()
@@ -113,31 +115,32 @@ class _LoopSwiGLUExperts(torch.autograd.Function):
         def run(pieces: list[Piece], add_rows: AddRows) -> list[tuple[int, tuple[torch.Tensor, ...]]]:
             shares = []
             for e, start, end in pieces:
-                tokens, w = token_index[start:end], weights[start:end, None]
-                a, b = gate_out[start:end], up_out[start:end]
+                n, tokens = end - start, token_index[start:end]
+                w = pad_rows(weights[start:end], backend)[:, None]
+                a, b = pre_activations[start]
                 if start == starts[e]:
                     targets = tuple(grad[e] for grad in grad_params)
                 else:
                     targets = tuple(torch.empty_like(grad[e]) for grad in grad_params)
                     if need_params:
                         shares.append((e, targets))
-                g_out = grad_out.index_select(0, tokens)
+                g_out = gather_rows(grad_out, tokens, backend)
                 g_h = matmul_nn(g_out, down[e], backend)  # gradient w.r.t. the weighted activation w * h
                 silu_a = F.silu(a)
                 h = silu_a * b
                 if need_w:
-                    torch.sum(g_h * h, dim=1, out=grad_w[start:end])
+                    torch.sum(g_h[:n] * h[:n], dim=1, out=grad_w[start:end])
                 if need_params:
                     targets[0].copy_(matmul_tn(g_out, h.mul_(w), backend))
                 g_h.mul_(w)
                 g_a = torch.ops.aten.silu_backward(g_h * b, a)
                 g_b = g_h.mul_(silu_a)
                 if need_params:
-                    x_e = x.index_select(0, tokens)
+                    x_e = gather_rows(x, tokens, backend)
                     targets[1].copy_(matmul_tn(g_a, x_e, backend))
                     targets[2].copy_(matmul_tn(g_b, x_e, backend))
                 if need_x:
-                    add_rows(tokens, matmul_nn(g_a, gate[e], backend).add_(matmul_nn(g_b, up[e], backend)))
+                    add_rows(tokens, matmul_nn(g_a, gate[e], backend).add_(matmul_nn(g_b, up[e], backend))[:n])
             return shares
 
         shares = _run_pieces(run, counts, grad_x, x.shape[1] * gate.shape[1])

@@ -40,9 +40,52 @@ def uses_onednn(backend: str, *tensors: torch.Tensor) -> bool:
             and not torch.is_autocast_enabled("cpu"))
 
 
+def bucket_rows(n: int) -> int:
+    """n rounded up to one of 8 to 16 sizes per power of two (at most 1/8 more; exact up to 32).
+
+    oneDNN builds a primitive for every new matmul shape (~1 ms here) and caches it. Training changes the
+    token count with every batch and the rows per expert with every routing decision, so exact shapes would
+    pay that cost on most calls; padded to buckets, a run reuses a few hundred cached primitives."""
+    if n <= 32:
+        return n
+    step = 1 << max(n.bit_length() - 4, 4)
+    return -(-n // step) * step
+
+
+def _pad_rows(t: torch.Tensor) -> torch.Tensor:
+    """t [n, ...] with zero rows appended up to bucket_rows(n) (t itself when n is a bucket size)."""
+    n = t.shape[0]
+    rows = bucket_rows(n)
+    if rows == n:
+        return t
+    padded = t.new_empty(rows, *t.shape[1:])
+    padded[:n] = t
+    padded[n:] = 0
+    return padded
+
+
+def pad_rows(t: torch.Tensor, backend: Backend = "onednn") -> torch.Tensor:
+    """t with zero rows up to bucket_rows where oneDNN multiplies it (t itself otherwise). Products of a
+    padded operand need no padding copy of their own; their extra rows are zero (or garbage, for callers
+    that cut them off)."""
+    return _pad_rows(t) if uses_onednn(backend, t) else t
+
+
+def gather_rows(x: torch.Tensor, index: torch.Tensor, backend: Backend = "onednn") -> torch.Tensor:
+    """x.index_select(0, index), written straight into a ``pad_rows``-sized buffer where oneDNN applies."""
+    if not uses_onednn(backend, x) or index.numel() == 0:
+        return x.index_select(0, index)
+    n = index.shape[0]
+    out = x.new_empty(bucket_rows(n), *x.shape[1:])
+    torch.index_select(x, 0, index, out=out[:n])
+    out[n:] = 0
+    return out
+
+
 def _nt(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """a [..., K] @ b [N, K].T (+ bias) by oneDNN (b is what oneDNN calls the weight; any strides)."""
-    return torch.ops.mkldnn._linear_pointwise(a, b, bias, "none", [], "")
+    """a [M, K] @ b [N, K].T (+ bias) by oneDNN (b is what oneDNN calls the weight; any strides), with M
+    padded to bucket_rows(M) inside."""
+    return torch.ops.mkldnn._linear_pointwise(_pad_rows(a), b, bias, "none", [], "")[: a.shape[0]]
 
 
 def matmul_nt(a: torch.Tensor, b: torch.Tensor, backend: Backend = "onednn") -> torch.Tensor:
@@ -59,6 +102,7 @@ def matmul_tn(a: torch.Tensor, b: torch.Tensor, backend: Backend = "onednn") -> 
     (the result comes out contiguous), else b.T (computing (b.T @ a).T: the result is a transposed view)."""
     if not uses_onednn(backend, a, b):
         return a.T @ b
+    a, b = _pad_rows(a), _pad_rows(b)  # zero rows add nothing; K (tokens) padded to a bucket size
     if a.shape[1] <= b.shape[1]:
         return _nt(a.T, b.T)
     return _nt(b.T, a.T).T
@@ -69,7 +113,7 @@ class _OneDNNLinear(torch.autograd.Function):
     def forward(ctx, x, weight, bias):
         ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None
-        return _nt(x, weight, bias)
+        return _nt(x.reshape(-1, x.shape[-1]), weight, bias).view(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
     def backward(ctx, grad_out):
