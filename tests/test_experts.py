@@ -85,6 +85,23 @@ def test_dispatch_paths_match_naive_reference(top_k, n_used):
         assert grad is not None and torch.all(grad[n_used:] == 0)
 
 
+def test_loop_backward_keeps_the_forward_split_when_the_thread_count_changes():
+    torch.manual_seed(0)
+    params = GroupedExperts(HIDDEN, INTER, N_EXPERTS).state_dict()
+    x, grad_out = torch.randn(29, HIDDEN), torch.randn(29, HIDDEN)
+    indices, weights = routing(29, 2, N_EXPERTS)
+    expected = run_naive(params, x, indices, weights, grad_out)
+    experts = GroupedExperts(HIDDEN, INTER, N_EXPERTS, dispatch="loop")
+    experts.load_state_dict(params)
+    x = x.clone().requires_grad_()
+    with expert_worker_threads(3):
+        out = experts(x, indices, weights)  # rows cut into three pieces
+    with expert_worker_threads(1):
+        out.backward(grad_out)  # one thread now: the backward must still walk the forward's pieces
+    torch.testing.assert_close(x.grad, expected[1], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(experts.gate_proj.grad, expected[3], rtol=1e-4, atol=1e-5)
+
+
 def test_loop_backward_passes_gradcheck():
     torch.manual_seed(0)
     experts = GroupedExperts(6, 4, 4, dispatch="loop").double()

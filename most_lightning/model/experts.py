@@ -93,9 +93,11 @@ class _LoopSwiGLUExperts(torch.autograd.Function):
                 add_rows(tokens, matmul_nt(h, down[e], backend)[: end - start])
 
         out = torch.zeros_like(x)
-        _run_pieces(run, counts, out, x.shape[1] * gate.shape[1])
+        # The backward must cut the rows into the same pieces: pre_activations is keyed by piece.
+        n_workers = _worker_count(counts, out, x.shape[1] * gate.shape[1])
+        _run_pieces(run, counts, out, n_workers)
         ctx.save_for_backward(x, token_index, weights, gate, up, down)
-        ctx.counts, ctx.backend, ctx.pre_activations = counts, backend, pre_activations
+        ctx.counts, ctx.backend, ctx.pre_activations, ctx.n_workers = counts, backend, pre_activations, n_workers
         return out
 
     @staticmethod
@@ -143,7 +145,7 @@ class _LoopSwiGLUExperts(torch.autograd.Function):
                     add_rows(tokens, matmul_nn(g_a, gate[e], backend).add_(matmul_nn(g_b, up[e], backend))[:n])
             return shares
 
-        shares = _run_pieces(run, counts, grad_x, x.shape[1] * gate.shape[1])
+        shares = _run_pieces(run, counts, grad_x, ctx.n_workers)
         if need_params:
             for e, share in shares:
                 for grad, value in zip(grad_params, share):
@@ -211,18 +213,22 @@ def _run_single_threaded(run: Callable, pieces: list[Piece], add_rows: AddRows):
         return run(pieces, add_rows)
 
 
+def _worker_count(counts: list[int], accumulator: torch.Tensor, macs_per_row: int) -> int:
+    """Threads for _run_pieces: up to torch.get_num_threads() on the CPU for large batches, else 1."""
+    if accumulator.device.type != "cpu":
+        return 1
+    return max(1, min(torch.get_num_threads(), sum(counts) * macs_per_row // MIN_MACS_PER_WORKER))
+
+
 def _run_pieces(run: Callable[[list[Piece], AddRows], list | None], counts: list[int],
-                accumulator: torch.Tensor, macs_per_row: int) -> list:
+                accumulator: torch.Tensor, n_workers: int) -> list:
     """run(pieces, add_rows) over all rows, where add_rows(tokens, rows) adds rows into ``accumulator``
     [N, H] at those tokens; returns the concatenation of the lists that the calls of ``run`` return.
 
-    On the CPU, for large batches, the rows are split over up to torch.get_num_threads() threads (this one
+    With ``n_workers`` > 1 (see _worker_count) the rows are split over that many threads (this one
     included), each running its ops with one intra-op thread. A token routed to experts on two threads gets
     two additions: a lock keeps them apart (index_add_ is short next to the matmuls, so threads rarely wait).
     """
-    n_workers = 1
-    if accumulator.device.type == "cpu":
-        n_workers = max(1, min(torch.get_num_threads(), sum(counts) * macs_per_row // MIN_MACS_PER_WORKER))
     lock = threading.Lock()
 
     def add_rows(tokens: torch.Tensor, rows: torch.Tensor) -> None:
