@@ -10,7 +10,8 @@ import most_lightning.model.gemm as gemm
 from most_lightning.lit.losses import fused_token_losses
 from most_lightning.model import MoSTConfig, MoSTForCausalLM
 from most_lightning.model.config import ConfigError
-from most_lightning.model.gemm import Linear, bucket_rows, linear, matmul_nn, matmul_nt, matmul_tn, uses_onednn
+from most_lightning.model.gemm import (Linear, bucket_rows, gather_rows, linear, matmul_nn, matmul_nt, matmul_tn, pad_rows,
+                                      uses_onednn)
 
 
 @pytest.fixture
@@ -158,3 +159,15 @@ def test_bucket_rows_pads_by_at_most_an_eighth_with_few_sizes():
                                                                                 2304]
     assert len({bucket_rows(n) for n in range(1025, 2049)}) == 8  # eight shapes per power of two
     assert all(n <= bucket_rows(n) <= n + max(15, n / 8) for n in range(1, 5000))
+
+
+def test_gather_and_pad_rows_append_zero_rows_only_for_onednn():
+    x, index = torch.randn(50, 3), torch.tensor([4, 0, 4, 49] * 10)
+    gathered = gather_rows(x, index)
+    assert gathered.shape == (bucket_rows(40), 3) == (48, 3)
+    torch.testing.assert_close(gathered[:40], x[index], rtol=0, atol=0)
+    assert torch.all(gathered[40:] == 0)
+    padded = pad_rows(x[:40])
+    assert padded.shape == (48, 3) and torch.equal(padded[:40], x[:40]) and torch.all(padded[40:] == 0)
+    assert gather_rows(x, index, "torch").shape == (40, 3)
+    assert pad_rows(x[:40], "torch").shape == (40, 3)
