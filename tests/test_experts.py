@@ -85,14 +85,20 @@ def test_dispatch_paths_match_naive_reference(top_k, n_used):
         assert grad is not None and torch.all(grad[n_used:] == 0)
 
 
-def test_loop_backward_keeps_the_forward_split_when_the_thread_count_changes():
+def loop_case(n_tokens):
+    """(loop experts, x, indices, weights, grad_out, naive reference results) for n_tokens top-2 tokens."""
     torch.manual_seed(0)
     params = GroupedExperts(HIDDEN, INTER, N_EXPERTS).state_dict()
-    x, grad_out = torch.randn(29, HIDDEN), torch.randn(29, HIDDEN)
-    indices, weights = routing(29, 2, N_EXPERTS)
+    x, grad_out = torch.randn(n_tokens, HIDDEN), torch.randn(n_tokens, HIDDEN)
+    indices, weights = routing(n_tokens, 2, N_EXPERTS)
     expected = run_naive(params, x, indices, weights, grad_out)
     experts = GroupedExperts(HIDDEN, INTER, N_EXPERTS, dispatch="loop")
     experts.load_state_dict(params)
+    return experts, x, indices, weights, grad_out, expected
+
+
+def test_loop_backward_keeps_the_forward_split_when_the_thread_count_changes():
+    experts, x, indices, weights, grad_out, expected = loop_case(29)
     x = x.clone().requires_grad_()
     with expert_worker_threads(3):
         out = experts(x, indices, weights)  # rows cut into three pieces
@@ -192,13 +198,8 @@ def test_autocast_bfloat16_keeps_float32_weights(dispatch):
 
 
 def test_frozen_experts_still_pass_gradients_to_inputs():
-    torch.manual_seed(0)
-    params = GroupedExperts(HIDDEN, INTER, N_EXPERTS).state_dict()
-    x, grad_out = torch.randn(11, HIDDEN), torch.randn(11, HIDDEN)
-    indices, weights = routing(11, 2, N_EXPERTS)
-    expected = run_naive(params, x, indices, weights, grad_out)
-    experts = GroupedExperts(HIDDEN, INTER, N_EXPERTS, dispatch="loop").requires_grad_(False)
-    experts.load_state_dict(params)
+    experts, x, indices, weights, grad_out, expected = loop_case(11)
+    experts.requires_grad_(False)
     x, weights = x.clone().requires_grad_(), weights.clone().requires_grad_()
     experts(x, indices, weights).backward(grad_out)
     torch.testing.assert_close(x.grad, expected[1], rtol=1e-4, atol=1e-5)
