@@ -17,9 +17,10 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's package, not another install
+import most_lightning  # noqa: E402,F401  (before torch: sets the OpenMP defaults, most_lightning/openmp_env.py)
+import torch  # noqa: E402
+
 from most_lightning.model.gemm import linear, uses_onednn  # noqa: E402
 
 TOKENS = 2048

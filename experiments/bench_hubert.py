@@ -14,11 +14,12 @@ import statistics
 import sys
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # this checkout before an installed copy
-from bench_moe import Row, print_table, run_interleaved  # noqa: E402
+import most_lightning  # noqa: E402,F401  (before torch: sets the OpenMP defaults, most_lightning/openmp_env.py)
+import torch  # noqa: E402
+
+from bench_moe import Row, keep_freed_memory, malloc_note, print_table, run_interleaved  # noqa: E402
 
 from most_lightning.audio import MFCCEncoder  # noqa: E402
 from most_lightning.audio.hubert import HubertEncoder  # noqa: E402
@@ -42,6 +43,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     if args.quick:
         args.seconds, args.reps = 2.0, 2
     torch.set_num_threads(args.threads)
+    kept = keep_freed_memory()
     torch.manual_seed(0)
     wave = (0.1 * torch.randn(int(args.seconds * 16000))).to(args.device)
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
@@ -72,7 +74,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         rows.append(Row("MFCC 25 Hz (offline default)", lambda: mfcc(wave)))
     run_interleaved(rows, args.reps, warmup=1, wait_budget=120.0)
     note = (f"{args.seconds:.0f} s utterance, {args.threads} thread(s), {args.device}; torch "
-            f"{torch.__version__}")
+            f"{torch.__version__}; {malloc_note(kept)}")
     print_table("HuBERT feature extraction", rows, "transformers HubertModel base (full)", note)
     speeds = {}
     for row in rows:

@@ -31,17 +31,19 @@ import time
 from pathlib import Path
 from typing import Callable
 
-import torch
-import torch.nn.functional as F
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # this checkout's package, not another install
-from bench_moe import Row, print_table, run_interleaved  # noqa: E402
+import most_lightning  # noqa: E402,F401  (before torch: sets the OpenMP defaults, most_lightning/openmp_env.py)
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from bench_moe import Row, keep_freed_memory, malloc_note, page_faults, print_table, run_interleaved  # noqa: E402
 
 from most_lightning.lit.losses import fused_token_losses  # noqa: E402
 from most_lightning.lit.module import build_adamw  # noqa: E402
 from most_lightning.model import MoSTConfig, MoSTForCausalLM  # noqa: E402
 from most_lightning.model.hf_compat import to_hf_deepseek_config, to_hf_state_dict  # noqa: E402
+from most_lightning.openmp_env import openmp_note  # noqa: E402
 
 
 def hf_config(c: MoSTConfig, experts_implementation: str):
@@ -159,9 +161,10 @@ def run_interleaved_thread_clock(rows: list[Row], reps: int, warmup: int = 1, qu
             row.step()
     for rep in range(reps):
         for row in rows:
-            start = time.thread_time()
+            faults, start = page_faults(), time.thread_time()
             row.step()
             row.times.append(time.thread_time() - start)
+            row.faults.append(page_faults() - faults)
         if not quiet:
             print(f"  rep {rep + 1}/{reps} done", file=sys.stderr, flush=True)
 
@@ -181,6 +184,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                         help="seconds to wait in all for a quiet machine before re-running disturbed repetitions")
     parser.add_argument("--clock", choices=("wall", "thread"), default="wall",
                         help="thread: CPU seconds of the calling thread (needs --threads 1), blind to other processes")
+    parser.add_argument("--default-malloc", action="store_true",
+                        help="leave glibc's malloc settings alone (see bench_moe.keep_freed_memory)")
     parser.add_argument("--quick", action="store_true", help="smoke run: batch 2 x 64, 2 repetitions")
     parser.add_argument("--memory", action="store_true", help="peak RSS of one step per row, each in a subprocess")
     parser.add_argument("--memory-row", default=None, help=argparse.SUPPRESS)
@@ -205,6 +210,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                   f"(resident before the step: {result['before_mb']:.0f} MiB)")
         return {}
 
+    kept = not args.default_malloc and keep_freed_memory()  # after the memory branches: it would hide peaks
     kinds = ["ours", "ours-modality_aware", "ours-torch-matmul", "theirs-eager", "theirs-grouped_mm",
              "theirs-eager-fused"]
     rows, reference, theirs, data = build_rows(args, kinds)
@@ -227,7 +233,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
           f"batch {args.batch} x {args.seq_len}, supervised positions {int((labels[:, 1:] != -100).sum())} "
           f"of {labels[:, 1:].numel()}\ntransformers: attn_implementation={theirs.config._attn_implementation!r} "
           f"(its default), use_cache={theirs.config.use_cache} (its default); loss {their_loss.item():.6f}, ours "
-          f"{ours_loss.item():.6f}")
+          f"{ours_loss.item():.6f}; {malloc_note(kept)}; {openmp_note()}")
     if args.clock == "thread":
         run_interleaved_thread_clock(rows, args.reps, quiet=args.quick)
     else:

@@ -2,7 +2,9 @@
 
 All rows run side by side in one process, interleaved repetition by repetition, so that drifts in machine
 speed hit every row alike. On a shared machine, a repetition during which other processes used the CPUs is
-re-run (up to --retries times) and the table says how many stayed contended.
+re-run (up to --retries times) and the table says how many stayed contended. glibc's malloc is told to keep
+freed memory (``keep_freed_memory``), so that no row pays page faults whose number depends on the rows beside it;
+the table shows each row's page faults per step.
 
     python experiments/bench_moe.py            # shapes S and M, 2 threads
     python experiments/bench_moe.py --quick    # smoke run: shape S, 512 tokens, 2 repetitions
@@ -15,16 +17,24 @@ with each expert dispatch and router; transformers' DeepseekV2Moe with its eager
 from __future__ import annotations
 
 import argparse
+import ctypes
+import ctypes.util
 import os
+import resource
 import shlex
 import statistics
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
-import torch
-from torch import nn
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's package, not another install
+import most_lightning  # noqa: E402,F401  (before torch: sets the OpenMP defaults, most_lightning/openmp_env.py)
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from most_lightning.openmp_env import openmp_note  # noqa: E402
 
 SHAPES = {
     # name: (hidden, experts, expert width, top_k, shared width)
@@ -35,6 +45,36 @@ SHAPES = {
 
 
 # ----------------------------------------------------------------------------------------------- timing
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters from glibc's malloc.h
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc's malloc keep freed memory in the process instead of handing it back to the kernel.
+
+    By default, buffers above a moving threshold (up to 32 MiB) are mmap-ed fresh and freed pages go back to the
+    kernel, so a row that allocates large buffers pays a page fault per 4 KiB page on every step, and how many
+    depends on what the OTHER rows allocated before it (they move the threshold). Measured here at shape S: the
+    dense SwiGLU row paid 12,000-37,000 faults per step depending on its neighbours, the transformers model-step
+    rows 16,000-38,000 (~30 ms); our layers ~0. Kept memory turns the tables into comparisons of compute.
+    Returns False where the C library is not glibc (settings unchanged)."""
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name)
+        return bool(libc.mallopt(_M_MMAP_THRESHOLD, 1 << 30) and libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30))
+    except (OSError, AttributeError, TypeError):  # no libc found, or one without mallopt (musl, macOS)
+        return False
+
+
+def malloc_note(kept: bool) -> str:
+    return ("malloc keeps freed memory (--default-malloc to leave it)" if kept
+            else "malloc settings left alone: rows may pay page faults that depend on their neighbours")
+
+
+def page_faults() -> int:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_minflt + usage.ru_majflt
+
+
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
@@ -61,6 +101,7 @@ class Row:
     step: Callable[[], object]
     times: list[float] = field(default_factory=list)
     contended: int = 0
+    faults: list[int] = field(default_factory=list)  # page faults of the process during each timed step
 
 
 def wait_for_quiet(max_wait: float, window: float = 1.0) -> float:
@@ -86,28 +127,33 @@ def run_interleaved(rows: list[Row], reps: int, warmup: int = 1, retries: int = 
     for rep in range(reps):
         for row in rows:
             for attempt in range(retries + 1):
+                faults = page_faults()
                 wall, others = timed(row.step)
+                faults = page_faults() - faults
                 clean = others <= 0.05 * wall + 0.02
                 if clean or attempt == retries:
                     break
                 wait_budget -= wait_for_quiet(min(wait_budget, 60.0))
             row.times.append(wall)
+            row.faults.append(faults)
             row.contended += not clean
         if not quiet:
             print(f"  rep {rep + 1}/{reps} done", file=sys.stderr, flush=True)
 
 
 def print_table(title: str, rows: list[Row], baseline: str, note: str = "") -> dict[str, float]:
-    """Median/min per row and ratios of medians to the baseline row; returns {name: median ratio}."""
+    """Median/min per row, ratios of medians to the baseline row and, where recorded, median page faults per
+    step; returns {name: median ratio}."""
     base = next(r for r in rows if r.name == baseline)
     base_med, base_min = statistics.median(base.times), min(base.times)
     ratios, lines = {}, []
     for row in rows:
         med, best = statistics.median(row.times), min(row.times)
         ratios[row.name] = med / base_med
+        faults = f"{statistics.median(row.faults):.0f}" if row.faults else "-"
         lines.append((row.name, f"{med * 1e3:.1f}", f"{best * 1e3:.1f}", f"{med / base_med:.3f}x",
-                      f"{best / base_min:.3f}x", f"{row.contended}/{len(row.times)}"))
-    header = ("row", "median ms", "min ms", "ratio (median)", "ratio (min)", "contended")
+                      f"{best / base_min:.3f}x", f"{row.contended}/{len(row.times)}", faults))
+    header = ("row", "median ms", "min ms", "ratio (median)", "ratio (min)", "contended", "faults/step")
     try:
         from rich.console import Console
         from rich.table import Table
@@ -229,6 +275,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     parser.add_argument("--rows", default=None, help="only rows whose name contains one of these (comma-separated)")
     parser.add_argument("--cpu-matmul", choices=("onednn", "torch"), default="onednn",
                         help="matmul backend of the dense and MoST rows (model.cpu_matmul; transformers: torch)")
+    parser.add_argument("--default-malloc", action="store_true",
+                        help="leave glibc's malloc settings alone (see keep_freed_memory)")
     parser.add_argument("--quick", action="store_true", help="smoke run: shape S, 512 tokens, 2 repetitions")
     args = parser.parse_args(argv)
     if args.quick:
@@ -236,9 +284,11 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
         args.shapes = args.shapes or "S"
     args.shapes = args.shapes or "S,M"
     torch.set_num_threads(args.threads)
+    kept = not args.default_malloc and keep_freed_memory()
     command = "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(sys.argv[1:] if argv is None else argv)])
     print(f"command: {command}\ntorch {torch.__version__}, {torch.get_num_threads()} threads, fp32, "
-          f"forward+backward, {args.tokens} tokens, dense and MoST rows with cpu_matmul={args.cpu_matmul}")
+          f"forward+backward, {args.tokens} tokens, dense and MoST rows with cpu_matmul={args.cpu_matmul}; "
+          f"{malloc_note(kept)}; {openmp_note()}")
     results = {}
     for shape in args.shapes.split(","):
         hidden, experts, width, top_k, shared = SHAPES[shape]
