@@ -56,6 +56,20 @@ def test_matmuls_match_float64_at_fp32_accuracy(name, onednn_calls):
     assert max_error(ours, exact) < 10 * max_error(torch_fp32, exact) + 1e-7
 
 
+@pytest.mark.parametrize("backend", ["onednn", "torch"])
+@pytest.mark.parametrize("shapes", [(70, 90), (90, 70)], ids=["narrow-left", "narrow-right"])
+def test_matmul_tn_writes_into_out(backend, shapes):
+    """Weight gradients land in slices of a stacked gradient: out= must get the product (both copy orders)."""
+    g = torch.Generator().manual_seed(1)
+    a64 = torch.randn(300, shapes[0], generator=g, dtype=torch.float64)
+    b64 = torch.randn(300, shapes[1], generator=g, dtype=torch.float64)
+    stacked = torch.full((3, *shapes), float("nan"))
+    result = matmul_tn(a64.float(), b64.float(), backend, out=stacked[1])
+    assert result.data_ptr() == stacked[1].data_ptr()
+    assert max_error(stacked[1], a64.T @ b64) < 1e-5
+    assert stacked[0].isnan().all() and stacked[2].isnan().all()  # the neighbours are untouched
+
+
 @pytest.mark.parametrize("bias", [False, True])
 def test_linear_values_and_gradients_match_float64(bias, onednn_calls):
     g = torch.Generator().manual_seed(2)

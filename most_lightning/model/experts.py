@@ -133,14 +133,14 @@ class _LoopSwiGLUExperts(torch.autograd.Function):
                 if need_w:
                     torch.sum(g_h[:n] * h[:n], dim=1, out=grad_w[start:end])
                 if need_params:
-                    targets[0].copy_(matmul_tn(g_out, h.mul_(w), backend))
+                    matmul_tn(g_out, h.mul_(w), backend, out=targets[0])
                 g_h.mul_(w)
                 g_a = torch.ops.aten.silu_backward(g_h * b, a)
                 g_b = g_h.mul_(silu_a)
                 if need_params:
                     x_e = gather_rows(x, tokens, backend)
-                    targets[1].copy_(matmul_tn(g_a, x_e, backend))
-                    targets[2].copy_(matmul_tn(g_b, x_e, backend))
+                    matmul_tn(g_a, x_e, backend, out=targets[1])
+                    matmul_tn(g_b, x_e, backend, out=targets[2])
                 if need_x:
                     add_rows(tokens, matmul_nn(g_a, gate[e], backend).add_(matmul_nn(g_b, up[e], backend))[:n])
             return shares

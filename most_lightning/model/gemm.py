@@ -97,16 +97,18 @@ def matmul_nn(a: torch.Tensor, b: torch.Tensor, backend: Backend = "onednn") -> 
     return _nt(a, b.T) if uses_onednn(backend, a, b) else a @ b
 
 
-def matmul_tn(a: torch.Tensor, b: torch.Tensor, backend: Backend = "onednn") -> torch.Tensor:
-    """a [K, M].T @ b [K, N] (a weight gradient: K runs over tokens). oneDNN wants its left operand with K
-    contiguous, so one operand gets a transposed copy; copying the narrower one is faster: a.T when M <= N
-    (the result comes out contiguous), else b.T (computing (b.T @ a).T: the result is a transposed view)."""
+def matmul_tn(a: torch.Tensor, b: torch.Tensor, backend: Backend = "onednn",
+              out: torch.Tensor | None = None) -> torch.Tensor:
+    """a [K, M].T @ b [K, N] (a weight gradient: K runs over tokens), into ``out`` [M, N] if given.
+
+    oneDNN wants its left operand with K contiguous, so one operand gets a transposed copy; copying the narrower
+    one is faster: a.T when M <= N (the result comes out contiguous), else b.T (computing (b.T @ a).T: the
+    result is a transposed view). torch's matmul writes into ``out`` directly, oneDNN's result is copied."""
     if not uses_onednn(backend, a, b):
-        return a.T @ b
+        return a.T @ b if out is None else torch.mm(a.T, b, out=out)
     a, b = _pad_rows(a), _pad_rows(b)  # zero rows add nothing; K (tokens) padded to a bucket size
-    if a.shape[1] <= b.shape[1]:
-        return _nt(a.T, b.T)
-    return _nt(b.T, a.T).T
+    result = _nt(a.T, b.T) if a.shape[1] <= b.shape[1] else _nt(b.T, a.T).T
+    return result if out is None else out.copy_(result)
 
 
 class _OneDNNLinear(torch.autograd.Function):
