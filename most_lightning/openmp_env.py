@@ -6,7 +6,7 @@ right after such a region, and for those ms a spinning OpenMP thread and a worke
 of experiments/bench_moe.py (2 threads) each worker lost ~6 ms per hand-off, ~12 ms of a 190 ms layer step
 (spent waiting, not computing: wall time 44 ms vs CPU time 38 ms for the same rows). 30,000 spins (well under
 a ms) remove that loss and still keep back-to-back small ops fast (with 0 spins a run of small OpenMP ops got
-~40% slower); the `tiny` training step did not move.
+~40% slower); the `tiny` training step (no worker threads) did not move beyond run-to-run noise.
 
 Importing ``most_lightning`` applies the default when torch is not loaded yet (run.py and the benchmarks import
 it first) and the variable is unset: a value from the user's environment always wins.

@@ -170,9 +170,10 @@ def _starts(counts: list[int]) -> list[int]:
 Piece = tuple[int, int, int]  # (expert, start row, end row) in the sorted order
 AddRows = Callable[[torch.Tensor, torch.Tensor], None]  # add_rows(tokens, rows): accumulator[tokens] += rows
 # Worker threads only pay off for large batches: each hand-off lets the caller's idle OpenMP threads spin
-# for a few ms (libgomp's default wait policy) while the workers want the cores. One worker per 2**30
-# multiply-adds of one expert matmul (rows x H x I): the bench_moe.py shapes S and M (4096 tokens) get two
-# threads, the `tiny` preset's layers stay on the OpenMP loop. Set it very large to never use workers.
+# while the workers want the cores (a few ms with libgomp's default; importing most_lightning shortens it,
+# see openmp_env.py). One worker per 2**30 multiply-adds of one expert matmul (rows x H x I): the
+# bench_moe.py shapes S and M (4096 tokens) get two threads, the `tiny` preset's layers stay on the OpenMP
+# loop. Set it very large to never use workers.
 MIN_MACS_PER_WORKER = 2**30
 _pool: ThreadPoolExecutor | None = None
 
