@@ -10,8 +10,8 @@ import most_lightning.model.gemm as gemm
 from most_lightning.lit.losses import fused_token_losses
 from most_lightning.model import MoSTConfig, MoSTForCausalLM
 from most_lightning.model.config import ConfigError
-from most_lightning.model.gemm import (Linear, bucket_rows, gather_rows, linear, matmul_nn, matmul_nt, matmul_tn, pad_rows,
-                                      uses_onednn)
+from most_lightning.model.gemm import (Linear, bucket_rows, gather_rows, linear, matmul_nn, matmul_nt, matmul_tn,
+                                      pad_rows, uses_onednn)
 
 
 @pytest.fixture

@@ -3,7 +3,8 @@
 torch sends CPU fp32 matmuls to MKL's sgemm. On the AMD EPYC machines this project trains on, that runs at
 ~45-55 GMAC/s per core, the rate of an AVX2 kernel, while oneDNN (built into torch as MKL-DNN) dispatches on
 the CPU's feature flags and runs the same fp32 products with AVX-512 at 70-150 GMAC/s: a linear layer's
-forward + backward at the `tiny` step's shapes runs 1.7-1.8x faster (``python experiments/bench_cpu_matmul.py``). torch reaches oneDNN's fp32 matmul from Python only through
+forward + backward at the `tiny` step's shapes runs 1.7-1.8x faster
+(``python experiments/bench_cpu_matmul.py``). torch reaches oneDNN's fp32 matmul from Python only through
 ``torch.ops.mkldnn._linear_pointwise`` (an inference op without autograd), so this module wraps it:
 
 - ``matmul_nt(a, b)`` = a @ b.T, ``matmul_nn(a, b)`` = a @ b, ``matmul_tn(a, b)`` = a.T @ b (2-D operands);
