@@ -79,6 +79,44 @@ def test_train_batches_follow_the_contract(data_root):
                 assert (audio_in_response > 0) == (task == "tts")
 
 
+MIXTURE = {"asr": 0.4, "tts": 0.4, "text": 0.2}
+
+
+@pytest.mark.parametrize("batching", ["pack", "bucket"])
+def test_demo_stream_batches_by_data_batching(data_root, batching):
+    """Batching does not change which examples the stream draws: their order is that of batch_size=1 batches."""
+    dm = make_dm(data_root)
+    one_by_one = [(b["key"][0], tuple(b["input_ids"][0][b["attention_mask"][0]].tolist()))
+                  for b in stream(dm, dm.shards("train"), task_weights=MIXTURE, batch_size=1, batches_per_epoch=80)]
+    batches = list(stream(dm, dm.shards("train"), task_weights=MIXTURE, batches_per_epoch=3, batching=batching,
+                          max_tokens=512, max_length=256, bucket_pool=8))
+    assert len(batches) == 3
+    drawn, most_in_a_row = [], 0
+    for b in batches:
+        assert b["input_ids"].numel() <= 512
+        if batching == "bucket":
+            drawn += [(k, tuple(ids[m].tolist())) for k, ids, m in zip(b["key"], b["input_ids"], b["attention_mask"])]
+            continue
+        assert b["input_ids"].shape[0] <= 2 and b["input_ids"].shape[1] <= 256
+        for ids, segments in zip(b["input_ids"], b["segment_ids"]):
+            for s in range(1, int(segments.max()) + 1):
+                drawn.append(tuple(ids[segments == s].tolist()))
+        assert len(b["key"]) == sum(int(seg.max()) for seg in b["segment_ids"])
+        most_in_a_row = max(most_in_a_row, int(b["segment_ids"].max()))
+    if batching == "pack":  # rows are filled in drawing order
+        assert most_in_a_row >= 2 and drawn == [ids for _, ids in one_by_one[:len(drawn)]]
+    else:  # buckets leave in a random order; the longest group of a pool may wait for the next pool
+        assert len(set(drawn)) == len(drawn) and set(drawn) <= set(one_by_one[:len(drawn) + 8])
+
+
+def test_demo_stream_rejects_impossible_batching_at_construction(data_root):
+    dm = make_dm(data_root)
+    with pytest.raises(ValueError, match="needs data.max_tokens"):
+        stream(dm, dm.shards("train"), batching="pack", max_length=256)
+    with pytest.raises(ValueError, match="continuous audio"):
+        stream(dm, dm.shards("train"), batching="pack", max_tokens=512, max_length=256, audio_frames=lambda n: n // 320)
+
+
 def test_mixing_weights_are_respected(data_root):
     dm = make_dm(data_root, batch_size=8, batches_per_epoch=100, task_weights={"asr": 0.5, "tts": 0.3, "text": 0.2})
     counts = collections.Counter(t for b in dm.train_dataloader() for t in b["task"])

@@ -6,8 +6,8 @@
             waste falls to a few percent; batch row counts vary.
     pack    packed rows of max_length tokens: examples are concatenated into rows (an example never straddles
             two rows), max_tokens // max_length rows per batch. `segment_ids` [B, T] numbers the examples in a
-            row (0 = padding). NOTE: the model attends across the examples of a row (no block-diagonal mask
-            yet); every example starts with BOS whose label is -100, so no loss crosses a boundary.
+            row (0 = padding); the model turns it into a block-diagonal causal mask and positions that restart
+            at every example, so a packed row computes what its examples compute one by one.
 """
 
 from __future__ import annotations

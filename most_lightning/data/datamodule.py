@@ -4,12 +4,13 @@
     dm.tokenizer.vocab_size        # builds/loads the corpus on first use; needed before the model exists
     trainer.fit(model, datamodule=dm)
 
-Training streams WebDataset shards (endless, explicit rank/worker shard assignment, fixed batches per epoch).
+Training streams WebDataset shards (endless, explicit rank/worker shard assignment, a fixed number of batches per
+epoch, batched by `batching`: fixed, bucket or pack).
 Validation and test read their (small) splits into memory and are map-style, so a single device makes one
 exact pass and Lightning's DistributedSampler splits them under DDP (padding the last rank with repeats).
 
 With `sources` (named shard sets, each with task weights; docs/data_pipeline.md) training uses the general
-SourceMixStream instead: resampled or split shards, token-budget batching, and a data position that is saved in
+SourceMixStream instead: resampled or split shards, named sources, and a data position that is saved in
 Lightning checkpoints (`state_dict`) and restored on resume. The corpus (demo recipe or corpus_dir) still
 provides the tokenizer and the validation/test splits.
 """
@@ -324,7 +325,8 @@ class MoSTDataModule(LightningDataModule):
             shuffle_buffer=self.shuffle_buffer, shard_sampling=self.shard_sampling, max_length=self.max_length,
             max_length_policy=self.max_length_policy, on_bad_sample=self.on_bad_sample,
             dedup_units=self.dedup_units, verify_audio=self.verify_audio, audio_frames=self.audio_frames,
-            audio_markers=self.audio.markers)
+            audio_markers=self.audio.markers, batching=self.batching, max_tokens=self.max_tokens,
+            bucket_pool=self.bucket_pool)
 
     def train_dataloader(self) -> DataLoader:
         loader = ResumableLoader if self.sources_config else EpochAwareLoader

@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterator, Literal, Sequence
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..text.tokenizer import MoSTTokenizer
-from .collate import collate_teacher_forced
+from .batching import FixedBatcher, make_batcher
 from .samples import (BadSamplePolicy, OnBadSample, OverlongSampleError, SpeechRecord, TextRecord, VerifyAudio,
                       decode_speech_sample, decode_text_sample, iter_records)
 from .tasks import TASKS, MaxLengthPolicy, TaskFormatter
@@ -100,9 +100,15 @@ class MixedTaskStream(IterableDataset):
         verify_audio: VerifyAudio = "header",
         audio_frames: Callable[[int], int] | None = None,
         audio_markers: str = "drop",
+        batching: str = "fixed",
+        max_tokens: int | None = None,
+        bucket_pool: int = 256,
     ):
         """audio_frames: continuous audio input (MoST-C): n_samples -> encoder frames; ASR prompts then carry
-        the waveform and frame slots (data/continuous.py) instead of unit tokens. audio_markers: drop | keep."""
+        the waveform and frame slots (data/continuous.py) instead of unit tokens. audio_markers: drop | keep.
+        batching / max_tokens / bucket_pool: how examples become batches (data/batching.py); with bucket or
+        pack, examples still pooled when a pass has yielded its batches_per_epoch batches are dropped (each
+        pass samples the mixture afresh)."""
         super().__init__()
         unknown = set(task_weights) - set(TASKS)
         if unknown:
@@ -126,6 +132,11 @@ class MixedTaskStream(IterableDataset):
         self.max_length, self.max_length_policy, self.on_bad_sample = max_length, max_length_policy, on_bad_sample
         self.dedup_units, self.verify_audio = dedup_units, verify_audio
         self.audio_frames, self.audio_markers = audio_frames, audio_markers
+        if batching == "pack" and audio_frames is not None:
+            raise ValueError("data.batching=pack cannot hold continuous audio (audio=continuous) examples; "
+                             "use batching=fixed or bucket")
+        self.batching, self.max_tokens, self.bucket_pool = batching, max_tokens, bucket_pool
+        self._batcher(random.Random())  # an impossible batching setting fails here, before any worker starts
         self.epoch = 0
         self._local_passes = 0  # counts passes inside a persistent worker, where set_epoch does not reach
 
@@ -134,6 +145,10 @@ class MixedTaskStream(IterableDataset):
 
     def __len__(self) -> int:
         return self.batches_per_epoch
+
+    def _batcher(self, rng: random.Random) -> FixedBatcher:
+        return make_batcher(self.batching, self.batch_size, self.max_tokens, self.bucket_pool, self.max_length, rng,
+                            self.tokenizer.pad_id, self.tokenizer.modality_of)
 
     def _source(self, shards: list[str], decode, policy, rng, worker: int, n_workers: int) -> Iterator[Any]:
         if self.shard_sampling == "resampled":
@@ -167,9 +182,11 @@ class MixedTaskStream(IterableDataset):
             sources["speech"] = self._source(self.speech_shards, decode_speech, policy, rng, worker, n_workers)
         if "text" in self.tasks:
             sources["text"] = self._source(self.text_shards, decode_text_sample, policy, rng, worker, n_workers)
+        batcher = self._batcher(random.Random(f"{self.seed}/{self.epoch}/{self._local_passes}/{self.rank}/"
+                                              f"{worker}/batching"))
+        ready: list[dict[str, Any]] = []
         for _ in range(n_batches):
-            examples = []
-            while len(examples) < self.batch_size:
+            while not ready:
                 task = rng.choices(self.tasks, self.weights)[0]
                 if task == "text":
                     rec: TextRecord = next(sources["text"])
@@ -179,12 +196,12 @@ class MixedTaskStream(IterableDataset):
                     text, units = rec.transcript, rec.units
                 try:
                     if task == "asr" and continuous is not None:
-                        examples.append(continuous.asr(rec.audio, text, rec.key))
+                        ready = batcher.add(continuous.asr(rec.audio, text, rec.key))
                     else:
-                        examples.append(formatter.format(task, rec.key, text, units))
+                        ready = batcher.add(formatter.format(task, rec.key, text, units))
                 except OverlongSampleError as err:
                     policy.handle(OverlongSampleError(rec.key, rec.shard, err.reason))
-            batch = collate_teacher_forced(examples, self.tokenizer.pad_id, self.tokenizer.modality_of)
+            batch = ready.pop(0)
             batch["n_skipped"] += policy.take()
             yield batch
 

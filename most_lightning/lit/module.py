@@ -199,6 +199,8 @@ class MoSTLitModule(LightningModule):
         embeds = self._audio_embeds(batch, batch["input_ids"])
         if embeds is not None:
             extra["inputs_embeds"] = embeds
+        if batch.get("segment_ids") is not None:  # packed rows: examples attend only within themselves
+            extra["segment_ids"] = batch["segment_ids"]
         return self.model(batch["input_ids"], batch["modality"], attention_mask=batch.get("attention_mask"), **extra)
 
     def _audio_embeds(self, batch: Mapping[str, Any], ids: torch.Tensor) -> torch.Tensor | None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from most_lightning.model.attention import KVCache, build_attention
@@ -82,6 +83,26 @@ def _attention_mask(attention_mask: torch.Tensor | None, q_len: int, past: int) 
     return mask[:, None]
 
 
+def segment_positions(segment_ids: torch.Tensor) -> torch.Tensor:
+    """Position of each token within its segment (a packed example restarts at 0): [B, T] -> [B, T]."""
+    index = torch.arange(segment_ids.shape[1], device=segment_ids.device).expand_as(segment_ids)
+    starts = segment_ids != F.pad(segment_ids, (1, 0), value=-1)[:, :-1]  # first token of each run
+    return index - torch.cummax(torch.where(starts, index, 0), dim=1).values
+
+
+def _segment_mask(segment_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """Bool [B, 1, T, T]: causal, within the same segment, keys not padding (every position sees itself); None
+    when no row holds more than one segment, where the plain causal mask already keeps examples apart."""
+    real = segment_ids > 0 if attention_mask is None else attention_mask.bool() & (segment_ids > 0)
+    if not bool((segment_ids[:, 1:] != segment_ids[:, :-1])[real[:, 1:] & real[:, :-1]].any()):
+        return _attention_mask(attention_mask, segment_ids.shape[1], 0)
+    seq = segment_ids.shape[1]
+    causal = torch.ones(seq, seq, dtype=torch.bool, device=segment_ids.device).tril()
+    mask = causal & (segment_ids[:, :, None] == segment_ids[:, None, :]) & real[:, None, :]
+    mask |= torch.eye(seq, dtype=torch.bool, device=segment_ids.device)
+    return mask[:, None]
+
+
 class MoSTForCausalLM(nn.Module):
     def __init__(self, config: MoSTConfig):
         super().__init__()
@@ -108,8 +129,11 @@ class MoSTForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, modality: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
                 past_key_values: KVCache | None = None, use_cache: bool = False,
-                inputs_embeds: torch.Tensor | None = None, compute_logits: bool = True) -> MoSTOutput:
+                inputs_embeds: torch.Tensor | None = None, compute_logits: bool = True,
+                segment_ids: torch.Tensor | None = None) -> MoSTOutput:
         """input_ids/modality/position_ids [B, T]; attention_mask [B, past + T] bool (True = real token).
+        segment_ids [B, T]: packed rows (data.batching=pack), numbering the examples of a row (0 = padding):
+        each token attends only within its example and positions restart at every example (no cache).
         inputs_embeds [B, T, H]: used instead of embedding input_ids (e.g. with spliced audio frames).
         compute_logits=False skips the LM head (the fused training loss applies it itself, to the supervised
         positions only: most_lightning.lit.losses.fused_token_losses)."""
@@ -124,14 +148,20 @@ class MoSTForCausalLM(nn.Module):
         if past + seq > self.config.max_position_embeddings:
             raise ValueError(f"sequence of {past + seq} tokens exceeds model.max_position_embeddings="
                              f"{self.config.max_position_embeddings}")
+        if segment_ids is not None and segment_ids.shape != input_ids.shape:
+            raise ValueError(f"segment_ids {tuple(segment_ids.shape)} must match input_ids {tuple(input_ids.shape)}")
+        if segment_ids is not None and past > 0:
+            raise ValueError("segment_ids (packed rows) cannot be combined with a KV cache: generate per example")
         if position_ids is None:
-            position_ids = torch.arange(past, past + seq, device=input_ids.device).expand(batch, -1)
+            position_ids = (segment_positions(segment_ids) if segment_ids is not None
+                            else torch.arange(past, past + seq, device=input_ids.device).expand(batch, -1))
 
         if inputs_embeds is not None and inputs_embeds.shape[:2] != input_ids.shape:
             raise ValueError(f"inputs_embeds {tuple(inputs_embeds.shape)} must match input_ids {tuple(input_ids.shape)}")
         hidden = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         cos, sin = self.model.rotary(position_ids, hidden.dtype)
-        mask = _attention_mask(attention_mask, seq, past)
+        mask = (_segment_mask(segment_ids, attention_mask) if segment_ids is not None
+                else _attention_mask(attention_mask, seq, past))
         token_mask = attention_mask[:, past:] if attention_mask is not None else None
 
         aux_losses: dict[str, torch.Tensor] = {}

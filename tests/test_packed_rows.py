@@ -1,0 +1,85 @@
+"""Packed rows (data.batching=pack): every example in a row attends only within itself and its positions restart,
+so a packed row computes exactly what its examples compute one by one (the oracle: each example run alone)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from most_lightning.data.batching import FixedBatcher, PackBatcher
+from most_lightning.data.tasks import IGNORE_INDEX, Example
+from most_lightning.model.decoder import segment_positions
+from test_lit_module import make_module
+from test_model_core import tiny
+
+
+def test_positions_restart_at_every_example():
+    segments = torch.tensor([[1, 1, 1, 2, 2, 3, 0, 0], [1, 1, 1, 1, 1, 1, 1, 1]])
+    assert segment_positions(segments).tolist() == [[0, 1, 2, 0, 1, 0, 0, 1], [0, 1, 2, 3, 4, 5, 6, 7]]
+
+
+@pytest.mark.parametrize("attention, router", [("mla", "vanilla"), ("gqa", "modality_aware")])
+def test_packed_row_computes_what_its_examples_compute_alone(attention, router):
+    extra = dict(num_heads=4, num_kv_heads=2, head_dim=16) if attention == "gqa" else {}
+    model = tiny(attention=attention, router={"name": router}, **extra)
+    torch.manual_seed(1)
+    lengths = (5, 7, 3)
+    examples = [torch.randint(0, 101, (n,)) for n in lengths]
+    marks = [torch.randint(0, 2, (n,)) for n in lengths]
+    row = torch.zeros(1, 17, dtype=torch.long)
+    modality = torch.zeros_like(row)
+    segments = torch.zeros_like(row)
+    at = 0
+    for j, (ids, mark) in enumerate(zip(examples, marks)):
+        row[0, at:at + len(ids)], modality[0, at:at + len(ids)], segments[0, at:at + len(ids)] = ids, mark, j + 1
+        at += len(ids)
+    with torch.no_grad():
+        packed = model(row, modality, attention_mask=segments > 0, segment_ids=segments).logits[0]
+        at = 0
+        for ids, mark in zip(examples, marks):
+            alone = model(ids[None], mark[None]).logits[0]
+            torch.testing.assert_close(packed[at:at + len(ids)], alone, atol=1e-5, rtol=1e-5)
+            at += len(ids)
+        unmasked = model(row, modality, attention_mask=segments > 0).logits[0]
+    assert not torch.allclose(unmasked[5:12], packed[5:12], atol=1e-3)  # without segments the examples mix
+
+
+def make_examples(tok) -> list[Example]:
+    t, u = tok.encode_text, tok.encode_units
+    specs = [("asr", [tok.bos_id, *u([1, 2, 3]), tok.eos_id], [tok.bos_id, *t("abc"), tok.eos_id]),
+             ("tts", [tok.bos_id, *t("cab"), tok.eos_id], [tok.bos_id, *u([4, 5, 6, 7]), tok.eos_id]),
+             ("text", [], [tok.bos_id, *t("hello"), tok.eos_id]),
+             ("asr", [tok.bos_id, *u([7, 1]), tok.eos_id], [tok.bos_id, *t("ba"), tok.eos_id])]
+    examples = []
+    for i, (task, prompt, response) in enumerate(specs):
+        labels = [IGNORE_INDEX] * (len(prompt) + 1) + response[1:]  # the response's BOS is given, not predicted
+        examples.append(Example(input_ids=prompt + response, labels=labels, task=task, key=f"ex{i}"))
+    return examples
+
+
+def test_packed_batch_trains_on_the_same_losses_as_padded_batch(toy_tokenizer):
+    module = make_module(toy_tokenizer.vocab_size).eval()
+    examples = make_examples(toy_tokenizer)
+    batcher = FixedBatcher(len(examples), toy_tokenizer.pad_id, toy_tokenizer.modality_of)
+    (padded,) = [batch for e in examples for batch in batcher.add(e)]
+    packer = PackBatcher(24, 4, toy_tokenizer.pad_id, toy_tokenizer.modality_of)
+    packed = [batch for e in examples for batch in packer.add(e)] + packer.flush()
+    assert len(packed) == 1 and packed[0]["input_ids"].shape[0] < len(examples)  # rows really hold several
+    with torch.no_grad():
+        _, padded_losses = module._training_losses(padded)
+        _, packed_losses = module._training_losses(packed[0])
+    padded_sum, padded_count = padded_losses.sum_and_count()
+    packed_sum, packed_count = packed_losses.sum_and_count()
+    assert int(packed_count) == int(padded_count) > 0
+    torch.testing.assert_close(packed_sum, padded_sum, atol=1e-4, rtol=1e-5)
+
+
+def test_segment_ids_are_rejected_with_a_kv_cache_or_the_wrong_shape():
+    model = tiny()
+    ids = torch.randint(0, 101, (1, 6))
+    with torch.no_grad():
+        cache = model(ids, use_cache=True).past_key_values
+        with pytest.raises(ValueError, match="KV cache"):
+            model(ids[:, :1], segment_ids=torch.ones(1, 1, dtype=torch.long), past_key_values=cache, use_cache=True)
+        with pytest.raises(ValueError, match="segment_ids"):
+            model(ids, segment_ids=torch.ones(1, 5, dtype=torch.long))
