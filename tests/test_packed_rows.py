@@ -20,8 +20,9 @@ def test_positions_restart_at_every_example():
 
 @pytest.mark.parametrize("attention, router", [("mla", "vanilla"), ("gqa", "modality_aware")])
 def test_packed_row_computes_what_its_examples_compute_alone(attention, router):
+    """Logits per example, and the balance loss as the mean of the examples' own (the reference's per sequence)."""
     extra = dict(num_heads=4, num_kv_heads=2, head_dim=16) if attention == "gqa" else {}
-    model = tiny(attention=attention, router={"name": router}, **extra)
+    model = tiny(attention=attention, router={"name": router, "balance_loss_alpha": 0.1}, **extra).train()
     torch.manual_seed(1)
     lengths = (5, 7, 3)
     examples = [torch.randint(0, 101, (n,)) for n in lengths]
@@ -34,14 +35,16 @@ def test_packed_row_computes_what_its_examples_compute_alone(attention, router):
         row[0, at:at + len(ids)], modality[0, at:at + len(ids)], segments[0, at:at + len(ids)] = ids, mark, j + 1
         at += len(ids)
     with torch.no_grad():
-        packed = model(row, modality, attention_mask=segments > 0, segment_ids=segments).logits[0]
-        at = 0
+        out = model(row, modality, attention_mask=segments > 0, segment_ids=segments)
+        at, balance_alone = 0, []
         for ids, mark in zip(examples, marks):
-            alone = model(ids[None], mark[None]).logits[0]
-            torch.testing.assert_close(packed[at:at + len(ids)], alone, atol=1e-5, rtol=1e-5)
+            alone = model(ids[None], mark[None])
+            torch.testing.assert_close(out.logits[0, at:at + len(ids)], alone.logits[0], atol=1e-5, rtol=1e-5)
+            balance_alone.append(alone.aux_losses["balance"])
             at += len(ids)
         unmasked = model(row, modality, attention_mask=segments > 0).logits[0]
-    assert not torch.allclose(unmasked[5:12], packed[5:12], atol=1e-3)  # without segments the examples mix
+    torch.testing.assert_close(out.aux_losses["balance"], torch.stack(balance_alone).mean(), atol=1e-6, rtol=1e-5)
+    assert not torch.allclose(unmasked[5:12], out.logits[0, 5:12], atol=1e-3)  # without segments examples mix
 
 
 def make_examples(tok) -> list[Example]:

@@ -41,11 +41,11 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, hidden, modality, cos, sin, mask, cache, token_mask):
+    def forward(self, hidden, modality, cos, sin, mask, cache, token_mask, segment_ids=None):
         hidden = hidden + self.self_attn(self.input_layernorm(hidden), cos, sin, mask, cache)
         normed = self.post_attention_layernorm(hidden)
         if isinstance(self.mlp, MoELayer):
-            out, routing = self.mlp(normed, modality, token_mask)
+            out, routing = self.mlp(normed, modality, token_mask, segment_ids)
             return hidden + out, routing
         return hidden + self.mlp(normed), None
 
@@ -133,7 +133,8 @@ class MoSTForCausalLM(nn.Module):
                 segment_ids: torch.Tensor | None = None) -> MoSTOutput:
         """input_ids/modality/position_ids [B, T]; attention_mask [B, past + T] bool (True = real token).
         segment_ids [B, T]: packed rows (data.batching=pack), numbering the examples of a row (0 = padding):
-        each token attends only within its example and positions restart at every example (no cache).
+        each token attends only within its example, positions restart at every example and the balance loss
+        takes every example as a sequence (no cache).
         inputs_embeds [B, T, H]: used instead of embedding input_ids (e.g. with spliced audio frames).
         compute_logits=False skips the LM head (the fused training loss applies it itself, to the supervised
         positions only: most_lightning.lit.losses.fused_token_losses)."""
@@ -167,7 +168,7 @@ class MoSTForCausalLM(nn.Module):
         aux_losses: dict[str, torch.Tensor] = {}
         stats: list[RouterStats] = []
         for layer in self.model.layers:
-            hidden, routing = layer(hidden, modality, cos, sin, mask, past_key_values, token_mask)
+            hidden, routing = layer(hidden, modality, cos, sin, mask, past_key_values, token_mask, segment_ids)
             if routing is not None:
                 stats.append(routing.stats)
                 for name, value in routing.aux_losses.items():

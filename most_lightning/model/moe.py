@@ -23,11 +23,12 @@ class MoELayer(nn.Module):
         self.shared_experts = (SwiGLU(config.hidden_size, config.shared_intermediate_size, config.cpu_matmul)
                                if config.n_shared_experts > 0 else None)
 
-    def forward(self, hidden: torch.Tensor, modality: torch.Tensor,
-                token_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, Routing]:
-        """hidden [B, T, H], modality [B, T]; token_mask [B, T] excludes padding from the routing stats."""
+    def forward(self, hidden: torch.Tensor, modality: torch.Tensor, token_mask: torch.Tensor | None = None,
+                segment_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, Routing]:
+        """hidden [B, T, H], modality [B, T]; token_mask [B, T] excludes padding from the routing stats;
+        segment_ids [B, T] marks the examples of packed rows (balance loss per example)."""
         shape = hidden.shape
-        routing = self.gate(hidden, modality, token_mask)
+        routing = self.gate(hidden, modality, token_mask, segment_ids)
         flat = hidden.reshape(-1, shape[-1])
         out = self.experts(flat, routing.indices, routing.weights.to(hidden.dtype))
         if self.shared_experts is not None:

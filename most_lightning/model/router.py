@@ -55,19 +55,35 @@ def register_router(name: str) -> Callable[[type["Router"]], type["Router"]]:
     return add
 
 
-def balance_loss(scores: torch.Tensor, indices: torch.Tensor, n_experts: int, top_k: int) -> torch.Tensor:
+def balance_loss(scores: torch.Tensor, indices: torch.Tensor, n_experts: int, top_k: int,
+                 segment_ids: torch.Tensor | None = None) -> torch.Tensor:
     """Per-sequence balance loss of the reference (MOST_SPEC 2.3), without its alpha.
 
     scores [B, T, E]: the (masked) routing probabilities; indices [B, T, k]. For sequence b and expert i,
     f = count of i in the top-k over T tokens / (T * k / E), P = mean over tokens of the scores; the loss is
     mean_b sum_i f * P. E counts all routed experts, not the group size.
+    segment_ids [B, T] (packed rows): every example of a row is a sequence of its own; segment 0 (the padding
+    after the last example) belongs to none.
     """
     batch, tokens, _ = scores.shape
-    counts = torch.zeros(batch, n_experts, device=scores.device, dtype=scores.dtype)
-    counts.scatter_add_(1, indices.reshape(batch, -1), torch.ones_like(indices.reshape(batch, -1), dtype=scores.dtype))
-    f = counts / (tokens * top_k / n_experts)
-    p = scores.mean(dim=1)
-    return (f * p).sum(dim=1).mean()
+    if segment_ids is None:
+        sequence, n_sequences = torch.arange(batch, device=scores.device).repeat_interleave(tokens), batch
+    else:  # number the examples 1, 2, ... across the batch, the padding 0 (sizes fixed: no host sync)
+        real = segment_ids > 0
+        starts = real & (segment_ids != F.pad(segment_ids, (1, 0), value=-1)[:, :-1])
+        sequence, n_sequences = (starts.reshape(-1).cumsum(0) * real.reshape(-1)), batch * tokens + 1
+    length = torch.zeros(n_sequences, device=scores.device, dtype=scores.dtype)
+    length.index_add_(0, sequence, torch.ones_like(sequence, dtype=scores.dtype))
+    counts = torch.zeros(n_sequences, n_experts, device=scores.device, dtype=scores.dtype)
+    slots = sequence.repeat_interleave(top_k) * n_experts + indices.reshape(-1)
+    counts.view(-1).index_add_(0, slots, torch.ones_like(slots, dtype=scores.dtype))
+    score_sums = torch.zeros_like(counts).index_add_(0, sequence, scores.reshape(-1, n_experts))
+    present = length > 0
+    if segment_ids is not None:
+        present[0] = False  # the padding
+    length = length.clamp(min=1)[:, None]
+    per_sequence = (counts / (length * top_k / n_experts) * score_sums / length).sum(dim=1)
+    return (per_sequence * present).sum() / present.sum()
 
 
 def z_loss(logits: torch.Tensor) -> torch.Tensor:
@@ -116,9 +132,10 @@ class Router(nn.Module):
         """logits [N, E] fp32, modality [N] -> (weights [N, k], indices [N, k], scores for the balance loss)."""
         raise NotImplementedError
 
-    def forward(self, hidden: torch.Tensor, modality: torch.Tensor,
-                token_mask: torch.Tensor | None = None) -> Routing:
-        """hidden [B, T, H], modality [B, T] (0 text, 1 audio), token_mask [B, T] (stats only)."""
+    def forward(self, hidden: torch.Tensor, modality: torch.Tensor, token_mask: torch.Tensor | None = None,
+                segment_ids: torch.Tensor | None = None) -> Routing:
+        """hidden [B, T, H], modality [B, T] (0 text, 1 audio), token_mask [B, T] (stats only), segment_ids [B, T]
+        (packed rows: the balance loss takes each example as a sequence)."""
         batch, tokens, hidden_size = hidden.shape
         logits = F.linear(hidden.reshape(-1, hidden_size).float(), self.weight.float())
         weights, indices, scores = self.select(logits, modality.reshape(-1))
@@ -129,7 +146,8 @@ class Router(nn.Module):
         aux: dict[str, torch.Tensor] = {}
         if self.cfg.balance_loss_alpha > 0 and self.training:
             aux["balance"] = self.cfg.balance_loss_alpha * balance_loss(
-                scores.view(batch, tokens, -1), indices.view(batch, tokens, -1), self.n_experts, self.top_k)
+                scores.view(batch, tokens, -1), indices.view(batch, tokens, -1), self.n_experts, self.top_k,
+                segment_ids)
         if self.cfg.z_loss_coef > 0 and self.training:
             aux["z"] = self.cfg.z_loss_coef * z_loss(logits)
         stats = routing_stats(indices, modality, self.n_experts, token_mask)
