@@ -4,6 +4,7 @@ import collections
 import io
 import json
 import shutil
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -165,6 +166,19 @@ def test_epochs_reshuffle_and_workers_share_the_batch_count(data_root):
     first = [k for b in loader for k in b["key"]]
     second = [k for b in loader for k in b["key"]]
     assert len(first) == len(second) == 20 and first != second
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_a_resumed_run_sees_the_data_of_its_epoch(data_root, num_workers):
+    """The loader built for a run resumed at epoch 2 gives the batches the uninterrupted run got in epoch 2, with
+    and without (persistent) workers."""
+    dm = make_dm(data_root, num_workers=num_workers, batches_per_epoch=3)
+    uninterrupted = dm.train_dataloader()
+    epochs = [[k for b in uninterrupted for k in b["key"]] for _ in range(3)]
+    dm.trainer = SimpleNamespace(current_epoch=2, global_rank=0, world_size=1)  # restored before the loader is built
+    resumed = dm.train_dataloader()
+    assert [k for b in resumed for k in b["key"]] == epochs[2] != epochs[1]
+    assert [k for b in resumed for k in b["key"]] == [k for b in uninterrupted for k in b["key"]]  # epoch 3
 
 
 def test_validation_is_one_exact_pass_over_all_tasks(data_root):

@@ -331,8 +331,10 @@ class MoSTDataModule(LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         loader = ResumableLoader if self.sources_config else EpochAwareLoader
         dataset = self.source_stream() if self.sources_config else self.train_dataset()
+        # Lightning restores the epoch of a resumed run before it asks for the loader
+        first_epoch = self.trainer.current_epoch if self.trainer is not None else 0
         return loader(dataset, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
-                      persistent_workers=self.num_workers > 0)
+                      persistent_workers=self.num_workers > 0, first_epoch=first_epoch)
 
     # ------------------------------------------------------------------ named sources (general pipeline)
     def source_specs(self, sources: Mapping[str, Any] | None = None) -> list[SourceSpec]:

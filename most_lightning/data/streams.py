@@ -141,7 +141,12 @@ class MixedTaskStream(IterableDataset):
         self._local_passes = 0  # counts passes inside a persistent worker, where set_epoch does not reach
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        self.epoch, self._local_passes = epoch, 0
+
+    @property
+    def _pass(self) -> int:
+        """The epoch this pass belongs to, also in a persistent worker (its copy saw set_epoch only once)."""
+        return self.epoch + self._local_passes
 
     def __len__(self) -> int:
         return self.batches_per_epoch
@@ -150,11 +155,12 @@ class MixedTaskStream(IterableDataset):
         return make_batcher(self.batching, self.batch_size, self.max_tokens, self.bucket_pool, self.max_length, rng,
                             self.tokenizer.pad_id, self.tokenizer.modality_of)
 
-    def _source(self, shards: list[str], decode, policy, rng, worker: int, n_workers: int) -> Iterator[Any]:
+    def _source(self, shards: list[str], decode, policy, rng, worker: int, n_workers: int,
+                epoch: int) -> Iterator[Any]:
         if self.shard_sampling == "resampled":
             return shuffled(endless_records(shards, decode, policy, rng, True), self.shuffle_buffer, rng)
         mine, stride, offset = assign_shards(shards, self.rank, self.world_size, worker, n_workers)
-        order_rng = random.Random(f"{self.seed}/{self.epoch}/{self._local_passes}/order") if stride > 1 else rng
+        order_rng = random.Random(f"{self.seed}/{epoch}/order") if stride > 1 else rng
         records = endless_records(mine, decode, policy, rng, False, stride, offset, order_rng)
         return shuffled(records, self.shuffle_buffer, rng)
 
@@ -162,8 +168,9 @@ class MixedTaskStream(IterableDataset):
         info = get_worker_info()
         worker, n_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         n_batches = self.batches_per_epoch // n_workers + (worker < self.batches_per_epoch % n_workers)
-        rng = random.Random(f"{self.seed}/{self.epoch}/{self._local_passes}/{self.rank}/{worker}")
+        epoch = self._pass
         self._local_passes += 1
+        rng = random.Random(f"{self.seed}/{epoch}/{epoch}/{self.rank}/{worker}")
         policy = BadSamplePolicy(self.on_bad_sample)
         formatter = TaskFormatter(self.tokenizer, self.max_length, self.max_length_policy)
         n_units = self.tokenizer.n_units
@@ -179,11 +186,10 @@ class MixedTaskStream(IterableDataset):
 
         sources: dict[str, Iterator[Any]] = {}
         if "asr" in self.tasks or "tts" in self.tasks:
-            sources["speech"] = self._source(self.speech_shards, decode_speech, policy, rng, worker, n_workers)
+            sources["speech"] = self._source(self.speech_shards, decode_speech, policy, rng, worker, n_workers, epoch)
         if "text" in self.tasks:
-            sources["text"] = self._source(self.text_shards, decode_text_sample, policy, rng, worker, n_workers)
-        batcher = self._batcher(random.Random(f"{self.seed}/{self.epoch}/{self._local_passes}/{self.rank}/"
-                                              f"{worker}/batching"))
+            sources["text"] = self._source(self.text_shards, decode_text_sample, policy, rng, worker, n_workers, epoch)
+        batcher = self._batcher(random.Random(f"{self.seed}/{epoch}/{self.rank}/{worker}/batching"))
         ready: list[dict[str, Any]] = []
         for _ in range(n_batches):
             while not ready:
@@ -207,10 +213,17 @@ class MixedTaskStream(IterableDataset):
 
 
 class EpochAwareLoader(DataLoader):
-    """DataLoader that tells its dataset which pass it is on (Lightning only sets epochs on samplers)."""
+    """DataLoader that tells its dataset which epoch each pass is (Lightning only sets epochs on samplers).
+
+    ``first_epoch``: the epoch of its first pass (a run resumed from a checkpoint starts at the saved epoch, so an
+    epoch's data is the same as in the uninterrupted run)."""
+
+    def __init__(self, *args, first_epoch: int = 0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._passes = first_epoch - 1
 
     def __iter__(self):
-        self._passes = getattr(self, "_passes", -1) + 1
+        self._passes += 1
         if hasattr(self.dataset, "set_epoch"):
             self.dataset.set_epoch(self._passes)
         return super().__iter__()
