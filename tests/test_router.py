@@ -27,6 +27,18 @@ def inputs(batch=3, tokens=10):
     return hidden, modality
 
 
+@pytest.mark.parametrize("name", ["vanilla", "modality_aware"])
+def test_gate_runs_in_fp32_under_mixed_precision_autocast(name):
+    """Autocast would compute F.linear in bf16 (3 significant digits): the routing must not change with it."""
+    router = make_router(name)
+    hidden, modality = inputs()
+    reference = router(hidden, modality)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = router(hidden, modality)
+    assert mixed.weights.dtype == torch.float32 and torch.equal(mixed.indices, reference.indices)
+    torch.testing.assert_close(mixed.weights, reference.weights, rtol=1e-6, atol=1e-7)
+
+
 def test_vanilla_equals_hand_written_deepseek_gate():
     router = make_router("vanilla")
     hidden, modality = inputs()

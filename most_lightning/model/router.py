@@ -7,6 +7,7 @@ map hidden -> experts, computed in fp32) is shared by all strategies, so checkpo
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from most_lightning.model.config import MoSTConfig, RouterConfig
+from most_lightning.model.gemm import Backend, linear
 from most_lightning.model.partition import ExpertPartition, expert_partition
 
 
@@ -104,15 +106,22 @@ def routing_stats(indices: torch.Tensor, modality: torch.Tensor, n_experts: int,
         return RouterStats(load=counts / tokens.clamp(min=1)[:, None], tokens=tokens)
 
 
+def _autocast_off(device_type: str) -> contextlib.AbstractContextManager:
+    """Autocast would run the gate's F.linear in bf16/fp16 whatever its inputs' dtype."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
 class Router(nn.Module):
     """Gate + a routing rule. Subclasses implement ``select``: scores -> (weights, indices, balance scores)."""
 
     uses_partition = False
 
     def __init__(self, hidden_size: int, n_experts: int, top_k: int, cfg: RouterConfig,
-                 partition: ExpertPartition | None = None):
+                 partition: ExpertPartition | None = None, cpu_matmul: Backend = "onednn"):
         super().__init__()
-        self.n_experts, self.top_k, self.cfg = n_experts, top_k, cfg
+        self.n_experts, self.top_k, self.cfg, self.cpu_matmul = n_experts, top_k, cfg, cpu_matmul
         self.weight = nn.Parameter(torch.empty(n_experts, hidden_size))
         nn.init.normal_(self.weight, std=0.02)
         if self.uses_partition:
@@ -126,7 +135,8 @@ class Router(nn.Module):
         if cls.uses_partition:
             partition = expert_partition(config.n_routed_experts, config.audio_expert_fraction, config.top_k,
                                          config.partition)
-        return cls(config.hidden_size, config.n_routed_experts, config.top_k, config.router, partition)
+        return cls(config.hidden_size, config.n_routed_experts, config.top_k, config.router, partition,
+                   config.cpu_matmul)
 
     def select(self, logits: torch.Tensor, modality: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """logits [N, E] fp32, modality [N] -> (weights [N, k], indices [N, k], scores for the balance loss)."""
@@ -137,7 +147,8 @@ class Router(nn.Module):
         """hidden [B, T, H], modality [B, T] (0 text, 1 audio), token_mask [B, T] (stats only), segment_ids [B, T]
         (packed rows: the balance loss takes each example as a sequence)."""
         batch, tokens, hidden_size = hidden.shape
-        logits = F.linear(hidden.reshape(-1, hidden_size).float(), self.weight.float())
+        with _autocast_off(hidden.device.type):  # fp32 logits also in mixed-precision training
+            logits = linear(hidden.reshape(-1, hidden_size).float(), self.weight.float(), backend=self.cpu_matmul)
         weights, indices, scores = self.select(logits, modality.reshape(-1))
         if self.cfg.renormalize:
             weights = weights / weights.sum(dim=-1, keepdim=True).clamp(min=1e-20)
