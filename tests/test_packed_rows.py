@@ -8,7 +8,7 @@ import torch
 
 from most_lightning.data.batching import FixedBatcher, PackBatcher
 from most_lightning.data.tasks import IGNORE_INDEX, Example
-from most_lightning.model.decoder import segment_positions
+from most_lightning.model.packing import segment_positions
 from test_lit_module import make_module
 from test_model_core import tiny
 
@@ -24,27 +24,52 @@ def test_packed_row_computes_what_its_examples_compute_alone(attention, router):
     extra = dict(num_heads=4, num_kv_heads=2, head_dim=16) if attention == "gqa" else {}
     model = tiny(attention=attention, router={"name": router, "balance_loss_alpha": 0.1}, **extra).train()
     torch.manual_seed(1)
-    lengths = (5, 7, 3)
-    examples = [torch.randint(0, 101, (n,)) for n in lengths]
-    marks = [torch.randint(0, 2, (n,)) for n in lengths]
-    row = torch.zeros(1, 17, dtype=torch.long)
-    modality = torch.zeros_like(row)
-    segments = torch.zeros_like(row)
-    at = 0
-    for j, (ids, mark) in enumerate(zip(examples, marks)):
-        row[0, at:at + len(ids)], modality[0, at:at + len(ids)], segments[0, at:at + len(ids)] = ids, mark, j + 1
-        at += len(ids)
+    rows = [(5, 7, 3), (9, 6), (17,)]  # two packed rows with padding after their last example, one full row
+    ids = torch.zeros(len(rows), 17, dtype=torch.long)
+    modality, segments = torch.zeros_like(ids), torch.zeros_like(ids)
+    examples = []  # (row, start, ids, marks)
+    for r, lengths in enumerate(rows):
+        at = 0
+        for j, n in enumerate(lengths):
+            example, marks = torch.randint(0, 101, (n,)), torch.randint(0, 2, (n,))
+            ids[r, at:at + n], modality[r, at:at + n], segments[r, at:at + n] = example, marks, j + 1
+            examples.append((r, at, example, marks))
+            at += n
     with torch.no_grad():
-        out = model(row, modality, attention_mask=segments > 0, segment_ids=segments)
-        at, balance_alone = 0, []
-        for ids, mark in zip(examples, marks):
-            alone = model(ids[None], mark[None])
-            torch.testing.assert_close(out.logits[0, at:at + len(ids)], alone.logits[0], atol=1e-5, rtol=1e-5)
+        out = model(ids, modality, attention_mask=segments > 0, segment_ids=segments)
+        balance_alone = []
+        for r, at, example, marks in examples:
+            alone = model(example[None], marks[None])
+            torch.testing.assert_close(out.logits[r, at:at + len(example)], alone.logits[0], atol=1e-5, rtol=1e-5)
             balance_alone.append(alone.aux_losses["balance"])
-            at += len(ids)
-        unmasked = model(row, modality, attention_mask=segments > 0).logits[0]
+        unmasked = model(ids, modality, attention_mask=segments > 0).logits
     torch.testing.assert_close(out.aux_losses["balance"], torch.stack(balance_alone).mean(), atol=1e-6, rtol=1e-5)
-    assert not torch.allclose(unmasked[5:12], out.logits[0, 5:12], atol=1e-3)  # without segments examples mix
+    assert not torch.allclose(unmasked[0, 5:12], out.logits[0, 5:12], atol=1e-3)  # without segments examples mix
+
+
+def test_packed_row_gradients_are_the_sum_of_the_examples_gradients():
+    model = tiny(attention="mla", router={"name": "modality_aware"}).train()
+    torch.manual_seed(2)
+    lengths = (6, 4, 5)
+    examples = [torch.randint(0, 101, (n,)) for n in lengths]
+    row = torch.cat(examples + [torch.zeros(2, dtype=torch.long)])[None]
+    segments = torch.cat([torch.full((n,), j + 1) for j, n in enumerate(lengths)] + [torch.zeros(2, dtype=torch.long)])
+    probe = torch.randn(sum(lengths), 101)  # a fixed linear function of the real tokens' logits
+
+    def grads(loss: torch.Tensor) -> list[torch.Tensor]:
+        model.zero_grad(set_to_none=True)
+        loss.backward()
+        return [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in model.parameters()]
+
+    packed = model(row, segment_ids=segments[None], attention_mask=(segments > 0)[None]).logits[0, :sum(lengths)]
+    expected = grads((packed * probe).sum())
+    at, alone = 0, None
+    for example in examples:
+        g = grads((model(example[None]).logits[0] * probe[at:at + len(example)]).sum())
+        alone = g if alone is None else [a + b for a, b in zip(alone, g)]
+        at += len(example)
+    for got, want in zip(expected, alone):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
 def make_examples(tok) -> list[Example]:

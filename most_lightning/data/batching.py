@@ -6,8 +6,8 @@
             waste falls to a few percent; batch row counts vary.
     pack    packed rows of max_length tokens: examples are concatenated into rows (an example never straddles
             two rows), max_tokens // max_length rows per batch. `segment_ids` [B, T] numbers the examples in a
-            row (0 = padding); the model turns it into a block-diagonal causal mask and positions that restart
-            at every example, so a packed row computes what its examples compute one by one.
+            row (0 = padding); the model attends within each example only and restarts positions at every
+            example, so a packed row computes what its examples compute one by one.
 """
 
 from __future__ import annotations

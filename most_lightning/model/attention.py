@@ -15,6 +15,7 @@ from torch import nn
 from most_lightning.model.config import MoSTConfig
 from most_lightning.model.gemm import Linear
 from most_lightning.model.norm import RMSNorm
+from most_lightning.model.packing import PackedRows
 from most_lightning.model.rope import apply_rotary, attention_softmax_scale, deinterleave
 
 
@@ -37,9 +38,13 @@ class KVCache:
 
 
 def _attend(q, k, v, mask, scale):
-    """q [B, h, Tq, d], k/v [B, h, Tk, d]; mask None (causal, no cache) or bool [B, 1, Tq, Tk] (True = attend)."""
+    """q [B, h, Tq, d], k/v [B, h, Tk, d]; mask None (causal, no cache), bool [B, 1, Tq, Tk] (True = attend) or
+    PackedRows (causal within each example of packed rows)."""
     if mask is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+    if isinstance(mask, PackedRows):
+        out = F.scaled_dot_product_attention(mask.group(q), mask.group(k), mask.group(v), is_causal=True, scale=scale)
+        return mask.ungroup(out, q.shape[0], q.shape[2])
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
 
 

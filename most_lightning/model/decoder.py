@@ -9,7 +9,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from most_lightning.model.attention import KVCache, build_attention
@@ -18,6 +17,7 @@ from most_lightning.model.experts import GroupedExperts, SwiGLU
 from most_lightning.model.gemm import Linear
 from most_lightning.model.moe import MoELayer
 from most_lightning.model.norm import RMSNorm
+from most_lightning.model.packing import PackedRows, segment_positions, several_per_row
 from most_lightning.model.rope import RotaryEmbedding
 from most_lightning.model.router import Router, RouterStats
 
@@ -83,26 +83,6 @@ def _attention_mask(attention_mask: torch.Tensor | None, q_len: int, past: int) 
     return mask[:, None]
 
 
-def segment_positions(segment_ids: torch.Tensor) -> torch.Tensor:
-    """Position of each token within its segment (a packed example restarts at 0): [B, T] -> [B, T]."""
-    index = torch.arange(segment_ids.shape[1], device=segment_ids.device).expand_as(segment_ids)
-    starts = segment_ids != F.pad(segment_ids, (1, 0), value=-1)[:, :-1]  # first token of each run
-    return index - torch.cummax(torch.where(starts, index, 0), dim=1).values
-
-
-def _segment_mask(segment_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor | None:
-    """Bool [B, 1, T, T]: causal, within the same segment, keys not padding (every position sees itself); None
-    when no row holds more than one segment, where the plain causal mask already keeps examples apart."""
-    real = segment_ids > 0 if attention_mask is None else attention_mask.bool() & (segment_ids > 0)
-    if not bool((segment_ids[:, 1:] != segment_ids[:, :-1])[real[:, 1:] & real[:, :-1]].any()):
-        return _attention_mask(attention_mask, segment_ids.shape[1], 0)
-    seq = segment_ids.shape[1]
-    causal = torch.ones(seq, seq, dtype=torch.bool, device=segment_ids.device).tril()
-    mask = causal & (segment_ids[:, :, None] == segment_ids[:, None, :]) & real[:, None, :]
-    mask |= torch.eye(seq, dtype=torch.bool, device=segment_ids.device)
-    return mask[:, None]
-
-
 class MoSTForCausalLM(nn.Module):
     def __init__(self, config: MoSTConfig):
         super().__init__()
@@ -161,8 +141,10 @@ class MoSTForCausalLM(nn.Module):
             raise ValueError(f"inputs_embeds {tuple(inputs_embeds.shape)} must match input_ids {tuple(input_ids.shape)}")
         hidden = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         cos, sin = self.model.rotary(position_ids, hidden.dtype)
-        mask = (_segment_mask(segment_ids, attention_mask) if segment_ids is not None
-                else _attention_mask(attention_mask, seq, past))
+        if segment_ids is not None and several_per_row(segment_ids):
+            mask = PackedRows.from_segments(segment_ids, segment_positions(segment_ids))
+        else:  # one example per row: the plain causal mask already keeps examples apart
+            mask = _attention_mask(attention_mask, seq, past)
         token_mask = attention_mask[:, past:] if attention_mask is not None else None
 
         aux_losses: dict[str, torch.Tensor] = {}

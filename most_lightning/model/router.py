@@ -12,11 +12,11 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from most_lightning.model.config import MoSTConfig, RouterConfig
 from most_lightning.model.gemm import Backend, linear
+from most_lightning.model.packing import segment_starts
 from most_lightning.model.partition import ExpertPartition, expert_partition
 
 
@@ -72,7 +72,7 @@ def balance_loss(scores: torch.Tensor, indices: torch.Tensor, n_experts: int, to
         sequence, n_sequences = torch.arange(batch, device=scores.device).repeat_interleave(tokens), batch
     else:  # number the examples 1, 2, ... across the batch, the padding 0 (sizes fixed: no host sync)
         real = segment_ids > 0
-        starts = real & (segment_ids != F.pad(segment_ids, (1, 0), value=-1)[:, :-1])
+        starts = real & segment_starts(segment_ids)
         sequence, n_sequences = (starts.reshape(-1).cumsum(0) * real.reshape(-1)), batch * tokens + 1
     length = torch.zeros(n_sequences, device=scores.device, dtype=scores.dtype)
     length.index_add_(0, sequence, torch.ones_like(sequence, dtype=scores.dtype))
