@@ -142,7 +142,7 @@ class MoSTForCausalLM(nn.Module):
         hidden = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         cos, sin = self.model.rotary(position_ids, hidden.dtype)
         if segment_ids is not None and several_per_row(segment_ids):
-            mask = PackedRows.from_segments(segment_ids, segment_positions(segment_ids))
+            mask = PackedRows.from_segments(segment_ids)
         else:  # one example per row: the plain causal mask already keeps examples apart
             mask = _attention_mask(attention_mask, seq, past)
         token_mask = attention_mask[:, past:] if attention_mask is not None else None

@@ -45,8 +45,9 @@ class PackedRows:
     longest: int
 
     @classmethod
-    def from_segments(cls, segment_ids: torch.Tensor, positions: torch.Tensor) -> "PackedRows":
-        """segment_ids [B, T] (examples numbered from 1 per row, 0 = padding), positions [B, T] within examples."""
+    def from_segments(cls, segment_ids: torch.Tensor) -> "PackedRows":
+        """segment_ids [B, T]: examples numbered from 1 in each row, 0 = padding."""
+        positions = segment_positions(segment_ids)
         real = (segment_ids > 0).reshape(-1)
         starts = real & segment_starts(segment_ids).reshape(-1)
         example = starts.cumsum(0) - 1
