@@ -43,8 +43,9 @@ def _attend(q, k, v, mask, scale):
     if mask is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
     if isinstance(mask, PackedRows):
-        out = F.scaled_dot_product_attention(mask.group(q), mask.group(k), mask.group(v), is_causal=True, scale=scale)
-        return mask.ungroup(out, q.shape[0], q.shape[2])
+        outs = [F.scaled_dot_product_attention(q_, k_, v_, is_causal=True, scale=scale)
+                for q_, k_, v_ in zip(mask.group(q), mask.group(k), mask.group(v))]
+        return mask.ungroup(outs, q.shape[0], q.shape[2])
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
 
 

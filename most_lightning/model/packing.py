@@ -31,43 +31,54 @@ def several_per_row(segment_ids: torch.Tensor) -> bool:
 class PackedRows:
     """Where the examples of packed rows lie (data.batching=pack), for attention within each example only.
 
-    Attention regroups the tokens of every example into a right-padded [examples, longest, ...] batch, runs
-    causal SDPA on it and puts the results back: the cost of attending is that of the examples one by one, not
-    of the whole rows (a block-diagonal mask over the rows would compute every masked block too).
-    gather [examples * longest]: flat token (row * T + t) of each slot (slots past an example's end repeat a
-    token; causal attention never lets a real token see them); scatter [B * T]: slot of each token, the extra
-    last slot (zeros) for the padding after a row's last example.
+    Attention regroups the tokens of every example into right-padded batches of examples ([n, longest, ...];
+    one batch per power-of-two length class, so a 40-token example is not padded to a 300-token one), runs causal
+    SDPA on each and puts the results back: attending costs what the examples cost one by one, not what the
+    whole rows would (a block-diagonal mask over a row still computes every masked block).
+    gather [slots]: flat token (row * T + t) of each slot of the batches, one after the other (slots past an
+    example's end repeat its first token; causal attention never lets a real token see them); scatter [B * T]:
+    slot of each token, or the extra last slot (zeros) for the padding after a row's last example;
+    shapes: (examples, longest) per batch.
     """
 
     gather: torch.Tensor
     scatter: torch.Tensor
-    n_examples: int
-    longest: int
+    shapes: list[tuple[int, int]]
 
     @classmethod
     def from_segments(cls, segment_ids: torch.Tensor) -> "PackedRows":
         """segment_ids [B, T]: examples numbered from 1 in each row, 0 = padding."""
-        positions = segment_positions(segment_ids)
+        positions = segment_positions(segment_ids).reshape(-1)
         real = (segment_ids > 0).reshape(-1)
         starts = real & segment_starts(segment_ids).reshape(-1)
         example = starts.cumsum(0) - 1
-        n_examples, longest = int(starts.sum()), int(positions.reshape(-1)[real].max()) + 1
-        slot = example * longest + positions.reshape(-1)
         tokens = torch.arange(real.numel(), device=real.device)
-        gather = tokens[starts].repeat_interleave(longest)  # slots past an example's end: its first token
+        lengths = torch.bincount(example[real], minlength=int(starts.sum())).tolist()
+        classes: dict[int, list[int]] = {}
+        for e, n in enumerate(lengths):
+            classes.setdefault((n - 1).bit_length(), []).append(e)
+        base, owner, shapes, at = [0] * len(lengths), [], [], 0
+        for members in classes.values():
+            longest = max(lengths[e] for e in members)
+            for j, e in enumerate(members):
+                base[e] = at + j * longest
+            owner += [e for e in members for _ in range(longest)]
+            shapes.append((len(members), longest))
+            at += len(members) * longest
+        slot = torch.tensor(base, device=real.device)[example.clamp(min=0)] + positions
+        gather = tokens[starts][torch.tensor(owner, device=real.device)]
         gather[slot[real]] = tokens[real]
-        scatter = torch.where(real, slot, n_examples * longest)
-        return cls(gather, scatter, n_examples, longest)
+        return cls(gather, torch.where(real, slot, at), shapes)
 
-    def group(self, x: torch.Tensor) -> torch.Tensor:
-        """[B, h, T, d] -> [examples, h, longest, d]."""
+    def group(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """[B, h, T, d] -> one [examples, h, longest, d] batch per length class."""
         batch, heads, seq, dim = x.shape
-        flat = x.transpose(1, 2).reshape(batch * seq, heads, dim)
-        return flat.index_select(0, self.gather).view(self.n_examples, self.longest, heads, dim).transpose(1, 2)
+        flat = x.transpose(1, 2).reshape(batch * seq, heads, dim).index_select(0, self.gather)
+        pieces = flat.split([n * longest for n, longest in self.shapes])
+        return [p.view(n, longest, heads, dim).transpose(1, 2) for p, (n, longest) in zip(pieces, self.shapes)]
 
-    def ungroup(self, y: torch.Tensor, batch: int, seq: int) -> torch.Tensor:
-        """[examples, h, longest, d] -> [B, h, T, d] (zeros on the padding after the last example of a row)."""
-        _, heads, _, dim = y.shape
-        flat = y.transpose(1, 2).reshape(self.n_examples * self.longest, heads, dim)
-        flat = torch.cat((flat, flat.new_zeros(1, heads, dim)))
+    def ungroup(self, ys: list[torch.Tensor], batch: int, seq: int) -> torch.Tensor:
+        """The batches of ``group`` -> [B, h, T, d] (zeros on the padding after the last example of a row)."""
+        heads, dim = ys[0].shape[1], ys[0].shape[3]
+        flat = torch.cat([y.transpose(1, 2).reshape(-1, heads, dim) for y in ys] + [ys[0].new_zeros(1, heads, dim)])
         return flat.index_select(0, self.scatter).view(batch, seq, heads, dim).transpose(1, 2)
