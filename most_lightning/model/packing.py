@@ -57,16 +57,18 @@ class PackedRows:
         classes: dict[int, list[int]] = {}
         for e, n in enumerate(lengths):
             classes.setdefault((n - 1).bit_length(), []).append(e)
-        base, owner, shapes, at = [0] * len(lengths), [], [], 0
+        base, order, widths, shapes, at = [0] * len(lengths), [], [], [], 0
         for members in classes.values():
             longest = max(lengths[e] for e in members)
             for j, e in enumerate(members):
                 base[e] = at + j * longest
-            owner += [e for e in members for _ in range(longest)]
+            order += members
+            widths += [longest] * len(members)
             shapes.append((len(members), longest))
             at += len(members) * longest
         slot = torch.tensor(base, device=real.device)[example.clamp(min=0)] + positions
-        gather = tokens[starts][torch.tensor(owner, device=real.device)]
+        owner = torch.tensor(order, device=real.device).repeat_interleave(torch.tensor(widths, device=real.device))
+        gather = tokens[starts][owner]
         gather[slot[real]] = tokens[real]
         return cls(gather, torch.where(real, slot, at), shapes)
 
