@@ -27,11 +27,10 @@ sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # this checkout's 
 import most_lightning  # noqa: E402,F401  (before torch: sets the OpenMP defaults, most_lightning/openmp_env.py)
 import torch  # noqa: E402
 
-from bench_loader import DEMO, STAGE1  # noqa: E402
+from bench_loader import DEMO, STAGE1, make_step  # noqa: E402
 from bench_moe import keep_freed_memory  # noqa: E402
 from most_lightning.data.datamodule import MoSTDataModule  # noqa: E402
 from most_lightning.data.demo_corpus import DemoCorpusRecipe  # noqa: E402
-from most_lightning.lit.losses import shifted_token_losses  # noqa: E402
 from most_lightning.model import MoSTConfig, MoSTForCausalLM  # noqa: E402
 
 
@@ -43,21 +42,6 @@ def batch_stream(data_dir: str, batching: str, batch_size: int, max_tokens: int,
     dm.prepare_data()
     dm.setup("fit")
     return dm.tokenizer.vocab_size, iter(dm.source_stream(rank=0, world_size=1))
-
-
-def make_step(model: MoSTForCausalLM):
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.0)
-
-    def step(batch: dict) -> None:
-        out = model(batch["input_ids"], batch["modality"], attention_mask=batch["attention_mask"],
-                    segment_ids=batch.get("segment_ids"))
-        losses = shifted_token_losses(out.logits, batch["labels"], batch["modality"])
-        (losses.mean() + out.aux_loss).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    return step
 
 
 def supervised(batch: dict) -> int:
@@ -87,7 +71,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                                                 args.max_length)
     torch.manual_seed(0)
     model = MoSTForCausalLM(MoSTConfig.from_preset("tiny", vocab_size=vocab)).train()
-    steps = {batching: make_step(copy.deepcopy(model)) for batching in streams}
+    steps = {batching: make_step(copy.deepcopy(model), "cpu") for batching in streams}
 
     totals = {b: {"seconds": [], "examples": 0, "supervised": 0, "tokens": 0, "cells": 0} for b in streams}
     for rep in range(args.reps + 1):  # repetition 0 warms up

@@ -63,7 +63,8 @@ def make_step(model: torch.nn.Module, device: str):
     def step(batch: dict) -> None:
         ids, modality = batch["input_ids"].to(device), batch["modality"].to(device)
         labels, mask = batch["labels"].to(device), batch["attention_mask"].to(device)
-        out = model(ids, modality, attention_mask=mask)
+        segments = batch.get("segment_ids")  # packed rows (data.batching=pack)
+        out = model(ids, modality, attention_mask=mask, segment_ids=None if segments is None else segments.to(device))
         loss = F.cross_entropy(out.logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
         (loss + out.aux_loss).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -170,6 +170,8 @@ class MixedTaskStream(IterableDataset):
         n_batches = self.batches_per_epoch // n_workers + (worker < self.batches_per_epoch % n_workers)
         epoch = self._pass
         self._local_passes += 1
+        # the epoch twice: the seed string of earlier versions (epoch / pass count), so runs without workers
+        # draw the same data as before
         rng = random.Random(f"{self.seed}/{epoch}/{epoch}/{self.rank}/{worker}")
         policy = BadSamplePolicy(self.on_bad_sample)
         formatter = TaskFormatter(self.tokenizer, self.max_length, self.max_length_policy)
