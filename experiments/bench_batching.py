@@ -5,11 +5,13 @@ MoST model (same initial weights); training steps (forward + backward + AdamW) o
 repetition by repetition, in one process. Reported per batching: padding (share of the batch's cells that hold
 no token), examples and supervised tokens per second of training, and the ratio to fixed batching.
 
-    python experiments/bench_batching.py            # demo corpus of `python run.py`, tiny model, 2 threads
-    python experiments/bench_batching.py --quick    # smoke run
+    python experiments/bench_batching.py                # demo corpus of `python run.py`, tiny model, 2 threads
+    python experiments/bench_batching.py --device cuda  # the steps on a GPU under bf16 autocast (data on the CPU)
+    python experiments/bench_batching.py --quick        # smoke run
 
-Packed rows carry a block-diagonal causal mask (each example attends only within itself), so they take SDPA's
-masked path instead of its causal one; the table shows whether the saved padding pays for it.
+In packed rows each example attends only within itself: the attention regroups the rows' examples into batches by
+length class (most_lightning/model/packing.py), which costs a few host syncs per forward; the table shows whether
+the saved padding pays for that.
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ import copy
 import shlex
 import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -27,7 +28,7 @@ sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # this checkout's 
 import most_lightning  # noqa: E402,F401  (before torch: sets the OpenMP defaults, most_lightning/openmp_env.py)
 import torch  # noqa: E402
 
-from bench_loader import DEMO, STAGE1, make_step  # noqa: E402
+from bench_loader import DEMO, STAGE1, make_step, time_steps  # noqa: E402
 from bench_moe import keep_freed_memory  # noqa: E402
 from most_lightning.data.datamodule import MoSTDataModule  # noqa: E402
 from most_lightning.data.demo_corpus import DemoCorpusRecipe  # noqa: E402
@@ -57,6 +58,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     p.add_argument("--batches", type=int, default=6, help="batches per repetition and batching")
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu", help="where the training steps run; on cuda under bf16 autocast")
     p.add_argument("--quick", action="store_true", help="smoke run: 2 repetitions of 2 batches")
     args = p.parse_args(argv)
     if args.quick:
@@ -71,26 +73,26 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                                                 args.max_length)
     torch.manual_seed(0)
     model = MoSTForCausalLM(MoSTConfig.from_preset("tiny", vocab_size=vocab)).train()
-    steps = {batching: make_step(copy.deepcopy(model), "cpu") for batching in streams}
+    autocast = torch.bfloat16 if args.device.startswith("cuda") else None
+    steps = {batching: make_step(copy.deepcopy(model).to(args.device), args.device, autocast) for batching in streams}
 
     totals = {b: {"seconds": [], "examples": 0, "supervised": 0, "tokens": 0, "cells": 0} for b in streams}
     for rep in range(args.reps + 1):  # repetition 0 warms up
         for batching, stream in streams.items():
             batches = [next(stream) for _ in range(args.batches)]
-            start = time.perf_counter()
-            for batch in batches:
-                steps[batching](batch)
+            seconds = time_steps(steps[batching], batches, args.device)
             if rep == 0:
                 continue
             t = totals[batching]
-            t["seconds"].append(time.perf_counter() - start)
+            t["seconds"].append(seconds)
             t["examples"] += sum(len(b["key"]) for b in batches)
             t["supervised"] += sum(supervised(b) for b in batches)
             t["tokens"] += sum(int(b["attention_mask"].sum()) for b in batches)
             t["cells"] += sum(b["input_ids"].numel() for b in batches)
 
+    where = f"steps on {args.device}" + (" (bf16 autocast)" if autocast else "")
     print(f"\n{command}\n{args.reps} interleaved repetitions x {args.batches} batches per batching, tiny MoST, "
-          f"{args.threads} threads, {note}; rates from the summed time of all repetitions")
+          f"{args.threads} threads, {where}, {note}; rates from the summed time of all repetitions")
     print(f"| {'batching':<44} | {'padding':>7} | {'examples/s':>10} | {'supervised tok/s':>16} | {'vs fixed':>8} |")
     print(f"|{'-' * 46}|{'-' * 9}|{'-' * 12}|{'-' * 18}|{'-' * 10}|")
     labels = {"fixed": f"fixed, {args.batch_size} examples",

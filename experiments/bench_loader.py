@@ -57,14 +57,18 @@ def time_loader(stream, n: int) -> tuple[float, int, int, list[dict]]:
     return seconds, sum(len(b["key"]) for b in batches), sum(int(b["attention_mask"].sum()) for b in batches), batches
 
 
-def make_step(model: torch.nn.Module, device: str):
+def make_step(model: torch.nn.Module, device: str, autocast_dtype: torch.dtype | None = None):
+    """One training step (forward, backward, clipping, AdamW); under autocast to ``autocast_dtype`` if given."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.0)
+    device_type = torch.device(device).type
 
     def step(batch: dict) -> None:
         ids, modality = batch["input_ids"].to(device), batch["modality"].to(device)
         labels, mask = batch["labels"].to(device), batch["attention_mask"].to(device)
         segments = batch.get("segment_ids")  # packed rows (data.batching=pack)
-        out = model(ids, modality, attention_mask=mask, segment_ids=None if segments is None else segments.to(device))
+        with torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            out = model(ids, modality, attention_mask=mask,
+                        segment_ids=None if segments is None else segments.to(device))
         loss = F.cross_entropy(out.logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
         (loss + out.aux_loss).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

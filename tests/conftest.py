@@ -17,6 +17,10 @@ CONF_DIR = REPO_ROOT / "conf"
 if str(REPO_ROOT) not in sys.path:  # run.py lives at the repository root
     sys.path.insert(0, str(REPO_ROOT))
 
+# Parametrize a test over these to run it on the CPU and, where one is present, on a CUDA GPU too.
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                                   reason="needs a CUDA GPU")])]
+
 # Overrides that make an end-to-end run take seconds: tiny corpus, narrow model, few steps, small evals.
 FAST_OVERRIDES = [
     "debug=fast",

@@ -1,5 +1,6 @@
 """CUDA checks: the fused grouped-GEMM expert path against the loop oracle on the GPU, a bf16 training step of the
-whole model, KV-cache generation, and run.py with trainer=gpu. Skipped where no CUDA GPU is present."""
+whole model, KV-cache generation, and run.py with trainer=gpu (fixed and packed batches). Skipped where no CUDA GPU
+is present. Packed rows and the fp32 router gate are checked on the GPU in their own modules (conftest.DEVICES)."""
 
 from __future__ import annotations
 
@@ -89,6 +90,23 @@ def test_bf16_autocast_training_steps_learn_and_respect_the_modality_groups():
 
 
 @pytest.mark.parametrize("attention", ["mla", "gqa"])
+def test_attention_keeps_off_cudnn_which_plans_every_new_shape(attention):
+    """cuDNN's SDPA spends milliseconds of host time on every new shape, and every batch has a new length."""
+    from torch.profiler import ProfilerActivity, profile
+
+    model = tiny_model(attention=attention)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for length in (37, 53):
+            ids = torch.randint(0, 101, (2, length), device=CUDA)
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                out = model(ids, (ids >= 60).long())
+            out.logits.float().sum().backward()
+    ops = {event.key for event in prof.key_averages()}
+    assert {"aten::_flash_attention_forward", "aten::_efficient_attention_forward"} & ops, sorted(ops)
+    assert not [op for op in ops if "cudnn_attention" in op]
+
+
+@pytest.mark.parametrize("attention", ["mla", "gqa"])
 def test_kv_cache_generation_equals_full_recomputation_on_the_gpu(attention):
     model = tiny_model(attention=attention).eval()
     for p in model.parameters():
@@ -107,10 +125,12 @@ def test_kv_cache_generation_equals_full_recomputation_on_the_gpu(attention):
 
 
 @pytest.mark.slow
-def test_run_py_trains_and_tests_on_the_gpu_in_bf16(tmp_path, shared_data_dir):
+@pytest.mark.parametrize("batching", [[], ["data.batching=pack", "data.max_length=512", "data.max_tokens=1024"]],
+                         ids=["fixed", "pack"])
+def test_run_py_trains_and_tests_on_the_gpu_in_bf16(tmp_path, shared_data_dir, batching):
     # MOST_GPU_DATA_DIR: a tiny corpus built elsewhere (GPU machines may lack flite)
     data_dir = os.environ.get("MOST_GPU_DATA_DIR", str(shared_data_dir))
-    cmd = [sys.executable, "run.py", "trainer=gpu", *FAST_OVERRIDES, f"paths.data_dir={data_dir}",
+    cmd = [sys.executable, "run.py", "trainer=gpu", *FAST_OVERRIDES, *batching, f"paths.data_dir={data_dir}",
            f"paths.output_dir={tmp_path / 'run'}", f"paths.log_dir={tmp_path / 'logs'}"]
     result = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import DEVICES
 from most_lightning.data.batching import FixedBatcher, PackBatcher
 from most_lightning.data.tasks import IGNORE_INDEX, Example
 from most_lightning.model.packing import segment_positions
@@ -18,11 +19,12 @@ def test_positions_restart_at_every_example():
     assert segment_positions(segments).tolist() == [[0, 1, 2, 0, 1, 0, 0, 1], [0, 1, 2, 3, 4, 5, 6, 7]]
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("attention, router", [("mla", "vanilla"), ("gqa", "modality_aware")])
-def test_packed_row_computes_what_its_examples_compute_alone(attention, router):
+def test_packed_row_computes_what_its_examples_compute_alone(attention, router, device):
     """Logits per example, and the balance loss as the mean of the examples' own (the reference's per sequence)."""
     extra = dict(num_heads=4, num_kv_heads=2, head_dim=16) if attention == "gqa" else {}
-    model = tiny(attention=attention, router={"name": router, "balance_loss_alpha": 0.1}, **extra).train()
+    model = tiny(attention=attention, router={"name": router, "balance_loss_alpha": 0.1}, **extra).train().to(device)
     torch.manual_seed(1)
     rows = [(5, 7, 3), (9, 6), (17,)]  # two packed rows with padding after their last example, one full row
     ids = torch.zeros(len(rows), 17, dtype=torch.long)
@@ -33,28 +35,33 @@ def test_packed_row_computes_what_its_examples_compute_alone(attention, router):
         for j, n in enumerate(lengths):
             example, marks = torch.randint(0, 101, (n,)), torch.randint(0, 2, (n,))
             ids[r, at:at + n], modality[r, at:at + n], segments[r, at:at + n] = example, marks, j + 1
-            examples.append((r, at, example, marks))
+            examples.append((r, at, example.to(device), marks.to(device)))
             at += n
+    ids, modality, segments = ids.to(device), modality.to(device), segments.to(device)
+    tol = dict(atol=1e-5, rtol=1e-5) if device == "cpu" else dict(atol=1e-4, rtol=1e-4)  # GPU kernels vary by shape
     with torch.no_grad():
         out = model(ids, modality, attention_mask=segments > 0, segment_ids=segments)
         balance_alone = []
         for r, at, example, marks in examples:
             alone = model(example[None], marks[None])
-            torch.testing.assert_close(out.logits[r, at:at + len(example)], alone.logits[0], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(out.logits[r, at:at + len(example)], alone.logits[0], **tol)
             balance_alone.append(alone.aux_losses["balance"])
         unmasked = model(ids, modality, attention_mask=segments > 0).logits
     torch.testing.assert_close(out.aux_losses["balance"], torch.stack(balance_alone).mean(), atol=1e-6, rtol=1e-5)
     assert not torch.allclose(unmasked[0, 5:12], out.logits[0, 5:12], atol=1e-3)  # without segments examples mix
 
 
-def test_packed_row_gradients_are_the_sum_of_the_examples_gradients():
-    model = tiny(attention="mla", router={"name": "modality_aware"}).train()
+@pytest.mark.parametrize("device", DEVICES)
+def test_packed_row_gradients_are_the_sum_of_the_examples_gradients(device):
+    model = tiny(attention="mla", router={"name": "modality_aware"}).train().to(device)
     torch.manual_seed(2)
     lengths = (6, 4, 5)
-    examples = [torch.randint(0, 101, (n,)) for n in lengths]
-    row = torch.cat(examples + [torch.zeros(2, dtype=torch.long)])[None]
-    segments = torch.cat([torch.full((n,), j + 1) for j, n in enumerate(lengths)] + [torch.zeros(2, dtype=torch.long)])
-    probe = torch.randn(sum(lengths), 101)  # a fixed linear function of the real tokens' logits
+    examples = [torch.randint(0, 101, (n,)).to(device) for n in lengths]
+    row = torch.cat(examples + [torch.zeros(2, dtype=torch.long, device=device)])[None]
+    segments = torch.cat([torch.full((n,), j + 1) for j, n in enumerate(lengths)]
+                         + [torch.zeros(2, dtype=torch.long)]).to(device)
+    probe = torch.randn(sum(lengths), 101).to(device)  # a fixed linear function of the real tokens' logits
+    tol = dict(atol=1e-4, rtol=1e-4) if device == "cpu" else dict(atol=1e-3, rtol=1e-3)  # GPU: other sum orders
 
     def grads(loss: torch.Tensor) -> list[torch.Tensor]:
         model.zero_grad(set_to_none=True)
@@ -69,7 +76,7 @@ def test_packed_row_gradients_are_the_sum_of_the_examples_gradients():
         alone = g if alone is None else [a + b for a, b in zip(alone, g)]
         at += len(example)
     for got, want in zip(expected, alone):
-        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(got, want, **tol)
 
 
 def make_examples(tok) -> list[Example]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import DEVICES
 from most_lightning.model import ConfigError, MoSTConfig, RouterConfig, expert_partition
 from most_lightning.model.router import ROUTERS, balance_loss, build_router
 
@@ -27,13 +28,14 @@ def inputs(batch=3, tokens=10):
     return hidden, modality
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", ["vanilla", "modality_aware"])
-def test_gate_runs_in_fp32_under_mixed_precision_autocast(name):
+def test_gate_runs_in_fp32_under_mixed_precision_autocast(name, device):
     """Autocast would compute F.linear in bf16 (3 significant digits): the routing must not change with it."""
-    router = make_router(name)
-    hidden, modality = inputs()
+    router = make_router(name).to(device)
+    hidden, modality = (t.to(device) for t in inputs())
     reference = router(hidden, modality)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(device, dtype=torch.bfloat16):
         mixed = router(hidden, modality)
     assert mixed.weights.dtype == torch.float32 and torch.equal(mixed.indices, reference.indices)
     torch.testing.assert_close(mixed.weights, reference.weights, rtol=1e-6, atol=1e-7)

@@ -81,6 +81,22 @@ def test_multirun_router_by_shared_experts_grid(tmp_path, shared_data_dir, singl
 
 
 @pytest.mark.slow
+def test_bf16_mixed_precision_trains_with_gradient_clipping(cfg_fast):
+    """Lightning refuses to clip a fused optimizer's gradients under its mixed-precision plugin: the run must build
+    an optimizer that it can clip."""
+    from omegaconf import open_dict
+
+    from run import train
+
+    with open_dict(cfg_fast):
+        cfg_fast.trainer.precision = "bf16-mixed"
+    assert cfg_fast.trainer.gradient_clip_val > 0
+    metrics = train(cfg_fast)
+    assert metrics["train/loss"] < 100 and math.isfinite(metrics["train/loss"])
+    read_metrics(Path(cfg_fast.paths.output_dir))
+
+
+@pytest.mark.slow
 @pytest.mark.distributed
 def test_two_process_ddp_spawn_on_cpu(cfg_fast):
     """Metrics and expert-load counts are reduced across ranks (and the run does not hang)."""

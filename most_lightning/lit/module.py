@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 from lightning import LightningModule
+from lightning.pytorch.plugins.precision import MixedPrecision
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
@@ -73,8 +74,9 @@ def _plain_weight(linear: nn.Linear) -> bool:
         linear.out_features, linear.in_features)
 
 
-def build_adamw(model: nn.Module, settings: Mapping[str, Any]) -> torch.optim.AdamW:
-    """AdamW over ``model`` with the lit.optimizer settings; no weight decay on vectors (norms, biases)."""
+def build_adamw(model: nn.Module, settings: Mapping[str, Any], fused: bool = True) -> torch.optim.AdamW:
+    """AdamW over ``model`` with the lit.optimizer settings; no weight decay on vectors (norms, biases).
+    ``fused=False`` takes torch's default implementation instead of the fused kernel."""
     decay, no_decay = [], []
     for param in model.parameters():
         if param.requires_grad:
@@ -89,7 +91,7 @@ def build_adamw(model: nn.Module, settings: Mapping[str, Any]) -> torch.optim.Ad
         eps=float(settings["eps"]),
         # One multi-tensor kernel per step instead of ~10 small ops per parameter (14 -> 3 ms per step for the
         # tiny preset on one CPU thread); the same AdamW maths. Fused kernels exist for CPU and CUDA tensors.
-        fused=all(p.device.type in ("cpu", "cuda") for p in decay + no_decay) or None,
+        fused=(fused and all(p.device.type in ("cpu", "cuda") for p in decay + no_decay)) or None,
     )
 
 
@@ -396,9 +398,16 @@ class MoSTLitModule(LightningModule):
         self._log_metrics("test", self.test_metrics)
 
     # ------------------------------------------------------------------ optimisation
+    def _clips_under_mixed_precision(self) -> bool:
+        """Lightning refuses to clip the gradients of a fused optimizer under its mixed-precision plugin (a fused
+        step unscales fp16 gradients itself, so they would be clipped while still scaled)."""
+        trainer = self._trainer
+        return (trainer is not None and isinstance(trainer.precision_plugin, MixedPrecision)
+                and (trainer.gradient_clip_val or 0) > 0)
+
     def configure_optimizers(self) -> dict[str, Any]:
         # the decoder + MoST-C's projection (the frozen encoder has no grad)
-        optimizer = build_adamw(self, self.optimizer_settings)
+        optimizer = build_adamw(self, self.optimizer_settings, fused=not self._clips_under_mixed_precision())
         sched = self.scheduler_settings
         total = sched.get("total_steps") or self.trainer.estimated_stepping_batches
         if total is None or total == float("inf"):

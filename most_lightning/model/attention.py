@@ -11,6 +11,7 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from most_lightning.model.config import MoSTConfig
 from most_lightning.model.gemm import Linear
@@ -37,16 +38,31 @@ class KVCache:
         return full
 
 
+# On CUDA, SDPA may pick cuDNN's attention, which builds an execution plan for every new shape: 6-15 ms of host
+# time per call on an H100. Every batch here has a new length (padding to the longest example, the length
+# classes of packed rows, each step of generation), so it made the tiny model's GPU training steps 3.6x (fixed
+# batches) to 15x (packed rows) slower than the flash / memory-efficient kernels, which take any shape at no set-up
+# cost (docs/training_speed.md, GPU section).
+_CUDA_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+def _sdpa(q, k, v, **kwargs):
+    if not q.is_cuda:
+        return F.scaled_dot_product_attention(q, k, v, **kwargs)
+    with sdpa_kernel(_CUDA_SDPA_BACKENDS):  # the backward runs the kernel that the forward chose
+        return F.scaled_dot_product_attention(q, k, v, **kwargs)
+
+
 def _attend(q, k, v, mask, scale):
     """q [B, h, Tq, d], k/v [B, h, Tk, d]; mask None (causal, no cache), bool [B, 1, Tq, Tk] (True = attend) or
     PackedRows (causal within each example of packed rows)."""
     if mask is None:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+        return _sdpa(q, k, v, is_causal=True, scale=scale)
     if isinstance(mask, PackedRows):
-        outs = [F.scaled_dot_product_attention(q_, k_, v_, is_causal=True, scale=scale)
+        outs = [_sdpa(q_, k_, v_, is_causal=True, scale=scale)
                 for q_, k_, v_ in zip(mask.group(q), mask.group(k), mask.group(v))]
         return mask.ungroup(outs, q.shape[0], q.shape[2])
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    return _sdpa(q, k, v, attn_mask=mask, scale=scale)
 
 
 class MultiHeadLatentAttention(nn.Module):
