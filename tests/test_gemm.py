@@ -10,8 +10,8 @@ import most_lightning.model.gemm as gemm
 from most_lightning.lit.losses import fused_token_losses
 from most_lightning.model import MoSTConfig, MoSTForCausalLM
 from most_lightning.model.config import ConfigError
-from most_lightning.model.gemm import (Linear, bucket_rows, gather_rows, linear, matmul_nn, matmul_nt, matmul_tn,
-                                      pad_rows, uses_onednn)
+from most_lightning.model.gemm import (Linear, bucket_rows, gather_rows, linear, matmul_nn, matmul_nn_sum, matmul_nt,
+                                      matmul_tn, pad_rows, uses_onednn)
 
 
 @pytest.fixture
@@ -54,6 +54,17 @@ def test_matmuls_match_float64_at_fp32_accuracy(name, onednn_calls):
     # Full fp32 accuracy: a bf16 or tf32 product would be ~1e-3 off, fp32 ~1e-7.
     assert max_error(ours, exact) < 1e-5
     assert max_error(ours, exact) < 10 * max_error(torch_fp32, exact) + 1e-7
+
+
+@pytest.mark.parametrize("backend", ["onednn", "torch"])
+def test_matmul_nn_sum_is_the_sum_of_two_products(backend, onednn_calls):
+    """The experts' input gradient g_a @ W_gate + g_b @ W_up (torch accumulates the second inside its GEMM)."""
+    g = torch.Generator().manual_seed(2)
+    a1, a2 = (torch.randn(300, 40, generator=g, dtype=torch.float64) for _ in range(2))
+    b1, b2 = (torch.randn(40, 70, generator=g, dtype=torch.float64) for _ in range(2))
+    got = matmul_nn_sum(a1.float(), b1.float(), a2.float(), b2.float(), backend)
+    assert got.shape == (300, 70) and max_error(got, a1 @ b1 + a2 @ b2) < 1e-5
+    assert len(onednn_calls) == (2 if backend == "onednn" else 0)
 
 
 @pytest.mark.parametrize("backend", ["onednn", "torch"])

@@ -35,8 +35,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from most_lightning.model.gemm import (Backend, Linear, check_backend, gather_rows, matmul_nn, matmul_nt, matmul_tn,
-                                      pad_rows)
+from most_lightning.model.gemm import (Backend, Linear, check_backend, gather_rows, matmul_nn, matmul_nn_sum, matmul_nt,
+                                      matmul_tn, pad_rows)
 
 Dispatch = Literal["auto", "grouped_mm", "loop"]
 DISPATCHES = ("auto", "grouped_mm", "loop")
@@ -142,7 +142,7 @@ class _LoopSwiGLUExperts(torch.autograd.Function):
                     matmul_tn(g_a, x_e, backend, out=targets[1])
                     matmul_tn(g_b, x_e, backend, out=targets[2])
                 if need_x:
-                    add_rows(tokens, matmul_nn(g_a, gate[e], backend).add_(matmul_nn(g_b, up[e], backend))[:n])
+                    add_rows(tokens, matmul_nn_sum(g_a, gate[e], g_b, up[e], backend)[:n])
             return shares
 
         shares = _run_pieces(run, counts, grad_x, ctx.n_workers)
