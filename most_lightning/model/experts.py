@@ -7,8 +7,10 @@ dispatch paths runs the per-expert matmuls:
 - ``"loop"``: a Python loop over the experts inside one autograd Function (CPU default, test oracle for the
   other path). Each expert gathers its tokens, runs its whole SwiGLU and scatters its output back while its
   rows are still in cache, and the backward is written by hand. This keeps every elementwise op on a small,
-  cache-resident block and never builds [N*k, H] buffers, which is what makes it about as fast as a dense
-  SwiGLU of the same active FLOPs on a CPU (experiments/bench_moe.py). Weight gradients are written straight
+  cache-resident block, which is what makes it about as fast as a dense SwiGLU of the same active FLOPs on a
+  CPU (experiments/bench_moe.py). The gathered rows are kept for the backward (as grouped_mm's autograd keeps
+  its sorted copy of x): gathering them again from an x long out of cache cost more (~1.5 ms of ~340 per
+  step at the benchmark's shape S). Weight gradients are written straight
   into slices of one stacked tensor: indexing ``w[e]`` under autograd would instead add a full-size zero
   gradient per expert (O(E^2) memory traffic, NOTES.md).
   On the CPU, large batches are shared out among torch.get_num_threads() worker threads that each run
@@ -70,16 +72,16 @@ class _LoopSwiGLUExperts(torch.autograd.Function):
     """Grouped SwiGLU over experts with a hand-written backward; see the module docstring.
 
     Inputs: x [N, H], token_index [M] (tokens sorted by expert), weights [M] (gate weights in the same
-    order), counts (python list of M's split per expert), gate/up [E, I, H], down [E, H, I]. Keeps only the
-    pre-activations (gate and up outputs per piece, rows padded as gemm.gather_rows pads them); everything
-    else is recomputed per expert in cache.
+    order), counts (python list of M's split per expert), gate/up [E, I, H], down [E, H, I]. Keeps the
+    gathered input rows and the pre-activations (gate and up outputs) per piece, rows padded as
+    gemm.gather_rows pads them; everything else is recomputed per expert in cache.
     Work comes in pieces (expert e, rows start:end of the sorted order); an expert may be cut in two pieces
     that run on different threads.
     """
 
     @staticmethod
     def forward(ctx, x, token_index, weights, counts, gate, up, down, backend):
-        pre_activations: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # piece start -> (gate, up) out
+        saved: dict[int, tuple[torch.Tensor, ...]] = {}  # piece start -> (input rows, gate out, up out)
 
         def run(pieces: list[Piece], add_rows: AddRows) -> None:
             for e, start, end in pieces:
@@ -87,24 +89,24 @@ class _LoopSwiGLUExperts(torch.autograd.Function):
                 # Rows padded with zeros to a oneDNN bucket size (gemm.pad_rows) stay zero through the SwiGLU.
                 x_e = gather_rows(x, tokens, backend)
                 a, b = matmul_nt(x_e, gate[e], backend), matmul_nt(x_e, up[e], backend)
-                pre_activations[start] = a, b
+                saved[start] = x_e, a, b
                 # The gate weight scales the [n, I] activation rather than the (larger) [n, H] output.
                 h = F.silu(a).mul_(b).mul_(pad_rows(weights[start:end], backend)[:, None])
                 add_rows(tokens, matmul_nt(h, down[e], backend)[: end - start])
 
         out = torch.zeros_like(x)
-        # The backward must cut the rows into the same pieces: pre_activations is keyed by piece.
+        # The backward must cut the rows into the same pieces: ``saved`` is keyed by piece.
         n_workers = _worker_count(counts, out, x.shape[1] * gate.shape[1])
         _run_pieces(run, counts, out, n_workers)
         ctx.save_for_backward(x, token_index, weights, gate, up, down)
-        ctx.counts, ctx.backend, ctx.pre_activations, ctx.n_workers = counts, backend, pre_activations, n_workers
+        ctx.counts, ctx.backend, ctx.saved, ctx.n_workers = counts, backend, saved, n_workers
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
         x, token_index, weights, gate, up, down = ctx.saved_tensors
-        pre_activations = ctx.pre_activations
+        saved = ctx.saved
         counts, starts, backend = ctx.counts, _starts(ctx.counts), ctx.backend
         need_x, need_w, need_params = ctx.needs_input_grad[0], ctx.needs_input_grad[2], any(ctx.needs_input_grad[4:])
         grad_out = grad_out.contiguous()
@@ -119,7 +121,7 @@ class _LoopSwiGLUExperts(torch.autograd.Function):
             for e, start, end in pieces:
                 n, tokens = end - start, token_index[start:end]
                 w = pad_rows(weights[start:end], backend)[:, None]
-                a, b = pre_activations[start]
+                x_e, a, b = saved[start]
                 if start == starts[e]:
                     targets = tuple(grad[e] for grad in grad_params)
                 else:
@@ -138,7 +140,6 @@ class _LoopSwiGLUExperts(torch.autograd.Function):
                 g_a = torch.ops.aten.silu_backward(g_h * b, a)
                 g_b = g_h.mul_(silu_a)
                 if need_params:
-                    x_e = gather_rows(x, tokens, backend)
                     matmul_tn(g_a, x_e, backend, out=targets[1])
                     matmul_tn(g_b, x_e, backend, out=targets[2])
                 if need_x:
