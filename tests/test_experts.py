@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import most_lightning.model.experts as experts_module
-from most_lightning.model.experts import GroupedExperts, SwiGLU, _LoopSwiGLUExperts, sort_by_expert
+from most_lightning.model.experts import GroupedExperts, SwiGLU, _LoopSwiGLUExperts, sort_by_expert, sorted_positions
 
 HIDDEN, INTER, N_EXPERTS = 16, 12, 6
 
@@ -119,7 +119,9 @@ def test_loop_backward_passes_gradcheck():
 
     def loop_experts(x, weights, gate, up, down):
         sorted_weights = weights.reshape(-1).index_select(0, order)
-        return _LoopSwiGLUExperts.apply(x, token_index, sorted_weights, counts.tolist(), gate, up, down, "torch")
+        positions = sorted_positions(order, 2)
+        return _LoopSwiGLUExperts.apply(x, token_index, positions, sorted_weights, counts.tolist(), gate, up, down,
+                                        "torch")
 
     assert torch.autograd.gradcheck(loop_experts, (x, weights, *params))
 

@@ -68,6 +68,25 @@ def test_matmul_nn_sum_is_the_sum_of_two_products(backend, onednn_calls):
 
 
 @pytest.mark.parametrize("backend", ["onednn", "torch"])
+def test_products_write_into_rows_of_a_sorted_buffer(backend):
+    """The loop experts write each piece's products into rows start:end of one buffer; a left operand padded by
+    pad_rows (oneDNN) contributes only its first out.shape[0] rows."""
+    g = torch.Generator().manual_seed(3)
+    a1, a2 = (torch.randn(37, 40, generator=g, dtype=torch.float64) for _ in range(2))
+    b1, b2 = (torch.randn(40, 70, generator=g, dtype=torch.float64) for _ in range(2))
+    w = torch.randn(70, 40, generator=g, dtype=torch.float64)
+    padded1, padded2 = (pad_rows(a.float(), backend) for a in (a1, a2))
+    assert padded1.shape[0] == (bucket_rows(37) if backend == "onednn" else 37) and bucket_rows(37) > 37
+    buffer = torch.full((3, 37, 70), float("nan"))
+    assert matmul_nn_sum(padded1, b1.float(), padded2, b2.float(), backend, out=buffer[1]).data_ptr() == \
+        buffer[1].data_ptr()
+    assert max_error(buffer[1], a1 @ b1 + a2 @ b2) < 1e-5
+    matmul_nt(padded1, w.float(), backend, out=buffer[2])
+    assert max_error(buffer[2], a1 @ w.T) < 1e-5
+    assert buffer[0].isnan().all()  # nothing written outside out
+
+
+@pytest.mark.parametrize("backend", ["onednn", "torch"])
 @pytest.mark.parametrize("shapes", [(70, 90), (90, 70)], ids=["narrow-left", "narrow-right"])
 def test_matmul_tn_writes_into_out(backend, shapes):
     """Weight gradients land in slices of a stacked gradient: out= must get the product (both copy orders)."""

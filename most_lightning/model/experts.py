@@ -5,14 +5,16 @@ expert(x) = (silu(x W_g^T) * (x W_u^T)) W_d^T. Its token copies are sorted by ex
 dispatch paths runs the per-expert matmuls:
 
 - ``"loop"``: a Python loop over the experts inside one autograd Function (CPU default, test oracle for the
-  other path). Each expert gathers its tokens, runs its whole SwiGLU and scatters its output back while its
-  rows are still in cache, and the backward is written by hand. This keeps every elementwise op on a small,
-  cache-resident block, which is what makes it about as fast as a dense SwiGLU of the same active FLOPs on a
-  CPU (experiments/bench_moe.py). The gathered rows are kept for the backward (as grouped_mm's autograd keeps
-  its sorted copy of x): gathering them again from an x long out of cache cost more (~1.5 ms of ~340 per
-  step at the benchmark's shape S). Weight gradients are written straight
-  into slices of one stacked tensor: indexing ``w[e]`` under autograd would instead add a full-size zero
-  gradient per expert (O(E^2) memory traffic, NOTES.md).
+  other path). Each expert gathers its tokens and runs its whole SwiGLU while its rows are still in cache,
+  which keeps every elementwise op on a small, cache-resident block; the backward is written by hand. This is
+  what makes the layer about as fast as a dense SwiGLU of the same active FLOPs on a CPU
+  (experiments/bench_moe.py). Measured at the benchmark's shape S (~340 ms per step, torch matmul):
+  the experts write their output rows in the sorted order and one ``F.embedding_bag`` then sums each token's
+  k rows, and the backward combines the input gradients the same way (a single parallel pass instead of an
+  index_add per expert into a zeroed buffer: -4.7 ms); the gathered input rows are kept for the backward, as
+  grouped_mm's autograd keeps its sorted copy of x (gathering them again from an x long out of cache: +1.5-2
+  ms). Weight gradients are written straight into slices of one stacked tensor: indexing ``w[e]`` under
+  autograd would instead add a full-size zero gradient per expert (O(E^2) memory traffic, NOTES.md).
   On the CPU, large batches are shared out among torch.get_num_threads() worker threads that each run
   their rows with ONE intra-op thread, instead of running every small op with all OpenMP threads. On an idle
   machine that is within a few percent either way, but when other processes compete for the cores, the
@@ -28,7 +30,6 @@ from __future__ import annotations
 
 import math
 import os
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Literal
 
@@ -68,22 +69,30 @@ def sort_by_expert(expert_indices: torch.Tensor, n_experts: int) -> tuple[torch.
     return order, order // expert_indices.shape[1], torch.bincount(flat, minlength=n_experts)
 
 
+def sorted_positions(order: torch.Tensor, top_k: int) -> torch.Tensor:
+    """[N, k]: where each token's k (token, slot) pairs went in the sorted order (the inverse of ``order``)."""
+    positions = torch.empty_like(order)
+    positions[order] = torch.arange(order.numel(), device=order.device)
+    return positions.view(-1, top_k)
+
+
 class _LoopSwiGLUExperts(torch.autograd.Function):
     """Grouped SwiGLU over experts with a hand-written backward; see the module docstring.
 
-    Inputs: x [N, H], token_index [M] (tokens sorted by expert), weights [M] (gate weights in the same
-    order), counts (python list of M's split per expert), gate/up [E, I, H], down [E, H, I]. Keeps the
-    gathered input rows and the pre-activations (gate and up outputs) per piece, rows padded as
-    gemm.gather_rows pads them; everything else is recomputed per expert in cache.
+    Inputs: x [N, H], token_index [M] (tokens sorted by expert), positions [N, k] (``sorted_positions``),
+    weights [M] (gate weights in the sorted order), counts (python list of M's split per expert), gate/up
+    [E, I, H], down [E, H, I]. Keeps the gathered input rows and the pre-activations (gate and up outputs)
+    per piece, rows padded as gemm.gather_rows pads them; everything else is recomputed per expert in cache.
     Work comes in pieces (expert e, rows start:end of the sorted order); an expert may be cut in two pieces
     that run on different threads.
     """
 
     @staticmethod
-    def forward(ctx, x, token_index, weights, counts, gate, up, down, backend):
+    def forward(ctx, x, token_index, positions, weights, counts, gate, up, down, backend):
         saved: dict[int, tuple[torch.Tensor, ...]] = {}  # piece start -> (input rows, gate out, up out)
+        sorted_out = x.new_empty(token_index.shape[0], x.shape[1])  # row i: the output of sorted pair i
 
-        def run(pieces: list[Piece], add_rows: AddRows) -> None:
+        def run(pieces: list[Piece]) -> None:
             for e, start, end in pieces:
                 tokens = token_index[start:end]
                 # Rows padded with zeros to a oneDNN bucket size (gemm.pad_rows) stay zero through the SwiGLU.
@@ -92,31 +101,30 @@ class _LoopSwiGLUExperts(torch.autograd.Function):
                 saved[start] = x_e, a, b
                 # The gate weight scales the [n, I] activation rather than the (larger) [n, H] output.
                 h = F.silu(a).mul_(b).mul_(pad_rows(weights[start:end], backend)[:, None])
-                add_rows(tokens, matmul_nt(h, down[e], backend)[: end - start])
+                matmul_nt(h, down[e], backend, out=sorted_out[start:end])
 
-        out = torch.zeros_like(x)
         # The backward must cut the rows into the same pieces: ``saved`` is keyed by piece.
-        n_workers = _worker_count(counts, out, x.shape[1] * gate.shape[1])
-        _run_pieces(run, counts, out, n_workers)
-        ctx.save_for_backward(x, token_index, weights, gate, up, down)
+        n_workers = _worker_count(counts, x, x.shape[1] * gate.shape[1])
+        _run_pieces(run, counts, n_workers)
+        ctx.save_for_backward(x, token_index, positions, weights, gate, up, down)
         ctx.counts, ctx.backend, ctx.saved, ctx.n_workers = counts, backend, saved, n_workers
-        return out
+        return F.embedding_bag(positions, sorted_out, mode="sum")
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
-        x, token_index, weights, gate, up, down = ctx.saved_tensors
+        x, token_index, positions, weights, gate, up, down = ctx.saved_tensors
         saved = ctx.saved
         counts, starts, backend = ctx.counts, _starts(ctx.counts), ctx.backend
-        need_x, need_w, need_params = ctx.needs_input_grad[0], ctx.needs_input_grad[2], any(ctx.needs_input_grad[4:])
+        need_x, need_w, need_params = ctx.needs_input_grad[0], ctx.needs_input_grad[3], any(ctx.needs_input_grad[5:8])
         grad_out = grad_out.contiguous()
-        grad_x = torch.zeros_like(x)
+        sorted_grad_x = x.new_empty(token_index.shape[0], x.shape[1]) if need_x else None
         grad_w = torch.empty_like(weights) if need_w else None
         # An expert's first piece writes its weight-gradient slices directly (no zero-fill pass); a later
         # piece of the same expert, possibly on another thread, returns its share to be added at the end.
         grad_params = (torch.empty_like(down), torch.empty_like(gate), torch.empty_like(up)) if need_params else ()
 
-        def run(pieces: list[Piece], add_rows: AddRows) -> list[tuple[int, tuple[torch.Tensor, ...]]]:
+        def run(pieces: list[Piece]) -> list[tuple[int, tuple[torch.Tensor, ...]]]:
             shares = []
             for e, start, end in pieces:
                 n, tokens = end - start, token_index[start:end]
@@ -143,10 +151,10 @@ class _LoopSwiGLUExperts(torch.autograd.Function):
                     matmul_tn(g_a, x_e, backend, out=targets[1])
                     matmul_tn(g_b, x_e, backend, out=targets[2])
                 if need_x:
-                    add_rows(tokens, matmul_nn_sum(g_a, gate[e], g_b, up[e], backend)[:n])
+                    matmul_nn_sum(g_a, gate[e], g_b, up[e], backend, out=sorted_grad_x[start:end])
             return shares
 
-        shares = _run_pieces(run, counts, grad_x, ctx.n_workers)
+        shares = _run_pieces(run, counts, ctx.n_workers)
         if need_params:
             for e, share in shares:
                 for grad, value in zip(grad_params, share):
@@ -155,7 +163,8 @@ class _LoopSwiGLUExperts(torch.autograd.Function):
                 for grad in grad_params:
                     grad[e].zero_()
         grad_down, grad_gate, grad_up = grad_params or (None, None, None)
-        return grad_x if need_x else None, None, grad_w, None, grad_gate, grad_up, grad_down, None
+        grad_x = F.embedding_bag(positions, sorted_grad_x, mode="sum") if need_x else None
+        return grad_x, None, None, grad_w, None, grad_gate, grad_up, grad_down, None
 
 
 def _starts(counts: list[int]) -> list[int]:
@@ -169,7 +178,6 @@ def _starts(counts: list[int]) -> list[int]:
 
 # ------------------------------------------------------------------------------ CPU worker threads
 Piece = tuple[int, int, int]  # (expert, start row, end row) in the sorted order
-AddRows = Callable[[torch.Tensor, torch.Tensor], None]  # add_rows(tokens, rows): accumulator[tokens] += rows
 # Worker threads only pay off for large batches: each hand-off lets the caller's idle OpenMP threads spin
 # while the workers want the cores (a few ms with libgomp's default; importing most_lightning shortens it,
 # see openmp_env.py). One worker per 2**30 multiply-adds of one expert matmul (rows x H x I): the
@@ -209,42 +217,34 @@ def _split_rows(counts: list[int], n_parts: int) -> list[list[Piece]]:
     return parts
 
 
-def _run_single_threaded(run: Callable, pieces: list[Piece], add_rows: AddRows):
+def _run_single_threaded(run: Callable, pieces: list[Piece]):
     torch.set_num_threads(1)  # this thread only: OpenMP and MKL keep per-thread settings
     with torch.no_grad():
-        return run(pieces, add_rows)
+        return run(pieces)
 
 
-def _worker_count(counts: list[int], accumulator: torch.Tensor, macs_per_row: int) -> int:
+def _worker_count(counts: list[int], x: torch.Tensor, macs_per_row: int) -> int:
     """Threads for _run_pieces: up to torch.get_num_threads() on the CPU for large batches, else 1."""
-    if accumulator.device.type != "cpu":
+    if x.device.type != "cpu":
         return 1
     return max(1, min(torch.get_num_threads(), sum(counts) * macs_per_row // MIN_MACS_PER_WORKER))
 
 
-def _run_pieces(run: Callable[[list[Piece], AddRows], list | None], counts: list[int],
-                accumulator: torch.Tensor, n_workers: int) -> list:
-    """run(pieces, add_rows) over all rows, where add_rows(tokens, rows) adds rows into ``accumulator``
-    [N, H] at those tokens; returns the concatenation of the lists that the calls of ``run`` return.
+def _run_pieces(run: Callable[[list[Piece]], list | None], counts: list[int], n_workers: int) -> list:
+    """run(pieces) over all rows; returns the concatenation of the lists that the calls of ``run`` return.
 
     With ``n_workers`` > 1 (see _worker_count) the rows are split over that many threads (this one
-    included), each running its ops with one intra-op thread. A token routed to experts on two threads gets
-    two additions: a lock keeps them apart (index_add_ is short next to the matmuls, so threads rarely wait).
+    included), each running its ops with one intra-op thread. Pieces write disjoint rows of the sorted order,
+    so the threads share no output.
     """
-    lock = threading.Lock()
-
-    def add_rows(tokens: torch.Tensor, rows: torch.Tensor) -> None:
-        with lock:
-            accumulator.index_add_(0, tokens, rows)
-
     parts = _split_rows(counts, n_workers)
     if n_workers == 1:
-        return run(parts[0], add_rows) or []
+        return run(parts[0]) or []
     previous = torch.get_num_threads()
-    futures = [_worker_pool(n_workers - 1).submit(_run_single_threaded, run, part, add_rows) for part in parts[1:]]
+    futures = [_worker_pool(n_workers - 1).submit(_run_single_threaded, run, part) for part in parts[1:]]
     results = []
     try:
-        results.append(_run_single_threaded(run, parts[0], add_rows))
+        results.append(_run_single_threaded(run, parts[0]))
     finally:
         for future in futures:  # wait for every worker (and re-raise its error) before the buffers are used
             results.append(future.result())
@@ -327,7 +327,9 @@ class GroupedExperts(nn.Module):
         weights = expert_weights.to(x.dtype).reshape(-1).index_select(0, order)
         if self.resolved_dispatch(x) == "grouped_mm":
             return _grouped_mm_experts(x, token_index, weights, counts, gate, up, down)
-        return _LoopSwiGLUExperts.apply(x, token_index, weights, counts.tolist(), gate, up, down, self.cpu_matmul)
+        positions = sorted_positions(order, expert_indices.shape[1])
+        return _LoopSwiGLUExperts.apply(x, token_index, positions, weights, counts.tolist(), gate, up, down,
+                                        self.cpu_matmul)
 
     def extra_repr(self) -> str:
         return (f"hidden_size={self.hidden_size}, intermediate_size={self.intermediate_size}, "

@@ -90,8 +90,13 @@ def _nt(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> t
     return torch.ops.mkldnn._linear_pointwise(_pad_rows(a), b, bias, "none", [], "")[: a.shape[0]]
 
 
-def matmul_nt(a: torch.Tensor, b: torch.Tensor, backend: Backend = "onednn") -> torch.Tensor:
-    return _nt(a, b) if uses_onednn(backend, a, b) else a @ b.T
+def matmul_nt(a: torch.Tensor, b: torch.Tensor, backend: Backend = "onednn",
+              out: torch.Tensor | None = None) -> torch.Tensor:
+    """a @ b.T, into ``out`` if given; ``out`` may have fewer rows than ``a`` (it gets the first ones: a
+    ``pad_rows``-padded operand's padding is dropped)."""
+    if uses_onednn(backend, a, b):
+        return _nt(a, b) if out is None else out.copy_(_nt(a, b)[: out.shape[0]])
+    return a @ b.T if out is None else torch.mm(a[: out.shape[0]], b.T, out=out)
 
 
 def matmul_nn(a: torch.Tensor, b: torch.Tensor, backend: Backend = "onednn") -> torch.Tensor:
@@ -99,13 +104,16 @@ def matmul_nn(a: torch.Tensor, b: torch.Tensor, backend: Backend = "onednn") -> 
 
 
 def matmul_nn_sum(a1: torch.Tensor, b1: torch.Tensor, a2: torch.Tensor, b2: torch.Tensor,
-                  backend: Backend = "onednn") -> torch.Tensor:
-    """a1 @ b1 + a2 @ b2. torch's matmul adds the second product into the first inside the GEMM (beta = 1), one
-    pass over the result fewer than a separate add (MoE layer at shape S with MKL: ~5 ms of ~320 per step);
-    oneDNN's fused sum post-op measured no faster than the add."""
+                  backend: Backend = "onednn", out: torch.Tensor | None = None) -> torch.Tensor:
+    """a1 @ b1 + a2 @ b2, into ``out`` if given (which may have fewer rows, as in matmul_nt). torch's matmul
+    adds the second product into the first inside the GEMM (beta = 1), one pass over the result fewer than a
+    separate add (MoE layer at shape S with MKL: ~5 ms of ~320 per step); oneDNN's fused sum post-op measured
+    no faster than the add."""
+    rows = a1.shape[0] if out is None else out.shape[0]
     if uses_onednn(backend, a1, b1, a2, b2):
-        return _nt(a1, b1.T).add_(_nt(a2, b2.T))
-    return torch.mm(a1, b1).addmm_(a2, b2)
+        first, second = _nt(a1, b1.T)[:rows], _nt(a2, b2.T)[:rows]
+        return first.add_(second) if out is None else torch.add(first, second, out=out)
+    return torch.mm(a1[:rows], b1, out=out).addmm_(a2[:rows], b2)
 
 
 def matmul_tn(a: torch.Tensor, b: torch.Tensor, backend: Backend = "onednn",
