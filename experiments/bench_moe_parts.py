@@ -4,8 +4,10 @@ Rows, interleaved repetition by repetition in one process (bench_moe.py's timing
 the dense SwiGLU of equal active FLOPs (width top_k * I + shared), the whole MoE layer, and its parts alone:
 the router, the routed experts (on a fixed routing), the shared expert, and a dense SwiGLU of the routed experts'
 FLOPs (width top_k * I). Read: layer - (router + experts + shared) = the glue (sorting, adds, gradient
-accumulation); experts / dense of their FLOPs = the dispatch's own overhead; shared + dense of the routed FLOPs
-against the full dense = the price of two narrower layers instead of one.
+accumulation; negative where the layer does better than its parts alone: the loop dispatch runs the shared
+expert inside its worker threads and adds its output in the routed outputs' pass); experts / dense of their FLOPs
+= the dispatch's own overhead; shared + dense of the routed FLOPs against the full dense = the price of two
+narrower layers instead of one.
 A second table times the products alone at one thread: one [N, H] x [H, top_k * I] product against E products of
 one expert's rows (N * top_k / E) with the same FLOPs, the shape-efficiency share of the experts' overhead.
 

@@ -108,22 +108,62 @@ def test_loop_backward_keeps_the_forward_split_when_the_thread_count_changes():
     torch.testing.assert_close(experts.gate_proj.grad, expected[3], rtol=1e-4, atol=1e-5)
 
 
-def test_loop_backward_passes_gradcheck():
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("with_shared", [False, True], ids=["routed", "routed+shared"])
+def test_loop_backward_passes_gradcheck(with_shared, threads):
     torch.manual_seed(0)
     experts = GroupedExperts(6, 4, 4, dispatch="loop").double()
+    shared = SwiGLU(6, 8).double()
     indices, weights = routing(5, 2, 3)  # expert 3 gets no token
     x = torch.randn(5, 6, dtype=torch.double, requires_grad=True)
     weights = weights.double().requires_grad_()
     params = [p.detach().clone().requires_grad_() for p in experts.stacked_weights()]
+    if with_shared:
+        params += [m.weight.detach().clone().requires_grad_() for m in (shared.gate_proj, shared.up_proj,
+                                                                           shared.down_proj)]
     order, token_index, counts = sort_by_expert(indices, 4)
+    with expert_worker_threads(threads):
+        plan = experts_module._plan(counts.tolist(), 5, 6 * 4, 6 * 8 if with_shared else 0, x.device)
+    assert len(plan) == threads
 
-    def loop_experts(x, weights, gate, up, down):
+    def loop_experts(x, weights, gate, up, down, *shared_weights):
         sorted_weights = weights.reshape(-1).index_select(0, order)
-        positions = sorted_positions(order, 2)
-        return _LoopSwiGLUExperts.apply(x, token_index, positions, sorted_weights, counts.tolist(), gate, up, down,
-                                        "torch")
+        positions = sorted_positions(order, 2, shared=with_shared)
+        return _LoopSwiGLUExperts.apply(x, token_index, positions, sorted_weights, plan, gate, up, down,
+                                        *(shared_weights or (None, None, None)), "torch")
 
-    assert torch.autograd.gradcheck(loop_experts, (x, weights, *params))
+    with expert_worker_threads(threads):
+        assert torch.autograd.gradcheck(loop_experts, (x, weights, *params))
+
+
+@pytest.mark.parametrize("dispatch", ["loop", "loop-threads", "grouped_mm"])
+def test_shared_expert_passed_to_the_experts_adds_its_output(dispatch):
+    """experts(x, ..., shared=mlp) == experts(x, ...) + mlp(x), gradients included: the loop runs the shared
+    expert as one more unit of work; the reference is the per-token naive sum plus the dense SwiGLU's own
+    autograd."""
+    torch.manual_seed(0)
+    experts = GroupedExperts(HIDDEN, INTER, N_EXPERTS, dispatch=dispatch.removesuffix("-threads"))
+    shared, reference_shared = SwiGLU(HIDDEN, 2 * INTER), SwiGLU(HIDDEN, 2 * INTER)
+    reference_shared.load_state_dict(shared.state_dict())
+    x, grad_out = torch.randn(23, HIDDEN), torch.randn(23, HIDDEN)
+    indices, weights = routing(23, 2, N_EXPERTS)
+    routed = run_naive(experts.state_dict(), x, indices, weights, grad_out)
+    leaf = x.clone().requires_grad_()
+    reference_shared(leaf).backward(grad_out)
+
+    ours, ours_weights = x.clone().requires_grad_(), weights.clone().requires_grad_()
+    with expert_worker_threads(3 if dispatch == "loop-threads" else 1):
+        out = experts(ours, indices, ours_weights, shared=shared)
+        out.backward(grad_out)
+    close = dict(rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out, routed[0] + reference_shared(x), **close)
+    torch.testing.assert_close(ours.grad, routed[1] + leaf.grad, **close)
+    torch.testing.assert_close(ours_weights.grad, routed[2], **close)
+    for got, expected in zip(experts.stacked_weights(), routed[3:]):
+        torch.testing.assert_close(got.grad, expected, **close)
+    for name in ("gate_proj", "up_proj", "down_proj"):
+        torch.testing.assert_close(getattr(shared, name).weight.grad, getattr(reference_shared, name).weight.grad,
+                                   **close)
 
 
 @pytest.mark.parametrize("dispatch", ["loop", "grouped_mm"])

@@ -69,102 +69,148 @@ def sort_by_expert(expert_indices: torch.Tensor, n_experts: int) -> tuple[torch.
     return order, order // expert_indices.shape[1], torch.bincount(flat, minlength=n_experts)
 
 
-def sorted_positions(order: torch.Tensor, top_k: int) -> torch.Tensor:
-    """[N, k]: where each token's k (token, slot) pairs went in the sorted order (the inverse of ``order``)."""
+def sorted_positions(order: torch.Tensor, top_k: int, shared: bool = False) -> torch.Tensor:
+    """[N, k]: where each token's k (token, slot) pairs went in the sorted order (the inverse of ``order``);
+    with ``shared``, [N, k + 1]: plus the token's shared-expert row, which follows the N * k routed rows."""
     positions = torch.empty_like(order)
     positions[order] = torch.arange(order.numel(), device=order.device)
-    return positions.view(-1, top_k)
+    positions = positions.view(-1, top_k)
+    if not shared:
+        return positions
+    shared_rows = torch.arange(order.numel(), order.numel() + positions.shape[0], device=order.device)
+    return torch.cat([positions, shared_rows[:, None]], dim=1)
 
 
 class _LoopSwiGLUExperts(torch.autograd.Function):
     """Grouped SwiGLU over experts with a hand-written backward; see the module docstring.
 
-    Inputs: x [N, H], token_index [M] (tokens sorted by expert), positions [N, k] (``sorted_positions``),
-    weights [M] (gate weights in the sorted order), counts (python list of M's split per expert), gate/up
-    [E, I, H], down [E, H, I]. Keeps the gathered input rows and the pre-activations (gate and up outputs)
-    per piece, rows padded as gemm.gather_rows pads them; everything else is recomputed per expert in cache.
-    Work comes in pieces (expert e, rows start:end of the sorted order); an expert may be cut in two pieces
-    that run on different threads.
+    Inputs: x [N, H], token_index [M] (tokens sorted by expert), positions [N, k] or, with a shared expert,
+    [N, k + 1] (``sorted_positions``: each token's rows in the sorted buffers), weights [M] (gate weights in
+    the sorted order), plan (the pieces of each thread, ``_plan``), routed gate/up [E, I, H] and down
+    [E, H, I], the shared expert's gate/up [S, H] and down [H, S] (or three Nones), backend.
+    Work comes in pieces (unit, start, end). Unit e < E is routed expert e over rows start:end of the sorted
+    order (an expert may be cut in two pieces that run on different threads); unit E is the shared expert over
+    tokens start:end (all tokens, weight 1, no gather), whose rows come after the M routed ones in the sorted
+    buffers. Keeps the input rows and the pre-activations (gate and up outputs) per piece, rows padded as
+    gemm.gather_rows pads them; everything else is recomputed per piece in cache.
     """
 
     @staticmethod
-    def forward(ctx, x, token_index, positions, weights, counts, gate, up, down, backend):
-        saved: dict[int, tuple[torch.Tensor, ...]] = {}  # piece start -> (input rows, gate out, up out)
-        sorted_out = x.new_empty(token_index.shape[0], x.shape[1])  # row i: the output of sorted pair i
+    def forward(ctx, x, token_index, positions, weights, plan, gate, up, down, shared_gate, shared_up, shared_down,
+                backend):
+        units = _units(gate, up, down, shared_gate, shared_up, shared_down)
+        routed = gate.shape[0]
+        saved: dict[Piece, tuple[torch.Tensor, ...]] = {}  # piece -> (input rows, gate out, up out)
+        sorted_out = x.new_empty(_sorted_rows(token_index, x, shared_gate), x.shape[1])  # row: one (token, slot)
 
         def run(pieces: list[Piece]) -> None:
-            for e, start, end in pieces:
-                tokens = token_index[start:end]
+            for piece in pieces:
+                unit, start, end = piece
+                unit_gate, unit_up, unit_down = units[unit]
                 # Rows padded with zeros to a oneDNN bucket size (gemm.pad_rows) stay zero through the SwiGLU.
-                x_e = gather_rows(x, tokens, backend)
-                a, b = matmul_nt(x_e, gate[e], backend), matmul_nt(x_e, up[e], backend)
-                saved[start] = x_e, a, b
-                # The gate weight scales the [n, I] activation rather than the (larger) [n, H] output.
-                h = F.silu(a).mul_(b).mul_(pad_rows(weights[start:end], backend)[:, None])
-                matmul_nt(h, down[e], backend, out=sorted_out[start:end])
+                if unit < routed:
+                    x_u = gather_rows(x, token_index[start:end], backend)
+                else:
+                    x_u = pad_rows(x[start:end], backend)
+                a, b = matmul_nt(x_u, unit_gate, backend), matmul_nt(x_u, unit_up, backend)
+                saved[piece] = x_u, a, b
+                h = F.silu(a).mul_(b)
+                if unit < routed:  # the gate weight scales the [n, I] activation rather than the [n, H] output
+                    h.mul_(pad_rows(weights[start:end], backend)[:, None])
+                matmul_nt(h, unit_down, backend, out=sorted_out[_buffer_rows(unit, start, end, routed, token_index)])
 
-        # The backward must cut the rows into the same pieces: ``saved`` is keyed by piece.
-        n_workers = _worker_count(counts, x, x.shape[1] * gate.shape[1])
-        _run_pieces(run, counts, n_workers)
-        ctx.save_for_backward(x, token_index, positions, weights, gate, up, down)
-        ctx.counts, ctx.backend, ctx.saved, ctx.n_workers = counts, backend, saved, n_workers
+        _run_pieces(run, plan)
+        ctx.save_for_backward(x, token_index, positions, weights, gate, up, down, shared_gate, shared_up, shared_down)
+        ctx.plan, ctx.backend, ctx.saved = plan, backend, saved  # the backward walks the same pieces
         return F.embedding_bag(positions, sorted_out, mode="sum")
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
-        x, token_index, positions, weights, gate, up, down = ctx.saved_tensors
-        saved = ctx.saved
-        counts, starts, backend = ctx.counts, _starts(ctx.counts), ctx.backend
-        need_x, need_w, need_params = ctx.needs_input_grad[0], ctx.needs_input_grad[3], any(ctx.needs_input_grad[5:8])
+        x, token_index, positions, weights, gate, up, down, shared_gate, shared_up, shared_down = ctx.saved_tensors
+        units = _units(gate, up, down, shared_gate, shared_up, shared_down)
+        routed, saved, backend = gate.shape[0], ctx.saved, ctx.backend
+        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[3]
+        need_routed = any(ctx.needs_input_grad[5:8])
+        need_shared = shared_gate is not None and any(ctx.needs_input_grad[8:11])
         grad_out = grad_out.contiguous()
-        sorted_grad_x = x.new_empty(token_index.shape[0], x.shape[1]) if need_x else None
+        sorted_grad_x = x.new_empty(_sorted_rows(token_index, x, shared_gate), x.shape[1]) if need_x else None
         grad_w = torch.empty_like(weights) if need_w else None
-        # An expert's first piece writes its weight-gradient slices directly (no zero-fill pass); a later
-        # piece of the same expert, possibly on another thread, returns its share to be added at the end.
-        grad_params = (torch.empty_like(down), torch.empty_like(gate), torch.empty_like(up)) if need_params else ()
+        # (down, gate, up) gradients per unit. A unit's first piece writes its slices directly (no zero-fill
+        # pass); a later piece of the same unit, possibly on another thread, returns its share to be added.
+        routed_grads = (torch.empty_like(down), torch.empty_like(gate), torch.empty_like(up)) if need_routed else ()
+        shared_grads = tuple(torch.empty_like(t) for t in (shared_down, shared_gate, shared_up)) if need_shared else ()
+        unit_grads = [tuple(grad[e] for grad in routed_grads) for e in range(routed)] + [shared_grads]
+        first_start: dict[int, int] = {}
+        for unit, start, _ in (piece for part in ctx.plan for piece in part):
+            first_start[unit] = min(start, first_start.get(unit, start))
 
         def run(pieces: list[Piece]) -> list[tuple[int, tuple[torch.Tensor, ...]]]:
             shares = []
-            for e, start, end in pieces:
-                n, tokens = end - start, token_index[start:end]
-                w = pad_rows(weights[start:end], backend)[:, None]
-                x_e, a, b = saved[start]
-                if start == starts[e]:
-                    targets = tuple(grad[e] for grad in grad_params)
+            for piece in pieces:
+                unit, start, end = piece
+                unit_gate, unit_up, unit_down = units[unit]
+                n, targets, is_routed = end - start, unit_grads[unit], unit < routed
+                if targets and start != first_start[unit]:
+                    targets = tuple(torch.empty_like(t) for t in targets)
+                    shares.append((unit, targets))
+                x_u, a, b = saved[piece]
+                if is_routed:
+                    g_out = gather_rows(grad_out, token_index[start:end], backend)
                 else:
-                    targets = tuple(torch.empty_like(grad[e]) for grad in grad_params)
-                    if need_params:
-                        shares.append((e, targets))
-                g_out = gather_rows(grad_out, tokens, backend)
-                g_h = matmul_nn(g_out, down[e], backend)  # gradient w.r.t. the weighted activation w * h
+                    g_out = pad_rows(grad_out[start:end], backend)
+                g_h = matmul_nn(g_out, unit_down, backend)  # gradient w.r.t. the (weighted) activation
                 silu_a = F.silu(a)
                 h = silu_a * b
-                if need_w:
-                    torch.sum(g_h[:n] * h[:n], dim=1, out=grad_w[start:end])
-                if need_params:
-                    matmul_tn(g_out, h.mul_(w), backend, out=targets[0])
-                g_h.mul_(w)
+                if is_routed:
+                    w = pad_rows(weights[start:end], backend)[:, None]
+                    if need_w:
+                        torch.sum(g_h[:n] * h[:n], dim=1, out=grad_w[start:end])
+                    h.mul_(w)
+                    g_h.mul_(w)
+                if targets:
+                    matmul_tn(g_out, h, backend, out=targets[0])
                 g_a = torch.ops.aten.silu_backward(g_h * b, a)
                 g_b = g_h.mul_(silu_a)
-                if need_params:
-                    matmul_tn(g_a, x_e, backend, out=targets[1])
-                    matmul_tn(g_b, x_e, backend, out=targets[2])
+                if targets:
+                    matmul_tn(g_a, x_u, backend, out=targets[1])
+                    matmul_tn(g_b, x_u, backend, out=targets[2])
                 if need_x:
-                    matmul_nn_sum(g_a, gate[e], g_b, up[e], backend, out=sorted_grad_x[start:end])
+                    matmul_nn_sum(g_a, unit_gate, g_b, unit_up, backend,
+                                  out=sorted_grad_x[_buffer_rows(unit, start, end, routed, token_index)])
             return shares
 
-        shares = _run_pieces(run, counts, ctx.n_workers)
-        if need_params:
-            for e, share in shares:
-                for grad, value in zip(grad_params, share):
-                    grad[e] += value
-            for e in (e for e, count in enumerate(counts) if count == 0):
-                for grad in grad_params:
-                    grad[e].zero_()
-        grad_down, grad_gate, grad_up = grad_params or (None, None, None)
+        for unit, share in _run_pieces(run, ctx.plan):
+            for grad, value in zip(unit_grads[unit], share):
+                grad += value
+        for unit in range(len(units)):
+            if unit not in first_start:  # an expert that got no token still gets a (zero) gradient
+                for grad in unit_grads[unit]:
+                    grad.zero_()
         grad_x = F.embedding_bag(positions, sorted_grad_x, mode="sum") if need_x else None
-        return grad_x, None, None, grad_w, None, grad_gate, grad_up, grad_down, None
+        grad_down, grad_gate, grad_up = routed_grads or (None, None, None)
+        shared_down_grad, shared_gate_grad, shared_up_grad = shared_grads or (None, None, None)
+        return (grad_x, None, None, grad_w, None, grad_gate, grad_up, grad_down, shared_gate_grad, shared_up_grad,
+                shared_down_grad, None)
+
+
+def _units(gate, up, down, shared_gate, shared_up, shared_down) -> list[tuple[torch.Tensor, ...]]:
+    """(gate, up, down) weights per unit: the routed experts, then the shared expert if there is one."""
+    units = [(gate[e], up[e], down[e]) for e in range(gate.shape[0])]
+    if shared_gate is not None:
+        units.append((shared_gate, shared_up, shared_down))
+    return units
+
+
+def _sorted_rows(token_index: torch.Tensor, x: torch.Tensor, shared_gate: torch.Tensor | None) -> int:
+    """Rows of the sorted buffers: one per routed (token, slot) pair, then one per token for the shared expert."""
+    return token_index.shape[0] + (0 if shared_gate is None else x.shape[0])
+
+
+def _buffer_rows(unit: int, start: int, end: int, routed: int, token_index: torch.Tensor) -> slice:
+    """The rows of piece (unit, start, end) in the sorted buffers."""
+    offset = 0 if unit < routed else token_index.shape[0]
+    return slice(offset + start, offset + end)
 
 
 def _starts(counts: list[int]) -> list[int]:
@@ -177,12 +223,12 @@ def _starts(counts: list[int]) -> list[int]:
 
 
 # ------------------------------------------------------------------------------ CPU worker threads
-Piece = tuple[int, int, int]  # (expert, start row, end row) in the sorted order
+Piece = tuple[int, int, int]  # (unit, start row, end row): see _LoopSwiGLUExperts
 # Worker threads only pay off for large batches: each hand-off lets the caller's idle OpenMP threads spin
 # while the workers want the cores (a few ms with libgomp's default; importing most_lightning shortens it,
-# see openmp_env.py). One worker per 2**30 multiply-adds of one expert matmul (rows x H x I): the
-# bench_moe.py shapes S and M (4096 tokens) get two threads, the `tiny` preset's layers stay on the OpenMP
-# loop. Set it very large to never use workers.
+# see openmp_env.py). One worker per 2**30 multiply-adds of one matmul over all rows (rows x H x width, routed
+# and shared): the bench_moe.py shapes S and M (4096 tokens) get two threads, the `tiny` preset's layers stay
+# on the OpenMP loop. Set it very large to never use workers.
 MIN_MACS_PER_WORKER = 2**30
 _pool: ThreadPoolExecutor | None = None
 
@@ -217,34 +263,43 @@ def _split_rows(counts: list[int], n_parts: int) -> list[list[Piece]]:
     return parts
 
 
+def _plan(counts: list[int], n_tokens: int, macs_per_row: int, shared_macs_per_row: int,
+          device: torch.device) -> list[list[Piece]]:
+    """The pieces of each thread: the routed rows cut by _split_rows and, with a shared expert
+    (shared_macs_per_row > 0), the tokens cut into as many equal ranges (unit len(counts)).
+
+    One part (run on the OpenMP pool) off the CPU and for small batches; up to torch.get_num_threads() parts
+    on the CPU for large ones (see MIN_MACS_PER_WORKER)."""
+    macs = sum(counts) * macs_per_row + n_tokens * shared_macs_per_row
+    n_parts = 1 if device.type != "cpu" else max(1, min(torch.get_num_threads(), macs // MIN_MACS_PER_WORKER))
+    parts = _split_rows(counts, n_parts)
+    if shared_macs_per_row:
+        for i, part in enumerate(parts):
+            start, end = n_tokens * i // n_parts, n_tokens * (i + 1) // n_parts
+            if start < end:
+                part.append((len(counts), start, end))
+    return parts
+
+
 def _run_single_threaded(run: Callable, pieces: list[Piece]):
     torch.set_num_threads(1)  # this thread only: OpenMP and MKL keep per-thread settings
     with torch.no_grad():
         return run(pieces)
 
 
-def _worker_count(counts: list[int], x: torch.Tensor, macs_per_row: int) -> int:
-    """Threads for _run_pieces: up to torch.get_num_threads() on the CPU for large batches, else 1."""
-    if x.device.type != "cpu":
-        return 1
-    return max(1, min(torch.get_num_threads(), sum(counts) * macs_per_row // MIN_MACS_PER_WORKER))
+def _run_pieces(run: Callable[[list[Piece]], list | None], plan: list[list[Piece]]) -> list:
+    """run(part) for every part of ``plan``; returns the concatenation of the lists that the calls return.
 
-
-def _run_pieces(run: Callable[[list[Piece]], list | None], counts: list[int], n_workers: int) -> list:
-    """run(pieces) over all rows; returns the concatenation of the lists that the calls of ``run`` return.
-
-    With ``n_workers`` > 1 (see _worker_count) the rows are split over that many threads (this one
-    included), each running its ops with one intra-op thread. Pieces write disjoint rows of the sorted order,
-    so the threads share no output.
+    With several parts, each runs on a thread of its own (this one included) with one intra-op thread. Pieces
+    write disjoint rows of the sorted buffers, so the threads share no output.
     """
-    parts = _split_rows(counts, n_workers)
-    if n_workers == 1:
-        return run(parts[0]) or []
+    if len(plan) == 1:
+        return run(plan[0]) or []
     previous = torch.get_num_threads()
-    futures = [_worker_pool(n_workers - 1).submit(_run_single_threaded, run, part) for part in parts[1:]]
+    futures = [_worker_pool(len(plan) - 1).submit(_run_single_threaded, run, part) for part in plan[1:]]
     results = []
     try:
-        results.append(_run_single_threaded(run, parts[0]))
+        results.append(_run_single_threaded(run, plan[0]))
     finally:
         for future in futures:  # wait for every worker (and re-raise its error) before the buffers are used
             results.append(future.result())
@@ -308,28 +363,47 @@ class GroupedExperts(nn.Module):
             return "grouped_mm"
         return "loop"
 
-    def forward(self, x: torch.Tensor, expert_indices: torch.Tensor, expert_weights: torch.Tensor) -> torch.Tensor:
-        """x [N, H]; expert_indices [N, k] (distinct per row); expert_weights [N, k] -> [N, H]."""
+    def forward(self, x: torch.Tensor, expert_indices: torch.Tensor, expert_weights: torch.Tensor,
+                shared: SwiGLU | None = None) -> torch.Tensor:
+        """x [N, H]; expert_indices [N, k] (distinct per row); expert_weights [N, k] -> [N, H]; plus
+        ``shared(x)`` if the layer's shared experts are given (the loop runs them as one more unit of work and
+        adds their output in the same pass as the routed outputs)."""
         if x.dim() != 2 or x.shape[1] != self.hidden_size:
             raise ValueError(f"experts expect x of shape [N, {self.hidden_size}], got {tuple(x.shape)}")
         if expert_indices.shape != expert_weights.shape or expert_indices.shape[0] != x.shape[0]:
             raise ValueError(f"expert_indices {tuple(expert_indices.shape)} and expert_weights "
                              f"{tuple(expert_weights.shape)} must both be [N={x.shape[0]}, k]")
-        gate, up, down = self.stacked_weights()
+        if self.resolved_dispatch(x) == "grouped_mm":
+            x_cast, _, token_index, weights, counts, gate, up, down = self._compute_inputs(
+                x, expert_indices, expert_weights, ())
+            out = _grouped_mm_experts(x_cast, token_index, weights, counts, gate, up, down)
+            return out if shared is None else out + shared(x)
+        shared_weights = () if shared is None else (shared.gate_proj.weight, shared.up_proj.weight,
+                                                     shared.down_proj.weight)
+        x, order, token_index, weights, counts, gate, up, down, *shared_weights = self._compute_inputs(
+            x, expert_indices, expert_weights, shared_weights)
+        counts = counts.tolist()
+        shared_width = shared_weights[0].shape[0] if shared_weights else 0
+        plan = _plan(counts, x.shape[0], x.shape[1] * gate.shape[1], x.shape[1] * shared_width, x.device)
+        positions = sorted_positions(order, expert_indices.shape[1], shared=bool(shared_weights))
+        return _LoopSwiGLUExperts.apply(x, token_index, positions, weights, plan, gate, up, down,
+                                        *(shared_weights or (None, None, None)), self.cpu_matmul)
+
+    def _compute_inputs(self, x, expert_indices, expert_weights, shared_weights):
+        """(x, order, token_index, sorted gate weights, counts, gate, up, down, *shared_weights): the tensors
+        in the compute dtype (autocast's, else x's) and the (token, slot) pairs sorted by expert."""
+        weights = (*self.stacked_weights(), *shared_weights)
         if torch.is_autocast_enabled(x.device.type):
             # Neither path is covered by autocast's op lists: cast by hand, as autocast does for nn.Linear.
             dtype = torch.get_autocast_dtype(x.device.type)
-            x, gate, up, down = (t.to(dtype) for t in (x, gate, up, down))
-        elif x.dtype != gate.dtype:
-            raise TypeError(f"experts got {x.dtype} input but hold {gate.dtype} weights; cast the module "
+            x, *weights = (t.to(dtype) for t in (x, *weights))
+        elif any(w.dtype != x.dtype for w in weights):
+            held = next(w.dtype for w in weights if w.dtype != x.dtype)
+            raise TypeError(f"experts got {x.dtype} input but hold {held} weights; cast the module "
                             f"(experts.to({x.dtype})) or run under torch.autocast")
         order, token_index, counts = sort_by_expert(expert_indices, self.n_experts)
-        weights = expert_weights.to(x.dtype).reshape(-1).index_select(0, order)
-        if self.resolved_dispatch(x) == "grouped_mm":
-            return _grouped_mm_experts(x, token_index, weights, counts, gate, up, down)
-        positions = sorted_positions(order, expert_indices.shape[1])
-        return _LoopSwiGLUExperts.apply(x, token_index, positions, weights, counts.tolist(), gate, up, down,
-                                        self.cpu_matmul)
+        sorted_weights = expert_weights.to(x.dtype).reshape(-1).index_select(0, order)
+        return (x, order, token_index, sorted_weights, counts, *weights)
 
     def extra_repr(self) -> str:
         return (f"hidden_size={self.hidden_size}, intermediate_size={self.intermediate_size}, "

@@ -30,7 +30,5 @@ class MoELayer(nn.Module):
         shape = hidden.shape
         routing = self.gate(hidden, modality, token_mask, segment_ids)
         flat = hidden.reshape(-1, shape[-1])
-        out = self.experts(flat, routing.indices, routing.weights.to(hidden.dtype))
-        if self.shared_experts is not None:
-            out = out + self.shared_experts(flat)
+        out = self.experts(flat, routing.indices, routing.weights.to(hidden.dtype), shared=self.shared_experts)
         return out.view(shape), routing
