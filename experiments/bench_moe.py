@@ -9,6 +9,7 @@ the table shows each row's page faults per step.
     python experiments/bench_moe.py            # shapes S and M, 2 threads
     python experiments/bench_moe.py --quick    # smoke run: shape S, 512 tokens, 2 repetitions
     python experiments/bench_moe.py --cpu-matmul torch   # dense and MoST rows on torch's matmul (MKL)
+    python experiments/bench_moe.py --cpu-matmul onednn  # ... on oneDNN's (default: auto, the faster on this host)
 
 Rows: dense SwiGLU of width top_k * I + shared width; our MoELayer (router + GroupedExperts + shared expert)
 with each expert dispatch and router; transformers' DeepseekV2Moe with its eager and grouped_mm experts.
@@ -34,6 +35,7 @@ import most_lightning  # noqa: E402,F401  (before torch: sets the OpenMP default
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
+from most_lightning.model.matmul_choice import auto_backend  # noqa: E402
 from most_lightning.openmp_env import openmp_note  # noqa: E402
 
 SHAPES = {
@@ -212,7 +214,7 @@ def transformers_moe(hidden: int, experts: int, width: int, top_k: int, shared: 
     return layer
 
 
-def build_rows(shape: str, tokens: int, seq_len: int, rows_filter: str | None, cpu_matmul: str = "onednn") -> list[Row]:
+def build_rows(shape: str, tokens: int, seq_len: int, rows_filter: str | None, cpu_matmul: str = "auto") -> list[Row]:
     hidden, experts, width, top_k, shared = SHAPES[shape]
     torch.manual_seed(0)
     batch = tokens // seq_len
@@ -273,7 +275,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     parser.add_argument("--wait-budget", type=float, default=300.0,
                         help="seconds to wait in all for a quiet machine before re-running disturbed repetitions")
     parser.add_argument("--rows", default=None, help="only rows whose name contains one of these (comma-separated)")
-    parser.add_argument("--cpu-matmul", choices=("onednn", "torch"), default="onednn",
+    parser.add_argument("--cpu-matmul", choices=("auto", "onednn", "torch"), default="auto",
                         help="matmul backend of the dense and MoST rows (model.cpu_matmul; transformers: torch)")
     parser.add_argument("--default-malloc", action="store_true",
                         help="leave glibc's malloc settings alone (see keep_freed_memory)")
@@ -286,8 +288,9 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     torch.set_num_threads(args.threads)
     kept = not args.default_malloc and keep_freed_memory()
     command = "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(sys.argv[1:] if argv is None else argv)])
+    matmul = args.cpu_matmul + (f" -> {auto_backend()}" if args.cpu_matmul == "auto" else "")
     print(f"command: {command}\ntorch {torch.__version__}, {torch.get_num_threads()} threads, fp32, "
-          f"forward+backward, {args.tokens} tokens, dense and MoST rows with cpu_matmul={args.cpu_matmul}; "
+          f"forward+backward, {args.tokens} tokens, dense and MoST rows with cpu_matmul={matmul}; "
           f"{malloc_note(kept)}; {openmp_note()}")
     results = {}
     for shape in args.shapes.split(","):

@@ -11,7 +11,7 @@ narrower layers instead of one.
 A second table times the products alone at one thread: one [N, H] x [H, top_k * I] product against E products of
 one expert's rows (N * top_k / E) with the same FLOPs, the shape-efficiency share of the experts' overhead.
 
-    python experiments/bench_moe_parts.py                      # shape S, oneDNN (the default)
+    python experiments/bench_moe_parts.py                      # shape S, cpu_matmul=auto (the faster on this host)
     python experiments/bench_moe_parts.py --cpu-matmul torch   # torch's matmul (the issue's conditions)
 """
 
@@ -30,6 +30,7 @@ import torch  # noqa: E402
 from bench_moe import (SHAPES, Row, dense_swiglu, keep_freed_memory, most_moe_layer, print_table,  # noqa: E402
                        run_interleaved)
 from most_lightning.model.gemm import matmul_nt  # noqa: E402
+from most_lightning.model.matmul_choice import auto_backend  # noqa: E402
 
 
 def layer_rows(shape: str, tokens: int, seq_len: int, cpu_matmul: str) -> list[Row]:
@@ -99,13 +100,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seq-len", type=int, default=1024)
     parser.add_argument("--reps", type=int, default=11)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--cpu-matmul", choices=("onednn", "torch"), default="onednn")
+    parser.add_argument("--cpu-matmul", choices=("auto", "onednn", "torch"), default="auto")
     parser.add_argument("--quick", action="store_true", help="smoke run: 512 tokens, 2 repetitions")
     args = parser.parse_args(argv)
     if args.quick:
         args.tokens, args.seq_len, args.reps = 512, 256, 2
     note = "malloc keeps freed memory" if keep_freed_memory() else "default malloc"
     torch.set_num_threads(args.threads)
+    if args.cpu_matmul == "auto":
+        args.cpu_matmul = auto_backend()  # named in the tables; the product rows at one thread use it too
     rows = layer_rows(args.shape, args.tokens, args.seq_len, args.cpu_matmul)
     run_interleaved(rows, args.reps, quiet=True)
     print_table(f"shape {args.shape}, {args.tokens} tokens, forward + backward, {args.threads} threads, "

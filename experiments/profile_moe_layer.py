@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shape", choices=sorted(SHAPES), default="S")
     parser.add_argument("--tokens", type=int, default=4096)
-    parser.add_argument("--cpu-matmul", choices=("onednn", "torch"), default="onednn")
+    parser.add_argument("--cpu-matmul", choices=("auto", "onednn", "torch"), default="auto")
     parser.add_argument("--router", default="vanilla")
     parser.add_argument("--part", choices=("layer", "experts"), default="layer",
                         help="the whole MoE layer (router + experts + shared) or the routed experts alone")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -48,6 +49,18 @@ def compose_run_config(overrides: list[str], tmp_path: Path | None = None) -> Di
             cfg.paths.log_dir = str(tmp_path / "logs")
     HydraConfig.instance().set_config(cfg)  # so ${hydra:...} interpolations resolve as in a real run
     return cfg
+
+
+@pytest.fixture(scope="session", autouse=True)
+def matmul_choice_cache(tmp_path_factory: pytest.TempPathFactory):
+    """cpu_matmul=auto stores its per-host choice in a session directory, never in the user's cache."""
+    previous = os.environ.get("MOST_LIGHTNING_CACHE")
+    os.environ["MOST_LIGHTNING_CACHE"] = str(tmp_path_factory.mktemp("most_lightning_cache"))
+    yield Path(os.environ["MOST_LIGHTNING_CACHE"])
+    if previous is None:
+        del os.environ["MOST_LIGHTNING_CACHE"]
+    else:
+        os.environ["MOST_LIGHTNING_CACHE"] = previous
 
 
 @pytest.fixture(scope="session")

@@ -33,8 +33,8 @@ def routing(n_tokens, top_k, n_used, seed=0):
     return indices, weights
 
 
-def run(dispatch, params, x, indices, weights, grad_out, dtype=torch.float32):
-    experts = GroupedExperts(HIDDEN, INTER, N_EXPERTS, dispatch=dispatch).to(dtype)
+def run(dispatch, params, x, indices, weights, grad_out, dtype=torch.float32, cpu_matmul="auto"):
+    experts = GroupedExperts(HIDDEN, INTER, N_EXPERTS, dispatch=dispatch, cpu_matmul=cpu_matmul).to(dtype)
     experts.load_state_dict(params)
     x = x.to(dtype).clone().requires_grad_()
     weights = weights.to(dtype).clone().requires_grad_()
@@ -67,9 +67,14 @@ def expert_worker_threads(n: int):
 NAMES = ["output", "grad x", "grad weights", "grad gate_proj", "grad up_proj", "grad down_proj"]
 
 
+# Both CPU matmul backends, whichever cpu_matmul=auto picks on this host.
+CPU_MATMULS = ["onednn", "torch"]
+
+
+@pytest.mark.parametrize("cpu_matmul", CPU_MATMULS)
 @pytest.mark.parametrize("top_k,n_used", [(2, N_EXPERTS), (3, N_EXPERTS - 2), (1, N_EXPERTS - 1)],
                          ids=["k2-all-used", "k3-two-idle", "k1-one-idle"])
-def test_dispatch_paths_match_naive_reference(top_k, n_used):
+def test_dispatch_paths_match_naive_reference(top_k, n_used, cpu_matmul):
     torch.manual_seed(0)
     params = GroupedExperts(HIDDEN, INTER, N_EXPERTS).state_dict()
     x, grad_out = torch.randn(29, HIDDEN), torch.randn(29, HIDDEN)
@@ -77,7 +82,7 @@ def test_dispatch_paths_match_naive_reference(top_k, n_used):
     expected = run_naive(params, x, indices, weights, grad_out)
     for dispatch in ("loop", "loop-threads", "grouped_mm"):
         with expert_worker_threads(3 if dispatch == "loop-threads" else 1):
-            got = run(dispatch.removesuffix("-threads"), params, x, indices, weights, grad_out)
+            got = run(dispatch.removesuffix("-threads"), params, x, indices, weights, grad_out, cpu_matmul=cpu_matmul)
         for name, g, e in zip(NAMES, got, expected):
             torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5, msg=lambda m: f"{dispatch} {name}: {m}")
     # Idle experts get a gradient, and it is zero (DDP requires every parameter to receive one).
@@ -136,14 +141,15 @@ def test_loop_backward_passes_gradcheck(with_shared, threads):
         assert torch.autograd.gradcheck(loop_experts, (x, weights, *params))
 
 
+@pytest.mark.parametrize("cpu_matmul", CPU_MATMULS)
 @pytest.mark.parametrize("dispatch", ["loop", "loop-threads", "grouped_mm"])
-def test_shared_expert_passed_to_the_experts_adds_its_output(dispatch):
+def test_shared_expert_passed_to_the_experts_adds_its_output(dispatch, cpu_matmul):
     """experts(x, ..., shared=mlp) == experts(x, ...) + mlp(x), gradients included: the loop runs the shared
     expert as one more unit of work; the reference is the per-token naive sum plus the dense SwiGLU's own
     autograd."""
     torch.manual_seed(0)
-    experts = GroupedExperts(HIDDEN, INTER, N_EXPERTS, dispatch=dispatch.removesuffix("-threads"))
-    shared, reference_shared = SwiGLU(HIDDEN, 2 * INTER), SwiGLU(HIDDEN, 2 * INTER, cpu_matmul="torch")
+    experts = GroupedExperts(HIDDEN, INTER, N_EXPERTS, dispatch=dispatch.removesuffix("-threads"), cpu_matmul=cpu_matmul)
+    shared, reference_shared = SwiGLU(HIDDEN, 2 * INTER, cpu_matmul), SwiGLU(HIDDEN, 2 * INTER, cpu_matmul="torch")
     reference_shared.load_state_dict(shared.state_dict())
     x, grad_out = torch.randn(23, HIDDEN), torch.randn(23, HIDDEN)
     indices, weights = routing(23, 2, N_EXPERTS)

@@ -160,12 +160,12 @@ def test_linear_module_is_a_drop_in_nn_linear():
     x = torch.randn(5, 6)
     torch.testing.assert_close(ours(x), plain(x))
     assert "backend=onednn" in repr(ours)
-    with pytest.raises(ValueError, match=r"cpu_matmul='mkl': allowed values are \['onednn', 'torch'\]"):
+    with pytest.raises(ValueError, match=r"cpu_matmul='mkl': allowed values are \['auto', 'onednn', 'torch'\]"):
         Linear(6, 4, backend="mkl")
 
 
 def test_config_rejects_an_unknown_backend():
-    with pytest.raises(ConfigError, match=r"model.cpu_matmul='mkl': allowed values are \['onednn', 'torch'\]"):
+    with pytest.raises(ConfigError, match=r"model.cpu_matmul='mkl': allowed values are \['auto', 'onednn', 'torch'\]"):
         MoSTConfig.from_preset("tiny", cpu_matmul="mkl")
 
 
@@ -180,7 +180,8 @@ def training_grads(model: MoSTForCausalLM, ids, labels, modality):
 
 def test_training_step_with_onednn_matches_the_torch_backend(onednn_calls):
     torch.manual_seed(0)
-    config = MoSTConfig.from_preset("tiny", vocab_size=512, num_layers=2, router=dict(name="modality_aware"))
+    config = MoSTConfig.from_preset("tiny", vocab_size=512, num_layers=2, router=dict(name="modality_aware"),
+                                    cpu_matmul="onednn")
     reference = MoSTForCausalLM(config.replace(cpu_matmul="torch"))
     ours = MoSTForCausalLM(config)
     ours.load_state_dict(reference.state_dict())

@@ -151,7 +151,7 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
 
 def fused_token_losses(hidden: torch.Tensor, lm_head_weight: torch.Tensor, labels: torch.Tensor,
                        modality: torch.Tensor, chunk_rows: int = 256, want_correct: bool = False,
-                       backend: Backend = "onednn") -> TokenLosses:
+                       backend: Backend = "auto") -> TokenLosses:
     """Same per-token losses as ``shifted_token_losses(hidden @ lm_head_weight.T, labels, modality)``, computed
     from the final hidden states [B, T, H]: the LM head runs only on positions whose next label is supervised,
     ``chunk_rows`` rows at a time (FusedLinearCrossEntropy). ``correct`` is filled only when ``want_correct``

@@ -76,8 +76,9 @@ class MoSTConfig:
     audio_expert_fraction: float = 0.5
     partition: str = "index"
     expert_dispatch: str = "auto"  # "auto" | "grouped_mm" | "loop"
-    # fp32 matmuls on the CPU: "onednn" (AVX-512 kernels, ~2x MKL on AMD CPUs; see model/gemm.py) or "torch".
-    cpu_matmul: str = "onednn"
+    # fp32 matmuls on the CPU: "onednn" (AVX-512 kernels; see model/gemm.py), "torch" (MKL), or "auto": the one
+    # that ran faster on this host (measured once and stored, model/matmul_choice.py).
+    cpu_matmul: str = "auto"
     rms_norm_eps: float = 1e-6
     tie_word_embeddings: bool = False
     initializer_range: float = 0.02

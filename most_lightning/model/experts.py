@@ -49,7 +49,7 @@ DISPATCHES = ("auto", "grouped_mm", "loop")
 class SwiGLU(nn.Module):
     """Dense SwiGLU MLP without biases: down(silu(gate(x)) * up(x)). Dense layers and shared experts."""
 
-    def __init__(self, hidden_size: int, intermediate_size: int, cpu_matmul: Backend = "onednn"):
+    def __init__(self, hidden_size: int, intermediate_size: int, cpu_matmul: Backend = "auto"):
         super().__init__()
         self.gate_proj = Linear(hidden_size, intermediate_size, bias=False, backend=cpu_matmul)
         self.up_proj = Linear(hidden_size, intermediate_size, bias=False, backend=cpu_matmul)
@@ -330,7 +330,7 @@ class GroupedExperts(nn.Module):
     """
 
     def __init__(self, hidden_size: int, intermediate_size: int, n_experts: int, dispatch: Dispatch = "auto",
-                 cpu_matmul: Backend = "onednn"):
+                 cpu_matmul: Backend = "auto"):
         super().__init__()
         if dispatch not in DISPATCHES:
             raise ValueError(f"expert dispatch {dispatch!r} is unknown; choose one of {DISPATCHES}")

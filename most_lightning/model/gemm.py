@@ -14,7 +14,9 @@ forward + backward at the `tiny` step's shapes runs 1.7-1.8x faster
   shapes reuse cached oneDNN primitives.
 
 Every entry point takes ``backend``: "onednn" uses oneDNN where it applies (CPU, fp32, autocast off, oneDNN
-built in) and torch otherwise; "torch" always uses torch. The products are full fp32 (oneDNN's default strict
+built in) and torch otherwise; "torch" always uses torch; "auto" (the model's default) is whichever of the two
+ran faster on this host (measured once, see model/matmul_choice.py: on a Zen 4 EPYC MKL already runs at the
+core's peak and oneDNN is slower). The products are full fp32 (oneDNN's default strict
 math mode): the two backends differ only in summation order, ~1e-6 relative.
 """
 
@@ -26,8 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-Backend = Literal["onednn", "torch"]
-BACKENDS = ("onednn", "torch")
+from most_lightning.model.matmul_choice import auto_backend
+
+Backend = Literal["auto", "onednn", "torch"]
+BACKENDS = ("auto", "onednn", "torch")
 _ONEDNN_BUILT = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
@@ -38,9 +42,10 @@ def check_backend(backend: str) -> None:
 
 def uses_onednn(backend: str, *tensors: torch.Tensor) -> bool:
     """Whether products of these tensors go through oneDNN under ``backend``."""
-    return (backend == "onednn" and _ONEDNN_BUILT and torch.backends.mkldnn.enabled
-            and all(t.device.type == "cpu" and t.dtype == torch.float32 and t.numel() > 0 for t in tensors)
-            and not torch.is_autocast_enabled("cpu"))
+    applies = (backend != "torch" and _ONEDNN_BUILT and torch.backends.mkldnn.enabled
+               and all(t.device.type == "cpu" and t.dtype == torch.float32 and t.numel() > 0 for t in tensors)
+               and not torch.is_autocast_enabled("cpu"))
+    return applies and (backend == "onednn" or auto_backend() == "onednn")
 
 
 def bucket_rows(n: int) -> int:

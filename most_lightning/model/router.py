@@ -119,7 +119,7 @@ class Router(nn.Module):
     uses_partition = False
 
     def __init__(self, hidden_size: int, n_experts: int, top_k: int, cfg: RouterConfig,
-                 partition: ExpertPartition | None = None, cpu_matmul: Backend = "onednn"):
+                 partition: ExpertPartition | None = None, cpu_matmul: Backend = "auto"):
         super().__init__()
         self.n_experts, self.top_k, self.cfg, self.cpu_matmul = n_experts, top_k, cfg, cpu_matmul
         self.weight = nn.Parameter(torch.empty(n_experts, hidden_size))

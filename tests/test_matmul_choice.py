@@ -1,0 +1,133 @@
+"""cpu_matmul=auto (model/matmul_choice.py): the faster backend is chosen, measured once per host and stored."""
+
+import json
+import logging
+
+import pytest
+import torch
+
+import most_lightning.model.gemm as gemm
+import most_lightning.model.matmul_choice as choice
+from most_lightning.model import MoSTConfig, MoSTForCausalLM
+from most_lightning.model.gemm import uses_onednn
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("MOST_LIGHTNING_CACHE", str(tmp_path))
+    choice.forget_choices()
+    yield tmp_path / choice.CACHE_FILE
+    choice.forget_choices()
+
+
+def fake_probe(onednn_ms: float, torch_ms: float):
+    calls = []
+
+    def measure():
+        calls.append(1)
+        return {"onednn": onednn_ms, "torch": torch_ms}
+
+    return measure, calls
+
+
+@pytest.mark.parametrize("onednn_ms, expected", [(60.0, "onednn"), (89.9, "onednn"), (90.5, "torch"), (130.0, "torch")])
+def test_onednn_is_chosen_only_when_clearly_faster(cache, onednn_ms, expected):
+    measure, _ = fake_probe(onednn_ms, torch_ms=100.0)
+    assert choice.auto_backend(measure) == expected  # margin 10%: 90 ms is the line
+
+
+def test_the_choice_is_stored_per_host_and_not_measured_again(cache, caplog):
+    measure, calls = fake_probe(50.0, 100.0)
+    with caplog.at_level(logging.INFO, logger=choice.__name__):
+        assert choice.auto_backend(measure) == "onednn"
+    assert calls == [1]
+    stored = json.loads(cache.read_text())
+    assert stored[choice.host_key()] | {"measured": None} == dict(backend="onednn", onednn_ms=50.0, torch_ms=100.0,
+                                                                 measured=None)
+    assert "oneDNN 50.0 ms, torch 100.0 ms" in caplog.text and "-> onednn" in caplog.text
+    choice.forget_choices()  # a new process: reads the file
+    assert choice.auto_backend(fake_probe(500.0, 1.0)[0]) == "onednn"
+    assert calls == [1]
+
+
+def test_a_different_thread_count_is_measured_on_its_own(cache):
+    threads = torch.get_num_threads()
+    assert choice.auto_backend(fake_probe(50.0, 100.0)[0]) == "onednn"
+    try:
+        torch.set_num_threads(threads + 1)
+        assert choice.auto_backend(fake_probe(150.0, 100.0)[0]) == "torch"
+    finally:
+        torch.set_num_threads(threads)
+    assert len(json.loads(cache.read_text())) == 2
+    assert choice.auto_backend(fake_probe(150.0, 100.0)[0]) == "onednn"
+
+
+def test_an_unreadable_cache_is_measured_again_with_a_warning(cache, caplog):
+    cache.write_text("{ not json")
+    measure, calls = fake_probe(150.0, 100.0)
+    with caplog.at_level(logging.WARNING, logger=choice.__name__):
+        assert choice.auto_backend(measure) == "torch"
+    assert calls == [1]
+    assert "ignoring unreadable choice cache" in caplog.text and str(cache) in caplog.text
+    assert json.loads(cache.read_text())[choice.host_key()]["backend"] == "torch"  # replaced by a good file
+
+
+def test_an_unwritable_cache_keeps_the_choice_for_the_process(tmp_path, monkeypatch, caplog):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    monkeypatch.setenv("MOST_LIGHTNING_CACHE", str(blocker / "sub"))  # a directory below a file cannot exist
+    choice.forget_choices()
+    try:
+        with caplog.at_level(logging.WARNING, logger=choice.__name__):
+            assert choice.auto_backend(fake_probe(150.0, 100.0)[0]) == "torch"
+        assert "could not store the choice" in caplog.text
+        assert choice.auto_backend(fake_probe(50.0, 100.0)[0]) == "torch"  # remembered in the process
+    finally:
+        choice.forget_choices()
+
+
+def test_the_real_probe_times_both_backends_and_leaves_the_random_state_alone(cache):
+    torch.manual_seed(123)
+    expected_next = torch.rand(3)
+    torch.manual_seed(123)
+    with torch.no_grad():  # as in a validation pass before training: the probe still needs its backward
+        timings = choice.probe(reps=1, batch=1, seq_len=16)
+        assert not torch.is_grad_enabled()
+    assert set(timings) == {"onednn", "torch"} and all(t > 0 for t in timings.values())
+    assert torch.equal(torch.rand(3), expected_next)  # a run's initialisation must not depend on the cache
+
+
+def test_auto_resolves_through_the_stored_choice(cache):
+    x = torch.randn(4, 4)
+    for stored in ("onednn", "torch"):
+        choice.forget_choices()
+        cache.write_text(json.dumps({choice.host_key(): {"backend": stored}}))
+        assert uses_onednn("auto", x) is (stored == "onednn")
+    assert uses_onednn("onednn", x) and not uses_onednn("torch", x)
+
+
+def test_auto_never_measures_where_onednn_cannot_apply(cache, monkeypatch):
+    def fail():
+        raise AssertionError("probed")
+
+    monkeypatch.setattr(choice, "probe", fail)
+    monkeypatch.setattr(gemm, "auto_backend", lambda: choice.auto_backend(fail))
+    assert not uses_onednn("auto", torch.randn(2, 2, dtype=torch.bfloat16))
+    assert not uses_onednn("auto", torch.randn(2, 2, device="meta"))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not uses_onednn("auto", torch.randn(2, 2))
+    assert not cache.exists()
+
+
+def test_the_model_defaults_to_auto_and_follows_the_choice(cache, monkeypatch):
+    config = MoSTConfig.from_preset("tiny", vocab_size=64, num_layers=1)
+    assert config.cpu_matmul == "auto"
+    model = MoSTForCausalLM(config)
+    calls, real = [], gemm._nt
+    monkeypatch.setattr(gemm, "_nt", lambda *a: calls.append(1) or real(*a))
+    for stored, expect_onednn in (("torch", False), ("onednn", True)):
+        choice.forget_choices()
+        cache.write_text(json.dumps({choice.host_key(): {"backend": stored}}))
+        calls.clear()
+        model(torch.randint(0, 64, (1, 8)), torch.zeros(1, 8, dtype=torch.long))
+        assert bool(calls) is expect_onednn
