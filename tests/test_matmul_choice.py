@@ -131,3 +131,18 @@ def test_the_model_defaults_to_auto_and_follows_the_choice(cache, monkeypatch):
         calls.clear()
         model(torch.randint(0, 64, (1, 8)), torch.zeros(1, 8, dtype=torch.long))
         assert bool(calls) is expect_onednn
+
+
+def test_a_made_choice_costs_a_lookup_not_a_host_description(cache, monkeypatch):
+    """uses_onednn("auto") runs before every product: after the first call it must not read /proc/cpuinfo or
+    the cache file again (it did once, and cost the tiny step 5%)."""
+    cache.write_text(json.dumps({choice.host_key(): {"backend": "torch"}}))
+    x = torch.randn(2, 2)
+    assert not uses_onednn("auto", x)
+
+    def fail(*_):
+        raise AssertionError("looked up again")
+
+    monkeypatch.setattr(choice, "host_key", fail)
+    monkeypatch.setattr(choice, "_read_cache", fail)
+    assert not uses_onednn("auto", x)

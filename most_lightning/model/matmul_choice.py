@@ -16,6 +16,7 @@ The choice is stored per host (CPU model, torch version, thread count) in ``cpu_
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -36,7 +37,7 @@ ONEDNN_MARGIN = 0.10
 PROBE_BATCH, PROBE_SEQ_LEN, PROBE_REPS = 4, 256, 5  # ~2 s on two cores, once per host
 CACHE_FILE = "cpu_matmul.json"
 
-_choices: dict[str, str] = {}  # host key -> backend, for this process
+_choices: dict[int, str] = {}  # thread count -> backend, for this process (looked up on every product)
 
 
 def cache_dir() -> Path:
@@ -44,6 +45,7 @@ def cache_dir() -> Path:
     return Path(os.environ.get("MOST_LIGHTNING_CACHE", default))
 
 
+@functools.cache
 def _cpu_description() -> str:
     fields = {}
     try:
@@ -133,10 +135,10 @@ def _write_cache(path: Path, entries: dict) -> None:
 def auto_backend(measure: Callable[[], dict[str, float]] = probe) -> str:
     """The backend ``cpu_matmul=auto`` stands for on this host: from this process' memory, else the cache
     file, else measured now (and stored)."""
-    key = host_key()
-    if key in _choices:
-        return _choices[key]
-    path = cache_dir() / CACHE_FILE
+    threads = torch.get_num_threads()
+    if threads in _choices:
+        return _choices[threads]
+    key, path = host_key(), cache_dir() / CACHE_FILE
     entries = _read_cache(path)
     entry = entries.get(key)
     if isinstance(entry, dict) and entry.get("backend") in ("onednn", "torch"):
@@ -152,7 +154,7 @@ def auto_backend(measure: Callable[[], dict[str, float]] = probe) -> str:
         _write_cache(path, entries)
         log.info("cpu_matmul=auto: oneDNN %.1f ms, torch %.1f ms on this CPU's probe -> %s (stored in %s)",
                  timings["onednn"], timings["torch"], choice, path)
-    _choices[key] = choice
+    _choices[threads] = choice
     return choice
 
 
