@@ -22,6 +22,7 @@ import most_lightning  # noqa: E402,F401  (before torch: sets the OpenMP default
 import torch  # noqa: E402
 
 from most_lightning.model.gemm import linear, uses_onednn  # noqa: E402
+from most_lightning.model.matmul_choice import CACHE_FILE, auto_backend, cache_dir  # noqa: E402
 
 TOKENS = 2048
 # (layer, rows, in features, out features) of the tiny preset (hidden 256, 4 heads, MLA, 8 experts x 128 top-2)
@@ -97,6 +98,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     for line in lines:
         table.add_row(*line)
     Console(width=140).print(table)
+    print(f"model.cpu_matmul=auto uses {auto_backend()} on this host at {torch.get_num_threads()} thread(s) "
+          f"(decided on a whole tiny training step, stored in {cache_dir() / CACHE_FILE})")
     return speedups
 
 

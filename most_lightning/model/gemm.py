@@ -1,10 +1,10 @@
 """fp32 matrix products on the CPU through oneDNN, with torch's own matmul as the fallback and the oracle.
 
-torch sends CPU fp32 matmuls to MKL's sgemm. On the AMD EPYC machines this project trains on, that runs at
-~45-55 GMAC/s per core, the rate of an AVX2 kernel, while oneDNN (built into torch as MKL-DNN) dispatches on
-the CPU's feature flags and runs the same fp32 products with AVX-512 at 70-150 GMAC/s: a linear layer's
-forward + backward at the `tiny` step's shapes runs 1.7-1.8x faster
-(``python experiments/bench_cpu_matmul.py``). torch reaches oneDNN's fp32 matmul from Python only through
+torch sends CPU fp32 matmuls to MKL's sgemm. On AMD EPYCs that runs an AVX2 kernel, ~45-55 GMAC/s per core,
+while oneDNN (built into torch as MKL-DNN) dispatches on the CPU's feature flags and runs the same fp32 products
+with AVX-512: on cores that execute it at full width, 70-150 GMAC/s, a linear layer's forward + backward at the
+`tiny` step's shapes 1.7-1.8x faster (``python experiments/bench_cpu_matmul.py``); on Zen 4, which splits it
+into 256-bit halves, no faster than MKL. torch reaches oneDNN's fp32 matmul from Python only through
 ``torch.ops.mkldnn._linear_pointwise`` (an inference op without autograd), so this module wraps it:
 
 - ``matmul_nt(a, b)`` = a @ b.T, ``matmul_nn(a, b)`` = a @ b, ``matmul_tn(a, b)`` = a.T @ b (2-D operands);
