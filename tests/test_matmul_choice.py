@@ -15,9 +15,9 @@ from most_lightning.model.gemm import uses_onednn
 @pytest.fixture
 def cache(tmp_path, monkeypatch):
     monkeypatch.setenv("MOST_LIGHTNING_CACHE", str(tmp_path))
-    choice.forget_choices()
+    choice.forget_choice()
     yield tmp_path / choice.CACHE_FILE
-    choice.forget_choices()
+    choice.forget_choice()
 
 
 def fake_probe(onednn_ms: float, torch_ms: float):
@@ -45,21 +45,25 @@ def test_the_choice_is_stored_per_host_and_not_measured_again(cache, caplog):
     assert stored[choice.host_key()] | {"measured": None} == dict(backend="onednn", onednn_ms=50.0, torch_ms=100.0,
                                                                  measured=None)
     assert "oneDNN 50.0 ms, torch 100.0 ms" in caplog.text and "-> onednn" in caplog.text
-    choice.forget_choices()  # a new process: reads the file
+    choice.forget_choice()  # a new process: reads the file
     assert choice.auto_backend(fake_probe(500.0, 1.0)[0]) == "onednn"
     assert calls == [1]
 
 
-def test_a_different_thread_count_is_measured_on_its_own(cache):
+def test_each_thread_count_is_stored_on_its_own_and_a_process_keeps_its_first_choice(cache):
     threads = torch.get_num_threads()
     assert choice.auto_backend(fake_probe(50.0, 100.0)[0]) == "onednn"
     try:
         torch.set_num_threads(threads + 1)
+        # e.g. the experts' worker threads (one intra-op thread each): the process' choice holds
+        assert choice.auto_backend(fake_probe(150.0, 100.0)[0]) == "onednn"
+        choice.forget_choice()  # a new process run with another thread count
         assert choice.auto_backend(fake_probe(150.0, 100.0)[0]) == "torch"
     finally:
         torch.set_num_threads(threads)
     assert len(json.loads(cache.read_text())) == 2
-    assert choice.auto_backend(fake_probe(150.0, 100.0)[0]) == "onednn"
+    choice.forget_choice()
+    assert choice.auto_backend(fake_probe(150.0, 100.0)[0]) == "onednn"  # this thread count's stored entry
 
 
 def test_an_unreadable_cache_is_measured_again_with_a_warning(cache, caplog):
@@ -76,23 +80,23 @@ def test_an_unwritable_cache_keeps_the_choice_for_the_process(tmp_path, monkeypa
     blocker = tmp_path / "a_file"
     blocker.write_text("")
     monkeypatch.setenv("MOST_LIGHTNING_CACHE", str(blocker / "sub"))  # a directory below a file cannot exist
-    choice.forget_choices()
+    choice.forget_choice()
     try:
         with caplog.at_level(logging.WARNING, logger=choice.__name__):
             assert choice.auto_backend(fake_probe(150.0, 100.0)[0]) == "torch"
         assert "could not store the choice" in caplog.text
         assert choice.auto_backend(fake_probe(50.0, 100.0)[0]) == "torch"  # remembered in the process
     finally:
-        choice.forget_choices()
+        choice.forget_choice()
 
 
 def test_the_real_probe_times_both_backends_and_leaves_the_random_state_alone(cache):
     torch.manual_seed(123)
     expected_next = torch.rand(3)
     torch.manual_seed(123)
-    with torch.no_grad():  # as in a validation pass before training: the probe still needs its backward
+    with torch.inference_mode():  # as in Lightning's validation before training: the probe needs its backward
         timings = choice.probe(reps=1, batch=1, seq_len=16)
-        assert not torch.is_grad_enabled()
+        assert torch.is_inference_mode_enabled()
     assert set(timings) == {"onednn", "torch"} and all(t > 0 for t in timings.values())
     assert torch.equal(torch.rand(3), expected_next)  # a run's initialisation must not depend on the cache
 
@@ -100,7 +104,7 @@ def test_the_real_probe_times_both_backends_and_leaves_the_random_state_alone(ca
 def test_auto_resolves_through_the_stored_choice(cache):
     x = torch.randn(4, 4)
     for stored in ("onednn", "torch"):
-        choice.forget_choices()
+        choice.forget_choice()
         cache.write_text(json.dumps({choice.host_key(): {"backend": stored}}))
         assert uses_onednn("auto", x) is (stored == "onednn")
     assert uses_onednn("onednn", x) and not uses_onednn("torch", x)
@@ -126,7 +130,7 @@ def test_the_model_defaults_to_auto_and_follows_the_choice(cache, monkeypatch):
     calls, real = [], gemm._nt
     monkeypatch.setattr(gemm, "_nt", lambda *a: calls.append(1) or real(*a))
     for stored, expect_onednn in (("torch", False), ("onednn", True)):
-        choice.forget_choices()
+        choice.forget_choice()
         cache.write_text(json.dumps({choice.host_key(): {"backend": stored}}))
         calls.clear()
         model(torch.randint(0, 64, (1, 8)), torch.zeros(1, 8, dtype=torch.long))
@@ -146,3 +150,26 @@ def test_a_made_choice_costs_a_lookup_not_a_host_description(cache, monkeypatch)
     monkeypatch.setattr(choice, "host_key", fail)
     monkeypatch.setattr(choice, "_read_cache", fail)
     assert not uses_onednn("auto", x)
+
+
+def test_the_experts_decide_before_their_worker_threads_start(cache, monkeypatch):
+    """The loop experts' workers run with one intra-op thread: a decision made there would look up (or measure)
+    the one-thread setting. The stored entry is for this thread count only; measuring would fail the test."""
+    import most_lightning.model.experts as experts_module
+    from most_lightning.model.experts import GroupedExperts
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        cache.write_text(json.dumps({choice.host_key(): {"backend": "onednn"}}))
+        monkeypatch.setattr(choice, "probe", lambda: (_ for _ in ()).throw(AssertionError("measured")))
+        monkeypatch.setattr(experts_module, "MIN_MACS_PER_WORKER", 1)  # split even this over the two threads
+        calls, real = [], gemm._nt
+        monkeypatch.setattr(gemm, "_nt", lambda *a: calls.append(1) or real(*a))
+        experts = GroupedExperts(8, 4, 4, dispatch="loop", cpu_matmul="auto")
+        indices = torch.arange(24).remainder(4).view(12, 2)
+        x = torch.randn(12, 8, requires_grad=True)
+        experts(x, indices, torch.rand(12, 2)).sum().backward()
+        assert calls and choice.auto_backend() == "onednn"
+    finally:
+        torch.set_num_threads(threads)

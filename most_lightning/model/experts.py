@@ -40,7 +40,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from most_lightning.model.gemm import (Backend, Linear, check_backend, gather_rows, matmul_nn, matmul_nn_sum, matmul_nt,
-                                      matmul_tn, pad_rows)
+                                      matmul_tn, pad_rows, uses_onednn)
 
 Dispatch = Literal["auto", "grouped_mm", "loop"]
 DISPATCHES = ("auto", "grouped_mm", "loop")
@@ -387,8 +387,9 @@ class GroupedExperts(nn.Module):
         shared_width = shared_weights[0].shape[0] if shared_weights else 0
         plan = _plan(counts, x.shape[0], x.shape[1] * gate.shape[1], x.shape[1] * shared_width, x.device)
         positions = sorted_positions(order, expert_indices.shape[1], shared=bool(shared_weights))
+        backend = "onednn" if uses_onednn(self.cpu_matmul, x) else "torch"  # "auto" decided here, not in a worker
         return _LoopSwiGLUExperts.apply(x, token_index, positions, weights, plan, gate, up, down,
-                                        *(shared_weights or (None, None, None)), self.cpu_matmul)
+                                        *(shared_weights or (None, None, None)), backend)
 
     def _compute_inputs(self, x, expert_indices, expert_weights, shared_weights):
         """(x, order, token_index, sorted gate weights, counts, gate, up, down, *shared_weights): the tensors

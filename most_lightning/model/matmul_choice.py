@@ -37,7 +37,9 @@ ONEDNN_MARGIN = 0.10
 PROBE_BATCH, PROBE_SEQ_LEN, PROBE_REPS = 4, 256, 5  # ~2 s on two cores, once per host
 CACHE_FILE = "cpu_matmul.json"
 
-_choices: dict[int, str] = {}  # thread count -> backend, for this process (looked up on every product)
+# This process' choice, looked up before every product. One per process, not per thread count: the experts'
+# worker threads run with one intra-op thread each and must not count as another host setting.
+_choice: str | None = None
 
 
 def cache_dir() -> Path:
@@ -133,11 +135,15 @@ def _write_cache(path: Path, entries: dict) -> None:
 
 
 def auto_backend(measure: Callable[[], dict[str, float]] = probe) -> str:
-    """The backend ``cpu_matmul=auto`` stands for on this host: from this process' memory, else the cache
-    file, else measured now (and stored)."""
-    threads = torch.get_num_threads()
-    if threads in _choices:
-        return _choices[threads]
+    """The backend ``cpu_matmul=auto`` stands for in this process: decided at the first call, from the cache file
+    entry for this host (and the thread count of that moment), else measured now and stored."""
+    global _choice
+    if _choice is None:
+        _choice = _stored_or_measured(measure)
+    return _choice
+
+
+def _stored_or_measured(measure: Callable[[], dict[str, float]]) -> str:
     key, path = host_key(), cache_dir() / CACHE_FILE
     entries = _read_cache(path)
     entry = entries.get(key)
@@ -154,10 +160,10 @@ def auto_backend(measure: Callable[[], dict[str, float]] = probe) -> str:
         _write_cache(path, entries)
         log.info("cpu_matmul=auto: oneDNN %.1f ms, torch %.1f ms on this CPU's probe -> %s (stored in %s)",
                  timings["onednn"], timings["torch"], choice, path)
-    _choices[threads] = choice
     return choice
 
 
-def forget_choices() -> None:
-    """Drop this process' remembered choices (tests; after deleting the cache file)."""
-    _choices.clear()
+def forget_choice() -> None:
+    """Drop this process' choice: the next product decides again (tests)."""
+    global _choice
+    _choice = None
