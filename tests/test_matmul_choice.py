@@ -110,12 +110,12 @@ def test_auto_resolves_through_the_stored_choice(cache):
     assert uses_onednn("onednn", x) and not uses_onednn("torch", x)
 
 
-def test_auto_never_measures_where_onednn_cannot_apply(cache, monkeypatch):
-    def fail():
-        raise AssertionError("probed")
+def must_not_measure():
+    raise AssertionError("measured")
 
-    monkeypatch.setattr(choice, "probe", fail)
-    monkeypatch.setattr(gemm, "auto_backend", lambda: choice.auto_backend(fail))
+
+def test_auto_never_measures_where_onednn_cannot_apply(cache, monkeypatch):
+    monkeypatch.setattr(choice, "probe", must_not_measure)
     assert not uses_onednn("auto", torch.randn(2, 2, dtype=torch.bfloat16))
     assert not uses_onednn("auto", torch.randn(2, 2, device="meta"))
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -162,7 +162,7 @@ def test_the_experts_decide_before_their_worker_threads_start(cache, monkeypatch
     torch.set_num_threads(2)
     try:
         cache.write_text(json.dumps({choice.host_key(): {"backend": "onednn"}}))
-        monkeypatch.setattr(choice, "probe", lambda: (_ for _ in ()).throw(AssertionError("measured")))
+        monkeypatch.setattr(choice, "probe", must_not_measure)
         monkeypatch.setattr(experts_module, "MIN_MACS_PER_WORKER", 1)  # split even this over the two threads
         calls, real = [], gemm._nt
         monkeypatch.setattr(gemm, "_nt", lambda *a: calls.append(1) or real(*a))
