@@ -1,6 +1,6 @@
 """``cpu_matmul=auto``: pick the faster fp32 matmul backend for this CPU by timing both, once per host.
 
-Which backend wins depends on the CPU, not on the model. On the AMD EPYC hosts of the earlier measurements
+Which backend wins depends mostly on the CPU. On the AMD EPYC hosts of the earlier measurements
 (AVX-512 at full width) oneDNN ran the `tiny` step's products 1.7-1.8x faster than torch's MKL sgemm; on a Zen 4
 host (CPU family 25, AVX-512 issued as two 256-bit halves) MKL's AVX2 kernel already reaches the core's peak
 and oneDNN came out 0.93x (``python experiments/bench_cpu_matmul.py``). A fixed default is wrong on one kind of
