@@ -173,3 +173,20 @@ def test_the_experts_decide_before_their_worker_threads_start(cache, monkeypatch
         assert calls and choice.auto_backend() == "onednn"
     finally:
         torch.set_num_threads(threads)
+
+
+def test_where_the_choice_is_stored(monkeypatch, tmp_path):
+    monkeypatch.setenv("MOST_LIGHTNING_CACHE", str(tmp_path / "explicit"))
+    assert choice.cache_dir() == tmp_path / "explicit"
+    monkeypatch.delenv("MOST_LIGHTNING_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert choice.cache_dir() == tmp_path / "xdg" / "most_lightning"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert choice.cache_dir() == tmp_path / "home" / ".cache" / "most_lightning"
+
+    def no_home():
+        raise RuntimeError("Could not determine home directory.")
+
+    monkeypatch.setattr(choice.Path, "home", staticmethod(no_home))
+    assert choice.cache_dir().name == "most_lightning" and choice.cache_dir().parent.is_dir()

@@ -22,6 +22,7 @@ import logging
 import os
 import platform
 import statistics
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -43,8 +44,14 @@ _choice: str | None = None
 
 
 def cache_dir() -> Path:
-    default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "most_lightning"
-    return Path(os.environ.get("MOST_LIGHTNING_CACHE", default))
+    if "MOST_LIGHTNING_CACHE" in os.environ:
+        return Path(os.environ["MOST_LIGHTNING_CACHE"])
+    if "XDG_CACHE_HOME" in os.environ:
+        return Path(os.environ["XDG_CACHE_HOME"]) / "most_lightning"
+    try:
+        return Path.home() / ".cache" / "most_lightning"
+    except RuntimeError:  # no home directory (a service account): per machine, in the temp directory
+        return Path(tempfile.gettempdir()) / "most_lightning"
 
 
 @functools.cache
