@@ -148,7 +148,8 @@ def test_shared_expert_passed_to_the_experts_adds_its_output(dispatch, cpu_matmu
     expert as one more unit of work; the reference is the per-token naive sum plus the dense SwiGLU's own
     autograd."""
     torch.manual_seed(0)
-    experts = GroupedExperts(HIDDEN, INTER, N_EXPERTS, dispatch=dispatch.removesuffix("-threads"), cpu_matmul=cpu_matmul)
+    experts = GroupedExperts(HIDDEN, INTER, N_EXPERTS, dispatch=dispatch.removesuffix("-threads"),
+                             cpu_matmul=cpu_matmul)
     shared, reference_shared = SwiGLU(HIDDEN, 2 * INTER, cpu_matmul), SwiGLU(HIDDEN, 2 * INTER, cpu_matmul="torch")
     reference_shared.load_state_dict(shared.state_dict())
     x, grad_out = torch.randn(23, HIDDEN), torch.randn(23, HIDDEN)

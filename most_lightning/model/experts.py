@@ -14,8 +14,9 @@ dispatch paths runs the per-expert matmuls:
   index_add per expert into a zeroed buffer: -4.7 ms); a shared expert passed in runs as one more unit of work
   whose rows join that sum (no separate add of its output or of its input gradient: -3.1 to -3.9 ms); the
   gathered input rows are kept for the backward, as grouped_mm's autograd keeps its sorted copy of x
-  (gathering them again from an x long out of cache: +1.5-2 ms). Weight gradients are written straight into slices of one stacked tensor: indexing ``w[e]`` under
-  autograd would instead add a full-size zero gradient per expert (O(E^2) memory traffic, NOTES.md).
+  (gathering them again from an x long out of cache: +1.5-2 ms). Weight gradients are written straight into
+  slices of one stacked tensor: indexing ``w[e]`` under autograd would instead add a full-size zero gradient
+  per expert (O(E^2) memory traffic, NOTES.md).
   On the CPU, large batches are shared out among torch.get_num_threads() worker threads that each run
   their rows with ONE intra-op thread, instead of running every small op with all OpenMP threads. On an idle
   machine that is within a few percent either way, but when other processes compete for the cores, the
