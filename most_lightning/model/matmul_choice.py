@@ -9,8 +9,9 @@ each backend, interleaved, medians (``probe``). oneDNN is chosen only when it is
 (torch's matmul is the reference path).
 
 The choice is stored per host (CPU model, torch version, thread count) in ``cpu_matmul.json`` under
-``$MOST_LIGHTNING_CACHE`` (default ``~/.cache/most_lightning``), so every run on a host uses the same backend
-(runs stay bitwise repeatable) and the ~2 s probe runs once. Delete the file to measure again; set
+``$MOST_LIGHTNING_CACHE`` (else ``$XDG_CACHE_HOME/most_lightning``, else ``~/.cache/most_lightning``, else the
+temp directory: ``cache_dir``), so every run on a host uses the same backend (runs stay bitwise repeatable) and
+the ~2 s probe runs once. Delete the file to measure again; set
 ``model.cpu_matmul=onednn`` or ``torch`` to skip the choice.
 """
 
