@@ -8,8 +8,6 @@ the table shows each row's page faults per step.
 
     python experiments/bench_moe.py            # shapes S and M, 2 threads
     python experiments/bench_moe.py --quick    # smoke run: shape S, 512 tokens, 2 repetitions
-    python experiments/bench_moe.py --cpu-matmul torch   # dense and MoST rows on torch's matmul (MKL)
-    python experiments/bench_moe.py --cpu-matmul onednn  # ... on oneDNN's (default: auto, the faster on this host)
 
 Rows: dense SwiGLU of width top_k * I + shared width; our MoELayer (router + GroupedExperts + shared expert)
 with each expert dispatch and router; transformers' DeepseekV2Moe with its eager and grouped_mm experts.
@@ -31,12 +29,9 @@ from pathlib import Path
 from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's package, not another install
-import most_lightning  # noqa: E402,F401  (before torch: sets the OpenMP defaults, most_lightning/openmp_env.py)
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from most_lightning.model.matmul_choice import auto_backend  # noqa: E402
-from most_lightning.openmp_env import openmp_note  # noqa: E402
 
 SHAPES = {
     # name: (hidden, experts, expert width, top_k, shared width)
@@ -176,15 +171,13 @@ def print_table(title: str, rows: list[Row], baseline: str, note: str = "") -> d
 
 
 # ----------------------------------------------------------------------------------------------- rows
-def dense_swiglu(hidden: int, width: int, cpu_matmul: str) -> nn.Module:
+def dense_swiglu(hidden: int, width: int) -> nn.Module:
     from most_lightning.model.experts import SwiGLU
 
-    # three linear layers, no tricks, with the same matmul backend as our MoE rows: the honest baseline
-    return SwiGLU(hidden, width, cpu_matmul)
+    return SwiGLU(hidden, width)  # three nn.Linear layers: the baseline
 
 
-def most_moe_layer(hidden: int, experts: int, width: int, top_k: int, shared: int, dispatch: str, router: str,
-                   cpu_matmul: str):
+def most_moe_layer(hidden: int, experts: int, width: int, top_k: int, shared: int, dispatch: str, router: str):
     from most_lightning.model import MoSTConfig, RouterConfig
     from most_lightning.model.moe import MoELayer
 
@@ -192,7 +185,7 @@ def most_moe_layer(hidden: int, experts: int, width: int, top_k: int, shared: in
         raise ValueError(f"shared width {shared} must be a multiple of the expert width {width}")
     config = MoSTConfig(hidden_size=hidden, moe_intermediate_size=width, n_routed_experts=experts, top_k=top_k,
                         n_shared_experts=shared // width, expert_dispatch=dispatch, num_layers=2,
-                        cpu_matmul=cpu_matmul, router=RouterConfig(name=router))
+                        router=RouterConfig(name=router))
     layer = MoELayer(config)
     layer.experts.reset_parameters(std=0.02)
     return layer
@@ -214,7 +207,7 @@ def transformers_moe(hidden: int, experts: int, width: int, top_k: int, shared: 
     return layer
 
 
-def build_rows(shape: str, tokens: int, seq_len: int, rows_filter: str | None, cpu_matmul: str = "auto") -> list[Row]:
+def build_rows(shape: str, tokens: int, seq_len: int, rows_filter: str | None) -> list[Row]:
     hidden, experts, width, top_k, shared = SHAPES[shape]
     torch.manual_seed(0)
     batch = tokens // seq_len
@@ -243,13 +236,12 @@ def build_rows(shape: str, tokens: int, seq_len: int, rows_filter: str | None, c
 
     builders: list[tuple[str, Callable[[], nn.Module], str]] = [
         (f"dense SwiGLU width {top_k * width + shared}",
-         lambda: dense_swiglu(hidden, top_k * width + shared, cpu_matmul), "plain"),
+         lambda: dense_swiglu(hidden, top_k * width + shared), "plain"),
     ]
     for dispatch in ("loop", "grouped_mm"):
         for router in ("vanilla", "modality_aware"):
             builders.append((f"MoST MoELayer {dispatch} / {router}",
-                             lambda d=dispatch, r=router: most_moe_layer(hidden, experts, width, top_k, shared, d, r,
-                                                                         cpu_matmul),
+                             lambda d=dispatch, r=router: most_moe_layer(hidden, experts, width, top_k, shared, d, r),
                              "most"))
     for impl in ("eager", "grouped_mm"):
         builders.append((f"transformers DeepseekV2Moe {impl}",
@@ -275,8 +267,6 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     parser.add_argument("--wait-budget", type=float, default=300.0,
                         help="seconds to wait in all for a quiet machine before re-running disturbed repetitions")
     parser.add_argument("--rows", default=None, help="only rows whose name contains one of these (comma-separated)")
-    parser.add_argument("--cpu-matmul", choices=("auto", "onednn", "torch"), default="auto",
-                        help="matmul backend of the dense and MoST rows (model.cpu_matmul; transformers: torch)")
     parser.add_argument("--default-malloc", action="store_true",
                         help="leave glibc's malloc settings alone (see keep_freed_memory)")
     parser.add_argument("--quick", action="store_true", help="smoke run: shape S, 512 tokens, 2 repetitions")
@@ -288,14 +278,12 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     torch.set_num_threads(args.threads)
     kept = not args.default_malloc and keep_freed_memory()
     command = "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(sys.argv[1:] if argv is None else argv)])
-    matmul = args.cpu_matmul + (f" -> {auto_backend()}" if args.cpu_matmul == "auto" else "")
     print(f"command: {command}\ntorch {torch.__version__}, {torch.get_num_threads()} threads, fp32, "
-          f"forward+backward, {args.tokens} tokens, dense and MoST rows with cpu_matmul={matmul}; "
-          f"{malloc_note(kept)}; {openmp_note()}")
+          f"forward+backward, {args.tokens} tokens; {malloc_note(kept)}")
     results = {}
     for shape in args.shapes.split(","):
         hidden, experts, width, top_k, shared = SHAPES[shape]
-        rows = build_rows(shape, args.tokens, args.seq_len, args.rows, args.cpu_matmul)
+        rows = build_rows(shape, args.tokens, args.seq_len, args.rows)
         reps = args.reps or (15 if shape == "S" else 9)
         run_interleaved(rows, reps, retries=args.retries, wait_budget=args.wait_budget, quiet=args.quick)
         title = (f"shape {shape}: hidden {hidden}, {experts} experts x {width}, top-{top_k}, shared {shared}, "

@@ -51,18 +51,6 @@ def compose_run_config(overrides: list[str], tmp_path: Path | None = None) -> Di
     return cfg
 
 
-@pytest.fixture(scope="session", autouse=True)
-def matmul_choice_cache(tmp_path_factory: pytest.TempPathFactory):
-    """cpu_matmul=auto stores its per-host choice in a session directory, never in the user's cache."""
-    previous = os.environ.get("MOST_LIGHTNING_CACHE")
-    os.environ["MOST_LIGHTNING_CACHE"] = str(tmp_path_factory.mktemp("most_lightning_cache"))
-    yield Path(os.environ["MOST_LIGHTNING_CACHE"])
-    if previous is None:
-        del os.environ["MOST_LIGHTNING_CACHE"]
-    else:
-        os.environ["MOST_LIGHTNING_CACHE"] = previous
-
-
 @pytest.fixture(scope="session")
 def shared_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One tiny corpus for the whole session (its first build is the slow part of an end-to-end run). The same

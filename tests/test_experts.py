@@ -1,14 +1,12 @@
-"""GroupedExperts: both dispatch paths against a naive per-token reference; the dense SwiGLU by hand."""
-
-import contextlib
-import threading
+"""GroupedExperts: both dispatch paths against a naive per-token reference, the dispatch decision for every
+(device, autocast, dtype) case, the dense SwiGLU by hand."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-import most_lightning.model.experts as experts_module
-from most_lightning.model.experts import GroupedExperts, SwiGLU, _LoopSwiGLUExperts, sort_by_expert, sorted_positions
+from most_lightning.model.experts import (DispatchError, GroupedExperts, SwiGLU, choose_dispatch,
+                                          grouped_mm_unavailable, sort_by_expert)
 
 HIDDEN, INTER, N_EXPERTS = 16, 12, 6
 
@@ -33,8 +31,8 @@ def routing(n_tokens, top_k, n_used, seed=0):
     return indices, weights
 
 
-def run(dispatch, params, x, indices, weights, grad_out, dtype=torch.float32, cpu_matmul="auto"):
-    experts = GroupedExperts(HIDDEN, INTER, N_EXPERTS, dispatch=dispatch, cpu_matmul=cpu_matmul).to(dtype)
+def run(dispatch, params, x, indices, weights, grad_out, dtype=torch.float32):
+    experts = GroupedExperts(HIDDEN, INTER, N_EXPERTS, dispatch=dispatch).to(dtype)
     experts.load_state_dict(params)
     x = x.to(dtype).clone().requires_grad_()
     weights = weights.to(dtype).clone().requires_grad_()
@@ -51,38 +49,19 @@ def run_naive(params, x, indices, weights, grad_out):
     return [out] + [t.grad for t in leaves]
 
 
-@contextlib.contextmanager
-def expert_worker_threads(n: int):
-    """Let the loop path split even these tiny inputs over ``n`` CPU threads (1: run serially)."""
-    previous_threads, previous_macs = torch.get_num_threads(), experts_module.MIN_MACS_PER_WORKER
-    torch.set_num_threads(n)
-    experts_module.MIN_MACS_PER_WORKER = 1
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous_threads)
-        experts_module.MIN_MACS_PER_WORKER = previous_macs
-
-
 NAMES = ["output", "grad x", "grad weights", "grad gate_proj", "grad up_proj", "grad down_proj"]
 
 
-# Both CPU matmul backends, whichever cpu_matmul=auto picks on this host.
-CPU_MATMULS = ["onednn", "torch"]
-
-
-@pytest.mark.parametrize("cpu_matmul", CPU_MATMULS)
 @pytest.mark.parametrize("top_k,n_used", [(2, N_EXPERTS), (3, N_EXPERTS - 2), (1, N_EXPERTS - 1)],
                          ids=["k2-all-used", "k3-two-idle", "k1-one-idle"])
-def test_dispatch_paths_match_naive_reference(top_k, n_used, cpu_matmul):
+def test_dispatch_paths_match_naive_reference(top_k, n_used):
     torch.manual_seed(0)
     params = GroupedExperts(HIDDEN, INTER, N_EXPERTS).state_dict()
     x, grad_out = torch.randn(29, HIDDEN), torch.randn(29, HIDDEN)
     indices, weights = routing(29, top_k, n_used)
     expected = run_naive(params, x, indices, weights, grad_out)
-    for dispatch in ("loop", "loop-threads", "grouped_mm"):
-        with expert_worker_threads(3 if dispatch == "loop-threads" else 1):
-            got = run(dispatch.removesuffix("-threads"), params, x, indices, weights, grad_out, cpu_matmul=cpu_matmul)
+    for dispatch in ("loop", "grouped_mm"):
+        got = run(dispatch, params, x, indices, weights, grad_out)
         for name, g, e in zip(NAMES, got, expected):
             torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5, msg=lambda m: f"{dispatch} {name}: {m}")
     # Idle experts get a gradient, and it is zero (DDP requires every parameter to receive one).
@@ -102,75 +81,20 @@ def loop_case(n_tokens):
     return experts, x, indices, weights, grad_out, expected
 
 
-def test_loop_backward_keeps_the_forward_split_when_the_thread_count_changes():
-    experts, x, indices, weights, grad_out, expected = loop_case(29)
-    x = x.clone().requires_grad_()
-    with expert_worker_threads(3):
-        out = experts(x, indices, weights)  # rows cut into three pieces
-    with expert_worker_threads(1):
-        out.backward(grad_out)  # one thread now: the backward must still walk the forward's pieces
-    torch.testing.assert_close(x.grad, expected[1], rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(experts.gate_proj.grad, expected[3], rtol=1e-4, atol=1e-5)
-
-
-@pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("with_shared", [False, True], ids=["routed", "routed+shared"])
-def test_loop_backward_passes_gradcheck(with_shared, threads):
+def test_loop_passes_gradcheck():
+    """The oracle path in fp64 against finite differences, an idle expert included (grouped_mm has no fp64)."""
     torch.manual_seed(0)
     experts = GroupedExperts(6, 4, 4, dispatch="loop").double()
-    shared = SwiGLU(6, 8).double()
     indices, weights = routing(5, 2, 3)  # expert 3 gets no token
     x = torch.randn(5, 6, dtype=torch.double, requires_grad=True)
     weights = weights.double().requires_grad_()
-    params = [p.detach().clone().requires_grad_() for p in experts.stacked_weights()]
-    if with_shared:
-        params += [m.weight.detach().clone().requires_grad_() for m in (shared.gate_proj, shared.up_proj,
-                                                                           shared.down_proj)]
-    order, token_index, counts = sort_by_expert(indices, 4)
-    with expert_worker_threads(threads):
-        plan = experts_module._plan(counts.tolist(), 5, 6 * 4, 6 * 8 if with_shared else 0, x.device)
-    assert len(plan) == threads
 
-    def loop_experts(x, weights, gate, up, down, *shared_weights):
-        sorted_weights = weights.reshape(-1).index_select(0, order)
-        positions = sorted_positions(order, 2, shared=with_shared)
-        return _LoopSwiGLUExperts.apply(x, token_index, positions, sorted_weights, plan, gate, up, down,
-                                        *(shared_weights or (None, None, None)), "torch")
+    def call(x, weights, gate, up, down):
+        experts.stacked_weights = lambda: (gate, up, down)  # the parameters as gradcheck's inputs
+        return experts(x, indices, weights)
 
-    with expert_worker_threads(threads):
-        assert torch.autograd.gradcheck(loop_experts, (x, weights, *params))
-
-
-@pytest.mark.parametrize("cpu_matmul", CPU_MATMULS)
-@pytest.mark.parametrize("dispatch", ["loop", "loop-threads", "grouped_mm"])
-def test_shared_expert_passed_to_the_experts_adds_its_output(dispatch, cpu_matmul):
-    """experts(x, ..., shared=mlp) == experts(x, ...) + mlp(x), gradients included: the loop runs the shared
-    expert as one more unit of work; the reference is the per-token naive sum plus the dense SwiGLU's own
-    autograd."""
-    torch.manual_seed(0)
-    experts = GroupedExperts(HIDDEN, INTER, N_EXPERTS, dispatch=dispatch.removesuffix("-threads"),
-                             cpu_matmul=cpu_matmul)
-    shared, reference_shared = SwiGLU(HIDDEN, 2 * INTER, cpu_matmul), SwiGLU(HIDDEN, 2 * INTER, cpu_matmul="torch")
-    reference_shared.load_state_dict(shared.state_dict())
-    x, grad_out = torch.randn(23, HIDDEN), torch.randn(23, HIDDEN)
-    indices, weights = routing(23, 2, N_EXPERTS)
-    routed = run_naive(experts.state_dict(), x, indices, weights, grad_out)
-    leaf = x.clone().requires_grad_()
-    reference_shared(leaf).backward(grad_out)
-
-    ours, ours_weights = x.clone().requires_grad_(), weights.clone().requires_grad_()
-    with expert_worker_threads(3 if dispatch == "loop-threads" else 1):
-        out = experts(ours, indices, ours_weights, shared=shared)
-        out.backward(grad_out)
-    close = dict(rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(out, routed[0] + reference_shared(x), **close)
-    torch.testing.assert_close(ours.grad, routed[1] + leaf.grad, **close)
-    torch.testing.assert_close(ours_weights.grad, routed[2], **close)
-    for got, expected in zip(experts.stacked_weights(), routed[3:]):
-        torch.testing.assert_close(got.grad, expected, **close)
-    for name in ("gate_proj", "up_proj", "down_proj"):
-        torch.testing.assert_close(getattr(shared, name).weight.grad, getattr(reference_shared, name).weight.grad,
-                                   **close)
+    params = [p.detach().clone().requires_grad_() for p in (experts.gate_proj, experts.up_proj, experts.down_proj)]
+    assert torch.autograd.gradcheck(call, (x, weights, *params))
 
 
 @pytest.mark.parametrize("dispatch", ["loop", "grouped_mm"])
@@ -199,6 +123,81 @@ def test_bfloat16_loop_close_to_float32():
     for name, h, f in zip(NAMES, half, full):
         assert h.dtype == torch.bfloat16
         torch.testing.assert_close(h.float(), f, rtol=0.05, atol=0.05, msg=lambda m: f"{name}: {m}")
+
+
+BF16, FP16, FP32 = torch.bfloat16, torch.float16, torch.float32
+ALIGNED, MISALIGNED = (2048, 1408), (2048, 1404)  # 1404 * 2 bytes is not a multiple of 16
+
+
+# (device type, capability, autocast dtype or None, input dtype, widths) -> what "auto" picks.
+AUTO_CASES = [
+    # The bf16-mixed training case: fp32 input and weights, autocast bf16 -> the grouped kernel.
+    ("cuda", (9, 0), BF16, FP32, ALIGNED, "grouped_mm"),
+    ("cuda", (8, 0), BF16, FP32, ALIGNED, "grouped_mm"),
+    ("cuda", (9, 0), FP16, FP32, ALIGNED, "grouped_mm"),
+    ("cuda", (9, 0), None, BF16, ALIGNED, "grouped_mm"),  # pure bf16 model
+    ("cuda", (9, 0), None, FP16, ALIGNED, "grouped_mm"),
+    ("cuda", (9, 0), None, FP32, ALIGNED, "loop"),  # fp32 compute: no grouped kernel
+    ("cuda", (9, 0), BF16, FP32, MISALIGNED, "loop"),
+    ("cuda", (7, 5), BF16, FP32, ALIGNED, "loop"),  # pre-Ampere
+    ("cuda", (7, 5), None, FP16, ALIGNED, "loop"),
+    ("cpu", None, None, FP32, ALIGNED, "loop"),  # the CPU default: faster there (experiments/bench_moe.py)
+    ("cpu", None, BF16, FP32, ALIGNED, "loop"),
+    ("cpu", None, None, BF16, ALIGNED, "loop"),
+    ("mps", None, None, FP32, ALIGNED, "loop"),
+]
+
+
+@pytest.mark.parametrize("device,capability,autocast,dtype,widths,expected", AUTO_CASES)
+def test_auto_dispatch_follows_the_compute_dtype(device, capability, autocast, dtype, widths, expected):
+    assert choose_dispatch("auto", device, capability, autocast, dtype, widths) == expected
+    assert choose_dispatch("loop", device, capability, autocast, dtype, widths) == "loop"  # the oracle, always
+
+
+@pytest.mark.parametrize("device,capability,autocast,dtype,widths,reason", [
+    ("cuda", (7, 5), BF16, FP32, ALIGNED, "compute capability >= 8.0"),
+    ("cuda", (9, 0), None, FP32, ALIGNED, "bf16/fp16"),
+    ("cuda", (9, 0), BF16, FP32, MISALIGNED, "multiple of 16 bytes"),
+    ("cpu", None, None, FP32, (16, 6), "multiple of 16 bytes"),  # 6 * 4 bytes
+    ("mps", None, None, FP32, ALIGNED, "'mps'"),
+    ("cpu", None, None, torch.float64, ALIGNED, "fp32/bf16/fp16"),
+])
+def test_grouped_mm_where_it_cannot_run_names_the_reason(device, capability, autocast, dtype, widths, reason):
+    with pytest.raises(DispatchError, match=reason):
+        choose_dispatch("grouped_mm", device, capability, autocast, dtype, widths)
+
+
+def test_grouped_mm_dispatch_where_it_can_run():
+    assert choose_dispatch("grouped_mm", "cuda", (9, 0), BF16, FP32, ALIGNED) == "grouped_mm"
+    assert choose_dispatch("grouped_mm", "cpu", None, None, FP32, ALIGNED) == "grouped_mm"
+    assert choose_dispatch("grouped_mm", "cpu", None, BF16, FP32, ALIGNED) == "grouped_mm"
+    assert grouped_mm_unavailable("cpu", None, FP32, (16, 12)) is None
+    with pytest.raises(DispatchError, match="allowed values"):
+        choose_dispatch("einsum", "cpu", None, None, FP32, ALIGNED)
+
+
+def test_grouped_mm_where_it_cannot_run_fails_at_the_first_call_and_at_config_time():
+    from most_lightning.model import ConfigError, MoSTConfig
+
+    experts = GroupedExperts(16, 6, 3, dispatch="grouped_mm")  # 6 fp32 values = 24 bytes per row
+    indices, weights = routing(4, 2, 3)
+    with pytest.raises(DispatchError, match="multiple of 16 bytes"):
+        experts(torch.randn(4, 16), indices, weights)
+    with pytest.raises(ConfigError, match="moe_intermediate_size=132"):
+        MoSTConfig.from_preset("tiny", moe_intermediate_size=132, expert_dispatch="grouped_mm")
+
+
+def test_resolved_dispatch_reads_autocast_not_the_input_dtype(monkeypatch):
+    """What the module passes to choose_dispatch: autocast's dtype while autocast is on, else the input's."""
+    seen = []
+    monkeypatch.setattr("most_lightning.model.experts.choose_dispatch",
+                        lambda *args: seen.append(args) or "loop")
+    experts = GroupedExperts(HIDDEN, 16, N_EXPERTS)
+    x = torch.zeros(1, HIDDEN)
+    experts.resolved_dispatch(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        experts.resolved_dispatch(x)
+    assert seen == [("auto", "cpu", None, None, FP32, (HIDDEN, 16)), ("auto", "cpu", None, BF16, FP32, (HIDDEN, 16))]
 
 
 def test_auto_dispatch_and_validation():
@@ -254,21 +253,3 @@ def test_frozen_experts_still_pass_gradients_to_inputs():
     torch.testing.assert_close(x.grad, expected[1], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(weights.grad, expected[2], rtol=1e-4, atol=1e-5)
     assert all(p.grad is None for p in experts.parameters())
-
-
-def test_worker_threads_leave_thread_settings_alone():
-    """The loop path runs its CPU workers with one intra-op thread each and must restore every setting."""
-    torch.manual_seed(0)
-    experts = GroupedExperts(HIDDEN, INTER, N_EXPERTS, dispatch="loop")
-    indices, weights = routing(40, 2, N_EXPERTS)
-    x = torch.randn(40, HIDDEN, requires_grad=True)
-    with expert_worker_threads(2):
-        experts(x, indices, weights).sum().backward()
-        assert torch.get_num_threads() == 2
-        seen = []
-        thread = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))  # a fresh thread
-        thread.start(), thread.join()
-        assert seen == [2]
-    counts = [5, 0, 9, 1, 4]
-    parts = experts_module._split_rows(counts, 2)
-    assert parts == [[(0, 0, 5), (2, 5, 9)], [(2, 9, 14), (3, 14, 15), (4, 15, 19)]]  # expert 2 is cut in two

@@ -60,6 +60,43 @@ def test_auto_dispatch_uses_the_fused_kernel_for_bf16_on_the_gpu():
     assert experts.resolved_dispatch(x) == expected
 
 
+def test_bf16_mixed_with_fp32_weights_runs_the_grouped_kernel_without_host_sync(monkeypatch):
+    """The real training case (precision bf16-mixed): fp32 weights, fp32 RMSNorm output, autocast bf16. The
+    experts must take grouped_mm (3 forward calls per MoE layer), and neither their forward nor their backward
+    may wait for the GPU."""
+    if torch.cuda.get_device_capability() < (8, 0):
+        pytest.skip("grouped_mm needs compute capability >= 8.0")
+    import torch.nn.functional as F
+
+    calls = []
+    real = F.grouped_mm
+    monkeypatch.setattr(F, "grouped_mm", lambda *a, **kw: calls.append(a[0].dtype) or real(*a, **kw))
+    torch.manual_seed(0)
+    experts = GroupedExperts(128, 64, 8).to(CUDA)  # fp32 parameters
+    x = torch.randn(256, 128, device=CUDA, requires_grad=True)
+    indices = torch.stack([torch.randperm(8, device=CUDA)[:2] for _ in range(256)])
+    weights = torch.rand(256, 2, device=CUDA)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            assert experts.resolved_dispatch(x) == "grouped_mm"
+            out = experts(x, indices, weights)
+        out.float().square().sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert calls == [torch.bfloat16] * 3
+    assert out.dtype == torch.bfloat16 and experts.gate_proj.grad.dtype == torch.float32
+
+    calls.clear()  # the whole model under autocast: every MoE layer takes it
+    model = tiny_model()  # hidden 64, experts 32 wide: aligned
+    ids = torch.randint(0, 101, (2, 32), device=CUDA)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        model(ids, (ids > 50).long()).logits.float().mean().backward()
+    moe_layers = sum(model.config.is_moe_layer(i) for i in range(model.config.num_layers))
+    assert calls == [torch.bfloat16] * 3 * moe_layers
+
+
 def tiny_model(**overrides) -> MoSTForCausalLM:
     torch.manual_seed(0)
     config = MoSTConfig.from_preset("tiny", vocab_size=101, hidden_size=64, kv_lora_rank=16, qk_nope_head_dim=16,

@@ -13,6 +13,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from most_lightning.model import ConfigError, MoSTConfig, ROUTERS, RouterConfig, expert_partition
+from most_lightning.model.config import without_retired_fields
 
 # Model-group keys that are not MoSTConfig fields.
 _NON_FIELDS = ("preset", "init")  # init: where the weights come from (model/checkpoint/init.py)
@@ -45,7 +46,7 @@ def build_model_config(
     model: Mapping | DictConfig, router: Mapping | DictConfig, vocab_size: int | None
 ) -> MoSTConfig:
     """MoSTConfig from the model group (preset + overrides), the router group and the tokenizer's vocab size."""
-    values = {k: v for k, v in _plain(model).items() if v is not None}
+    values = without_retired_fields({k: v for k, v in _plain(model).items() if v is not None}, "model config")
     preset = values.pop("preset", None)
     values.pop("init", None)
     known = {f.name for f in dataclasses.fields(MoSTConfig)}

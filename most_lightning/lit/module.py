@@ -231,7 +231,7 @@ class MoSTLitModule(LightningModule):
         if self.fused_lm_loss and isinstance(self.model, MoSTForCausalLM) and _plain_weight(self.model.lm_head):
             out = self(batch, compute_logits=False)
             return out, fused_token_losses(out.hidden, self.model.lm_head.weight, batch["labels"],
-                                           batch["modality"], backend=self.model.config.cpu_matmul)
+                                           batch["modality"])
         out = self(batch)
         return out, shifted_token_losses(out.logits, batch["labels"], batch["modality"])
 

@@ -14,7 +14,6 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from most_lightning.model.config import MoSTConfig
-from most_lightning.model.gemm import Linear
 from most_lightning.model.norm import RMSNorm
 from most_lightning.model.packing import PackedRows
 from most_lightning.model.rope import apply_rotary, attention_softmax_scale, deinterleave
@@ -71,7 +70,7 @@ class MultiHeadLatentAttention(nn.Module):
     def __init__(self, config: MoSTConfig, layer_idx: int):
         super().__init__()
         c = config
-        linear = partial(Linear, bias=False, backend=c.cpu_matmul)
+        linear = partial(nn.Linear, bias=False)
         self.layer_idx, self.num_heads = layer_idx, c.num_heads
         self.nope, self.rope, self.v_dim, self.kv_rank = c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim, c.kv_lora_rank
         q_out = c.num_heads * c.qk_head_dim
@@ -124,7 +123,7 @@ class GroupedQueryAttention(nn.Module):
     def __init__(self, config: MoSTConfig, layer_idx: int):
         super().__init__()
         c = config
-        linear = partial(Linear, bias=False, backend=c.cpu_matmul)
+        linear = partial(nn.Linear, bias=False)
         self.layer_idx, self.num_heads = layer_idx, c.num_heads
         self.num_kv_heads = c.num_kv_heads or c.num_heads
         self.head_dim = c.head_dim or c.hidden_size // c.num_heads

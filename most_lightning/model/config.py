@@ -7,8 +7,11 @@ naming the field and the values that are allowed.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import dataclass, field
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 
 class ConfigError(ValueError):
@@ -75,10 +78,7 @@ class MoSTConfig:
     first_k_dense_replace: int = 1
     audio_expert_fraction: float = 0.5
     partition: str = "index"
-    expert_dispatch: str = "auto"  # "auto" | "grouped_mm" | "loop"
-    # fp32 matmuls on the CPU: "onednn" (AVX-512 kernels; see model/gemm.py), "torch" (MKL), or "auto": the one
-    # that ran faster on this host (measured once and stored, model/matmul_choice.py).
-    cpu_matmul: str = "auto"
+    expert_dispatch: str = "auto"  # "auto" | "grouped_mm" | "loop" (model/experts.py: choose_dispatch)
     rms_norm_eps: float = 1e-6
     tie_word_embeddings: bool = False
     initializer_range: float = 0.02
@@ -95,7 +95,6 @@ class MoSTConfig:
 
     # ------------------------------------------------------------------ validation
     def _validate(self) -> None:
-        from most_lightning.model.gemm import BACKENDS
         from most_lightning.model.partition import PARTITIONS, expert_partition
         from most_lightning.model.router import ROUTERS
 
@@ -129,8 +128,12 @@ class MoSTConfig:
             raise ConfigError(
                 f"model.expert_dispatch={self.expert_dispatch!r}: allowed values are 'auto', 'grouped_mm', 'loop'"
             )
-        if self.cpu_matmul not in BACKENDS:
-            raise ConfigError(f"model.cpu_matmul={self.cpu_matmul!r}: allowed values are {list(BACKENDS)}")
+        if self.expert_dispatch == "grouped_mm" and self.has_moe:
+            misaligned = [f"{name}={getattr(self, name)}" for name in ("hidden_size", "moe_intermediate_size")
+                          if getattr(self, name) % 8]
+            if misaligned:  # 16-byte rows in bf16/fp16, which grouped_mm's kernels need
+                raise ConfigError(f"model.expert_dispatch=grouped_mm needs widths that are multiples of 8, not "
+                                  f"{', '.join(misaligned)}; use expert_dispatch=auto or loop")
         if self.partition not in PARTITIONS:
             raise ConfigError(f"model.partition={self.partition!r}: allowed values are {sorted(PARTITIONS)}")
         if self.rope_scaling is not None and self.rope_scaling.get("type") not in ("yarn", "llama3"):
@@ -168,6 +171,28 @@ class MoSTConfig:
             raise ConfigError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
         values = {**PRESETS[name], **overrides}
         return cls(**values)
+
+
+# Fields older versions stored in configs and checkpoints, and why they are ignored now.
+RETIRED_FIELDS = {
+    "cpu_matmul": "the CPU matmul backend choice is gone (plain torch matmuls on every device)",
+}
+
+
+_noticed: set[tuple[str, str]] = set()
+
+
+def without_retired_fields(values: dict[str, Any], source: str = "a saved config") -> dict[str, Any]:
+    """``values`` without RETIRED_FIELDS, each dropped with a one-line notice naming ``source`` (once per
+    source and field: loading reads a checkpoint's config more than once)."""
+    kept = dict(values)
+    for name, why in RETIRED_FIELDS.items():
+        if name in kept:
+            value = kept.pop(name)
+            if (source, name) not in _noticed:
+                _noticed.add((source, name))
+                log.warning("%s: ignoring model.%s=%r: %s", source, name, value, why)
+    return kept
 
 
 # DeepSeek-V2-Lite as published (MOST_SPEC section 1): 15,706,484,224 parameters.

@@ -14,7 +14,6 @@ from torch import nn
 from most_lightning.model.attention import KVCache, build_attention
 from most_lightning.model.config import MoSTConfig
 from most_lightning.model.experts import GroupedExperts, SwiGLU
-from most_lightning.model.gemm import Linear
 from most_lightning.model.moe import MoELayer
 from most_lightning.model.norm import RMSNorm
 from most_lightning.model.packing import PackedRows, segment_positions, several_per_row
@@ -37,7 +36,7 @@ class DecoderLayer(nn.Module):
         super().__init__()
         self.self_attn = build_attention(config, layer_idx)
         self.mlp = (MoELayer(config) if config.is_moe_layer(layer_idx)
-                    else SwiGLU(config.hidden_size, config.intermediate_size, config.cpu_matmul))
+                    else SwiGLU(config.hidden_size, config.intermediate_size))
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -88,7 +87,7 @@ class MoSTForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.model = MoSTModel(config)
-        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False, backend=config.cpu_matmul)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.reset_parameters()
@@ -117,7 +116,7 @@ class MoSTForCausalLM(nn.Module):
         takes every example as a sequence (no cache).
         inputs_embeds [B, T, H]: used instead of embedding input_ids (e.g. with spliced audio frames).
         compute_logits=False skips the LM head (the fused training loss applies it itself, to the supervised
-        positions only: most_lightning.lit.losses.fused_token_losses)."""
+        positions only: most_lightning.model.loss)."""
         batch, seq = input_ids.shape
         if modality is None:
             modality = torch.zeros_like(input_ids)

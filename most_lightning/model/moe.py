@@ -19,8 +19,8 @@ class MoELayer(nn.Module):
         super().__init__()
         self.gate = build_router(config)
         self.experts = GroupedExperts(config.hidden_size, config.moe_intermediate_size, config.n_routed_experts,
-                                      dispatch=config.expert_dispatch, cpu_matmul=config.cpu_matmul)
-        self.shared_experts = (SwiGLU(config.hidden_size, config.shared_intermediate_size, config.cpu_matmul)
+                                      dispatch=config.expert_dispatch)
+        self.shared_experts = (SwiGLU(config.hidden_size, config.shared_intermediate_size)
                                if config.n_shared_experts > 0 else None)
 
     def forward(self, hidden: torch.Tensor, modality: torch.Tensor, token_mask: torch.Tensor | None = None,
@@ -30,5 +30,7 @@ class MoELayer(nn.Module):
         shape = hidden.shape
         routing = self.gate(hidden, modality, token_mask, segment_ids)
         flat = hidden.reshape(-1, shape[-1])
-        out = self.experts(flat, routing.indices, routing.weights.to(hidden.dtype), shared=self.shared_experts)
+        out = self.experts(flat, routing.indices, routing.weights.to(hidden.dtype))
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(flat)
         return out.view(shape), routing

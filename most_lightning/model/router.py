@@ -12,10 +12,10 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from most_lightning.model.config import MoSTConfig, RouterConfig
-from most_lightning.model.gemm import Backend, linear
 from most_lightning.model.packing import segment_starts
 from most_lightning.model.partition import ExpertPartition, expert_partition
 
@@ -119,9 +119,9 @@ class Router(nn.Module):
     uses_partition = False
 
     def __init__(self, hidden_size: int, n_experts: int, top_k: int, cfg: RouterConfig,
-                 partition: ExpertPartition | None = None, cpu_matmul: Backend = "auto"):
+                 partition: ExpertPartition | None = None):
         super().__init__()
-        self.n_experts, self.top_k, self.cfg, self.cpu_matmul = n_experts, top_k, cfg, cpu_matmul
+        self.n_experts, self.top_k, self.cfg = n_experts, top_k, cfg
         self.weight = nn.Parameter(torch.empty(n_experts, hidden_size))
         nn.init.normal_(self.weight, std=0.02)
         if self.uses_partition:
@@ -135,8 +135,7 @@ class Router(nn.Module):
         if cls.uses_partition:
             partition = expert_partition(config.n_routed_experts, config.audio_expert_fraction, config.top_k,
                                          config.partition)
-        return cls(config.hidden_size, config.n_routed_experts, config.top_k, config.router, partition,
-                   config.cpu_matmul)
+        return cls(config.hidden_size, config.n_routed_experts, config.top_k, config.router, partition)
 
     def select(self, logits: torch.Tensor, modality: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """logits [N, E] fp32, modality [N] -> (weights [N, k], indices [N, k], scores for the balance loss)."""
@@ -148,7 +147,7 @@ class Router(nn.Module):
         (packed rows: the balance loss takes each example as a sequence)."""
         batch, tokens, hidden_size = hidden.shape
         with _autocast_off(hidden.device.type):  # fp32 logits also in mixed-precision training
-            logits = linear(hidden.reshape(-1, hidden_size).float(), self.weight.float(), backend=self.cpu_matmul)
+            logits = F.linear(hidden.reshape(-1, hidden_size).float(), self.weight.float())
         weights, indices, scores = self.select(logits, modality.reshape(-1))
         if self.cfg.renormalize:
             weights = weights / weights.sum(dim=-1, keepdim=True).clamp(min=1e-20)

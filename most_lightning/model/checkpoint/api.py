@@ -23,7 +23,7 @@ from most_lightning.model.checkpoint.expert_layout import load_routing_stats, mo
 from most_lightning.model.checkpoint.files import CheckpointDir, CheckpointError
 from most_lightning.model.checkpoint.loader import LoadReport, run_plan
 from most_lightning.model.checkpoint.upcycle import llama_upcycle_plan
-from most_lightning.model.config import MoSTConfig, RouterConfig
+from most_lightning.model.config import MoSTConfig, RouterConfig, without_retired_fields
 from most_lightning.model.decoder import MoSTForCausalLM
 from most_lightning.model.hf_compat import most_fields_from_hf_deepseek, most_fields_from_hf_llama
 from most_lightning.model.partition import expert_partition
@@ -36,7 +36,7 @@ MOST_KEY = "most"  # config.json entry our exporter writes: the full MoSTConfig,
 # MoE design choices an upcycled model takes from the model group (everything else comes from config.json).
 UPCYCLE_CHOICES = ("n_routed_experts", "top_k", "moe_intermediate_size", "n_shared_experts", "first_k_dense_replace")
 # MoST choices that are never architecture of the checkpoint.
-MOST_CHOICES = ("audio_expert_fraction", "partition", "expert_dispatch", "cpu_matmul")
+MOST_CHOICES = ("audio_expert_fraction", "partition", "expert_dispatch")
 
 
 def checkpoint_kind(ckpt: CheckpointDir) -> str:
@@ -68,7 +68,7 @@ def architecture_fields(ckpt: CheckpointDir, upcycle: bool, layout: str = "index
             raise ValueError(f"{source}: a dense Llama checkpoint is not a MoE to import; upcycle it with "
                              "model.init.upcycle_from=<dir>")
         if kind == "most":
-            fields = dict(ckpt.config[MOST_KEY])
+            fields = without_retired_fields(ckpt.config[MOST_KEY], source)
             router = fields.pop("router")
             return fields, router
         fields, router = most_fields_from_hf_deepseek(ckpt.config, source)
