@@ -16,7 +16,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # this checkout before an installed copy
-import most_lightning  # noqa: E402,F401  (before torch: sets the OpenMP defaults, most_lightning/openmp_env.py)
 import torch  # noqa: E402
 
 from bench_moe import Row, keep_freed_memory, malloc_note, print_table, run_interleaved  # noqa: E402

@@ -7,9 +7,7 @@ work. Rows are interleaved repetition by repetition in one process (timing helpe
 Each side trains the way its users get it: ours through the LightningModule's path (fused LM-head loss from
 lit/losses.py, fused AdamW from lit/module.build_adamw), transformers with its defaults (labels= loss, its
 default attention implementation, torch AdamW with the same hyper-parameters). One extra row gives
-transformers the fused AdamW too, to show how much of the gap is the optimizer. Our model runs with the default
-``cpu_matmul=auto`` (the backend measured faster on this host, model/matmul_choice.py) and, in two more rows,
-with each backend named (``onednn``, ``torch``).
+transformers the fused AdamW too, to show how much of the gap is the optimizer.
 
     python experiments/bench_model_step.py                        # tiny preset, batch 8 x 256, 2 threads
     python experiments/bench_model_step.py --prompt-fraction 0.5  # first half of each row unsupervised (-100)
@@ -35,7 +33,6 @@ from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # this checkout's package, not another install
-import most_lightning  # noqa: E402,F401  (before torch: sets the OpenMP defaults, most_lightning/openmp_env.py)
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
@@ -45,8 +42,6 @@ from most_lightning.lit.losses import fused_token_losses  # noqa: E402
 from most_lightning.lit.module import build_adamw  # noqa: E402
 from most_lightning.model import MoSTConfig, MoSTForCausalLM  # noqa: E402
 from most_lightning.model.hf_compat import to_hf_deepseek_config, to_hf_state_dict  # noqa: E402
-from most_lightning.model.matmul_choice import auto_backend  # noqa: E402
-from most_lightning.openmp_env import openmp_note  # noqa: E402
 
 
 def hf_config(c: MoSTConfig, experts_implementation: str):
@@ -73,8 +68,7 @@ def our_loss(model: MoSTForCausalLM, ids, labels, modality, fused: bool = True) 
     """LM loss + router aux losses as MoSTLitModule.training_step computes them."""
     if fused:
         out = model(ids, modality, compute_logits=False)
-        return (fused_token_losses(out.hidden, model.lm_head.weight, labels, modality, backend=model.config.cpu_matmul)
-                .mean() + out.aux_loss)
+        return fused_token_losses(out.hidden, model.lm_head.weight, labels, modality).mean() + out.aux_loss
     out = model(ids, modality)
     return F.cross_entropy(out.logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten()) + out.aux_loss
 
@@ -117,14 +111,12 @@ def build_rows(args, kinds: list[str]) -> tuple[list[Row], MoSTForCausalLM, torc
     for kind in kinds:
         if kind.startswith("ours"):
             router = "modality_aware" if "modality_aware" in kind else "vanilla"
-            matmul = kind.removeprefix("ours-matmul-") if kind.startswith("ours-matmul-") else config.cpu_matmul
             model = reference if kind == "ours" else None
             if model is None:
-                model = MoSTForCausalLM(config.replace(router=dict(name=router), cpu_matmul=matmul)).train()
+                model = MoSTForCausalLM(config.replace(router=dict(name=router))).train()
                 model.load_state_dict(reference.state_dict())
             fused = kind != "ours-plain-loss"
-            matmul_note = f"cpu_matmul={matmul}" + (f" -> {auto_backend()}" if matmul == "auto" else "")
-            name = (f"MoST {args.preset} ({router} router, {matmul_note})" if fused
+            name = (f"MoST {args.preset} ({router} router)" if fused
                     else f"MoST {args.preset} (vanilla, unfused loss + torch AdamW)")
             optimizer = our_optimizer(model) if fused else their_optimizer(model)
             rows.append(Row(name, training_step(model, optimizer, ids, modality, True, labels, fused)))
@@ -213,8 +205,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         return {}
 
     kept = not args.default_malloc and keep_freed_memory()  # after the memory branches: it would hide peaks
-    kinds = ["ours", "ours-modality_aware", "ours-matmul-onednn", "ours-matmul-torch", "theirs-eager",
-             "theirs-grouped_mm", "theirs-eager-fused"]
+    kinds = ["ours", "ours-modality_aware", "theirs-eager", "theirs-grouped_mm", "theirs-eager-fused"]
     rows, reference, theirs, data = build_rows(args, kinds)
     ids, modality, labels = data["ids"], data["modality"], data["labels"]
 
@@ -235,7 +226,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
           f"batch {args.batch} x {args.seq_len}, supervised positions {int((labels[:, 1:] != -100).sum())} "
           f"of {labels[:, 1:].numel()}\ntransformers: attn_implementation={theirs.config._attn_implementation!r} "
           f"(its default), use_cache={theirs.config.use_cache} (its default); loss {their_loss.item():.6f}, ours "
-          f"{ours_loss.item():.6f}; {malloc_note(kept)}; {openmp_note()}")
+          f"{ours_loss.item():.6f}; {malloc_note(kept)}")
     if args.clock == "thread":
         run_interleaved_thread_clock(rows, args.reps, quiet=args.quick)
     else:
