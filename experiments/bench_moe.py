@@ -207,7 +207,10 @@ def transformers_moe(hidden: int, experts: int, width: int, top_k: int, shared: 
     return layer
 
 
-def build_rows(shape: str, tokens: int, seq_len: int, rows_filter: str | None) -> list[Row]:
+def build_rows(shape: str, tokens: int, seq_len: int, rows_filter: str | None,
+               autocast_dtype: torch.dtype | None = None) -> list[Row]:
+    """One forward + backward closure per row. ``autocast_dtype``: run the forwards under autocast (the modules
+    keep the default dtype's weights, as in mixed-precision training)."""
     hidden, experts, width, top_k, shared = SHAPES[shape]
     torch.manual_seed(0)
     batch = tokens // seq_len
@@ -215,6 +218,7 @@ def build_rows(shape: str, tokens: int, seq_len: int, rows_filter: str | None) -
     grad = torch.randn(batch, seq_len, hidden)
     modality = torch.zeros(batch, seq_len, dtype=torch.long)
     modality[:, seq_len // 2:] = 1  # half text, half audio tokens
+    device = x.device.type
 
     def make_step(module: nn.Module, kind: str) -> Callable[[], None]:
         inp = x.clone().requires_grad_()
@@ -222,15 +226,17 @@ def build_rows(shape: str, tokens: int, seq_len: int, rows_filter: str | None) -
         def step() -> None:
             module.zero_grad(set_to_none=True)
             inp.grad = None
+            with torch.autocast(device, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
+                result = module(inp, modality) if kind == "most" else module(inp)
             if kind == "most":
-                out, routing = module(inp, modality)
+                out, routing = result
                 outputs, grads = [out], [grad]
                 if routing.aux_loss is not None:
                     outputs.append(routing.aux_loss)
                     grads.append(torch.ones_like(routing.aux_loss))
-                torch.autograd.backward(outputs, grads)
+                torch.autograd.backward(outputs, [g.to(o.dtype) for o, g in zip(outputs, grads)])
             else:
-                module(inp).backward(grad)
+                result.backward(grad.to(result.dtype))
 
         return step
 
