@@ -21,10 +21,12 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from most_lightning.config_nodes import register_config_nodes
 from most_lightning.experiments.provenance import job_config
 
 # paths.root_dir defaults to this folder, wherever run.py is started from
 os.environ.setdefault("MOST_LIGHTNING_ROOT", str(Path(__file__).resolve().parent))
+register_config_nodes()  # router/base (conf/router files build on it)
 
 
 # printed at the end of testing (everything is in metrics.json)

@@ -34,6 +34,7 @@ from most_lightning.lit.model_config import audio_expert_ids, build_model_config
 from most_lightning.lit.schedule import linear_warmup_decay
 from most_lightning.model import MoSTForCausalLM
 from most_lightning.model.audio_input import build_audio_input
+from most_lightning.model.router import routers_after_optimizer_step
 
 DEFAULT_OPTIMIZER = dict(lr=3e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0)
 DEFAULT_SCHEDULER = dict(warmup_steps=0, min_lr_ratio=0.0, total_steps=None)
@@ -404,6 +405,14 @@ class MoSTLitModule(LightningModule):
         trainer = self._trainer
         return (trainer is not None and isinstance(trainer.precision_plugin, MixedPrecision)
                 and (trainer.gradient_clip_val or 0) > 0)
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        # routers with per-step state (e.g. the aux-loss-free bias) update it from the step's load, summed over ranks
+        reduce = None
+        if self._trainer is not None and self.trainer.world_size > 1:
+            reduce = lambda t: self.trainer.strategy.reduce(t, reduce_op="sum")  # noqa: E731
+        routers_after_optimizer_step(self.model, reduce)
 
     def configure_optimizers(self) -> dict[str, Any]:
         # the decoder + MoST-C's projection (the frozen encoder has no grad)
