@@ -1,4 +1,4 @@
-"""Routers against hand-written gates and hand-computed losses (docs/model_spec.md: routing, balance loss)."""
+"""Routers against hand-written gates and hand-computed losses (docs/model_spec.md sections 2.2 and 2.3)."""
 
 from __future__ import annotations
 

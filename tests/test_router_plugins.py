@@ -132,7 +132,8 @@ def test_import_initialises_router_owned_tensors_by_the_router_and_reports_them(
     model, report = load_pretrained(path, router={"_target_": PLUGIN, "start_temperature": 2.5}, progress=False)
     for prefix, router in routers(model):
         for name in ("modality_offset", "temperature", "steps"):
-            assert report.initialised_by_rule[f"{prefix}.{name}"] == "initialised by the router (AnnealedRouter.reset_state)"
+            how = report.initialised_by_rule[f"{prefix}.{name}"]
+            assert how == "initialised by the router (AnnealedRouter.reset_state)"
         assert router.temperature.item() == 2.5 and not router.modality_offset.any() and router.steps.item() == 0
     model, report = load_pretrained(path, router={"name": "aux_free"}, progress=False)
     for prefix, router in routers(model):

@@ -17,10 +17,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from most_lightning.marks import IGNORE_INDEX, MODALITY_NAMES  # noqa: F401 (re-exported)
 from most_lightning.model.gemm import Backend, matmul_nn, matmul_nt, matmul_tn, uses_onednn
 
-IGNORE_INDEX = -100
-MODALITY_NAMES = ("text", "audio")  # modality mark 0 / 1
 TASK_NAMES = ("asr", "tts", "text")
 
 

@@ -32,13 +32,12 @@ from most_lightning.lit.losses import (MODALITY_NAMES, TASK_NAMES, TokenLosses, 
 from most_lightning.lit.metrics import TokenMean
 from most_lightning.lit.model_config import audio_expert_ids, build_model_config, moe_layer_ids
 from most_lightning.lit.schedule import linear_warmup_decay
+from most_lightning.lit.settings import EVALUATION as DEFAULT_EVALUATION
+from most_lightning.lit.settings import OPTIMIZER as DEFAULT_OPTIMIZER
+from most_lightning.lit.settings import SCHEDULER as DEFAULT_SCHEDULER
 from most_lightning.model import MoSTForCausalLM
 from most_lightning.model.audio_input import build_audio_input
 from most_lightning.model.router import routers_after_optimizer_step
-
-DEFAULT_OPTIMIZER = dict(lr=3e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0)
-DEFAULT_SCHEDULER = dict(warmup_steps=0, min_lr_ratio=0.0, total_steps=None)
-DEFAULT_EVALUATION = dict(asr_max_new_tokens=96, n_asr_examples=8)
 
 # Teacher-forced metrics shared by validation and test.
 _TEACHER_FORCED = (

@@ -22,7 +22,7 @@ class RouterConfig:
 
     # The router: a registered name (@register_router) or the dotted path of a Router class (a node's _target_).
     name: str = "modality_aware"
-    # Reference balance loss weight (docs/model_spec.md, balance loss); 0 disables it.
+    # Reference balance loss weight (docs/model_spec.md section 2.3); 0 disables it.
     balance_loss_alpha: float = 0.001
     # Optional router z-loss weight (mean squared logsumexp of the gate logits); the reference has none.
     z_loss_coef: float = 0.0
@@ -160,7 +160,7 @@ class MoSTConfig:
         return cls(**values)
 
 
-# DeepSeek-V2-Lite as published (MOST_SPEC section 1): 15,706,484,224 parameters.
+# DeepSeek-V2-Lite as published (docs/model_spec.md section 1): 15,706,484,224 parameters.
 DEEPSEEK_V2_LITE: dict[str, Any] = dict(
     vocab_size=102400, hidden_size=2048, num_layers=27, num_heads=16, attention="mla", q_lora_rank=None,
     kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, rope_theta=10000.0,

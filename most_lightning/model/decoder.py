@@ -1,7 +1,7 @@
 """The MoST decoder: embeddings -> [attention + (dense SwiGLU | modality-aware MoE)] x L -> norm -> LM head.
 
 Module names follow the HF DeepSeek-V2 checkpoint layout (``model.layers.{i}.self_attn.*``, ``.mlp.*``) so
-weights map one to one. Only the MoE feed-forward layers read the modality marks (docs/model_spec.md, modality marks).
+weights map one to one. Only the MoE feed-forward layers read the modality marks (docs/model_spec.md section 2.4).
 """
 
 from __future__ import annotations

@@ -156,7 +156,7 @@ def _plain(node: Any) -> dict[str, Any]:
 
 def balance_loss(scores: torch.Tensor, indices: torch.Tensor, n_experts: int, top_k: int,
                  segment_ids: torch.Tensor | None = None) -> torch.Tensor:
-    """Per-sequence balance loss of the reference (docs/model_spec.md, balance loss), without its alpha.
+    """Per-sequence balance loss of the reference (docs/model_spec.md section 2.3), without its alpha.
 
     scores [B, T, E]: the (masked) routing probabilities; indices [B, T, k]. For sequence b and expert i,
     f = count of i in the top-k over T tokens / (T * k / E), P = mean over tokens of the scores; the loss is
@@ -355,7 +355,7 @@ class ModalityAwareConfig(RouterConfig):
 
 @register_router("modality_aware")
 class ModalityAwareRouter(Router):
-    """MAMoE (docs/model_spec.md, modality-aware routing): each token may only use its own modality's group.
+    """MAMoE (docs/model_spec.md section 2.2): each token may only use its own modality's group.
 
     mask="probs" (reference): softmax over ALL experts, zero the out-of-group probabilities, top-k; the gate
     weights are the raw full-softmax probabilities (sum < 1). mask="logits": -inf on out-of-group logits
