@@ -75,9 +75,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
     datamodule.setup("fit")
     tokenizer = datamodule.tokenizer
 
+    # not recursive: the router node's _target_ names the router class, which the module builds itself
     module = hydra.utils.instantiate(
         cfg.lit, model=cfg.model, router=cfg.router, vocab_size=tokenizer.vocab_size, audio=audio,
-        _convert_="partial"
+        _convert_="partial", _recursive_=False
     )
     module.tokenizer = tokenizer
     n_params = sum(p.numel() for p in module.model.parameters())
