@@ -21,10 +21,12 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from most_lightning.config_nodes import register_config_nodes
 from most_lightning.experiments.provenance import job_config
 
 # paths.root_dir defaults to this folder, wherever run.py is started from
 os.environ.setdefault("MOST_LIGHTNING_ROOT", str(Path(__file__).resolve().parent))
+register_config_nodes()  # router/base (conf/router files build on it)
 
 
 # printed at the end of testing (everything is in metrics.json)
@@ -73,9 +75,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
     datamodule.setup("fit")
     tokenizer = datamodule.tokenizer
 
+    # not recursive: the router node's _target_ names the router class, which the module builds itself
     module = hydra.utils.instantiate(
         cfg.lit, model=cfg.model, router=cfg.router, vocab_size=tokenizer.vocab_size, audio=audio,
-        _convert_="partial"
+        _convert_="partial", _recursive_=False
     )
     module.tokenizer = tokenizer
     n_params = sum(p.numel() for p in module.model.parameters())

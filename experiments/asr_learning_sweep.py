@@ -1,10 +1,10 @@
 """How fast does the MoST model learn ASR? Held-out vs train-sentence WER against the number of ASR examples.
 
-A bare training loop (no Lightning) over the same model, prompt format (MOST_SPEC 4), loss and LR schedule as
-run.py, sampling tasks by weight from the demo corpus held in memory. Every --eval-every steps it greedy-decodes
---n-eval validation utterances (UNSEEN sentences) and as many train utterances: equal WERs mean the model is not
-over-fitting but under-using the audio; a low train WER with a high unseen WER means it memorises sentences.
-Made for quick sweeps on a GPU (one process per setting; they share the card), it also runs on the CPU.
+A bare training loop (no Lightning) over the same model, prompt format (docs/model_spec.md section 4), loss and LR
+schedule as run.py, sampling tasks by weight from the demo corpus held in memory. Every --eval-every steps it
+greedy-decodes --n-eval validation utterances (UNSEEN sentences) and as many train utterances: equal WERs mean the
+model is not over-fitting but under-using the audio; a low train WER with a high unseen WER means it memorises
+sentences. Made for quick sweeps on a GPU (one process per setting; they share the card), it also runs on the CPU.
 
     python experiments/asr_learning_sweep.py --device cuda --steps 8000 --mix 1,0,0 --lr 1e-3 --out sweep/base.json
     python experiments/asr_learning_sweep.py --device cuda --model '{"first_k_dense_replace": 4}' --router vanilla

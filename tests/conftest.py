@@ -13,6 +13,8 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
+from most_lightning.config_nodes import register_config_nodes
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = REPO_ROOT / "conf"
 if str(REPO_ROOT) not in sys.path:  # run.py lives at the repository root
@@ -40,6 +42,7 @@ FAST_OVERRIDES = [
 
 def compose_run_config(overrides: list[str], tmp_path: Path | None = None) -> DictConfig:
     """The run config as `python run.py <overrides>` would see it (hydra section included)."""
+    register_config_nodes()
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose(config_name="run", overrides=overrides, return_hydra_config=True)

@@ -78,7 +78,7 @@ def test_lightning_module_upcycles_in_setup_and_keeps_loaded_checkpoints(tmp_pat
     module.setup("fit")
     ids = torch.randint(0, 89, (2, 20), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        torch.testing.assert_close(module.model(ids).logits, theirs(input_ids=ids).logits, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(module.model(ids, torch.zeros_like(ids)).logits, theirs(input_ids=ids).logits, atol=1e-4, rtol=1e-4)
     # a module restored from a Lightning checkpoint never re-imports the pretrained weights over the trained ones
     with torch.no_grad():
         module.model.model.norm.weight.fill_(3.0)

@@ -1,5 +1,5 @@
 """MoST-C continuous audio input: frame-slot layout, labels, masks, the splice, and the three reference defects
-(MOST_SPEC 3) -- inverted HuBERT padding mask, labels not re-aligned after the splice, encoder weights
+(docs/model_spec.md section 3) -- inverted HuBERT padding mask, labels not re-aligned after the splice, encoder weights
 overwritten by re-initialisation -- each with a test that would fail if it were reproduced."""
 
 from __future__ import annotations

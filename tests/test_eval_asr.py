@@ -91,7 +91,7 @@ def _tiny_model(vocab: int, seed: int = 0):
 @torch.no_grad()
 def _sequence_logprob(model, prompt: list[int], seq: list[int]) -> float:
     ids = torch.tensor([prompt + seq])
-    logp = torch.log_softmax(model(ids).logits[0].double(), -1)
+    logp = torch.log_softmax(model(ids, torch.zeros_like(ids)).logits[0].double(), -1)
     return float(sum(logp[len(prompt) - 1 + i, t] for i, t in enumerate(seq)))
 
 
@@ -205,6 +205,6 @@ def test_bare_state_dict_of_another_shape_is_a_clear_error(tmp_path):
     router_cfg = dict(name="modality_aware")
     loaded, _ = load_model_for_eval(str(path), model_cfg, router_cfg, 12)
     ids = torch.tensor([[1, 2, 3]])
-    assert torch.allclose(loaded(ids).logits, model(ids).logits)
+    assert torch.allclose(loaded(ids, torch.zeros_like(ids)).logits, model(ids, torch.zeros_like(ids)).logits)
     with pytest.raises(CheckpointMismatchError, match="shape mismatches"):
         load_model_for_eval(str(path), {**model_cfg, "intermediate_size": 48}, router_cfg, 12)

@@ -106,8 +106,8 @@ def tiny_model(**overrides) -> MoSTForCausalLM:
 def test_model_without_logits_gives_the_lm_head_input():
     model = tiny_model()
     ids = torch.randint(0, 97, (2, 9))
-    full = model(ids)
-    skipped = model(ids, compute_logits=False)
+    full = model(ids, torch.zeros_like(ids))
+    skipped = model(ids, torch.zeros_like(ids), compute_logits=False)
     assert skipped.logits is None
     torch.testing.assert_close(model.lm_head(skipped.hidden), full.logits)
 
@@ -177,7 +177,7 @@ def test_build_adamw_is_fused_and_steps_like_plain_adamw():
     ids = torch.randint(0, 97, (2, 9))
     for _ in range(3):
         for model, opt in zip(models, (fused, plain)):
-            model(ids).logits.square().mean().backward()
+            model(ids, torch.zeros_like(ids)).logits.square().mean().backward()
             opt.step()
             opt.zero_grad()
     for a, b in zip(models[0].parameters(), models[1].parameters()):

@@ -64,10 +64,8 @@ def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
                           timeout=timeout)
 
 
-def test_cfg_job_prints_the_composed_config():
-    result = run_cli("--cfg", "job", "router=vanilla", "model.n_shared_experts=0")
-    assert result.returncode == 0, result.stderr
-    cfg = OmegaConf.create(result.stdout)
+def test_composed_config_takes_the_group_choices():
+    cfg = compose_run_config(["router=vanilla", "model.n_shared_experts=0"])
     assert cfg.router.name == "vanilla" and cfg.model.n_shared_experts == 0
     assert cfg.optimized_metric and "trainer" in cfg and "data" in cfg
 
@@ -80,16 +78,23 @@ def test_help_lists_the_config_groups():
 
 
 def test_unknown_router_file_lists_the_available_ones(tmp_path):
-    result = run_cli("router=no_such_router", f"paths.log_dir={tmp_path}")
-    assert result.returncode != 0
-    assert "no_such_router" in result.stderr and "modality_aware" in result.stderr and "vanilla" in result.stderr
+    from hydra.errors import MissingConfigException
+
+    with pytest.raises(MissingConfigException) as err:
+        compose_run_config(["router=no_such_router"], tmp_path)
+    for name in ("no_such_router", "modality_aware", "vanilla", "aux_free"):
+        assert name in str(err.value)
 
 
 def test_unknown_router_name_fails_before_any_data_work(tmp_path):
-    result = run_cli("router.name=no_such_router", f"paths.log_dir={tmp_path}",
-                     f"paths.data_dir={tmp_path / 'data'}")
-    assert result.returncode != 0
-    assert "known routers: ['modality_aware', 'vanilla']" in result.stderr
+    from run import train
+
+    cfg = compose_run_config(["router.name=no_such_router", f"paths.data_dir={tmp_path / 'data'}"], tmp_path)
+    with pytest.raises(ConfigError) as err:
+        train(cfg)
+    message = str(err.value)
+    assert "router 'no_such_router' is not a known router; registered names: aux_free, modality_aware" in message
+    assert "router._target_=<module.Class>" in message and "\n" not in message
     assert not (tmp_path / "data").exists()  # failed at start-up, before the corpus build
 
 
@@ -106,5 +111,6 @@ def test_tiny_data_config_is_the_data_tests_recipe(tmp_path):
 def test_router_ablation_experiment_defines_the_four_cell_grid(tmp_path):
     cfg = compose_run_config(["experiment=router_ablation"], tmp_path)
     params = cfg.hydra.sweeper.params
-    assert params["router"] == "vanilla,modality_aware" and params["model.n_shared_experts"] == "0,2"
+    assert params["router"] == "vanilla,modality_aware,aux_free,modality_aware_aux_free"
+    assert params["model.n_shared_experts"] == "0,2"
     assert cfg.task_name == "router_ablation"

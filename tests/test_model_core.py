@@ -81,7 +81,8 @@ def test_right_padding_does_not_change_real_positions():
     padded = torch.cat((ids, torch.zeros(1, 4, dtype=torch.long)), dim=1)
     mask = torch.cat((torch.ones(1, 9), torch.zeros(1, 4)), dim=1).bool()
     with torch.no_grad():
-        torch.testing.assert_close(model(padded, attention_mask=mask).logits[:, :9], model(ids).logits)
+        torch.testing.assert_close(model(padded, torch.zeros_like(padded), attention_mask=mask).logits[:, :9],
+                                   model(ids, torch.zeros_like(ids)).logits)
 
 
 def test_only_moe_layers_read_modality_marks():

@@ -74,7 +74,7 @@ def test_gqa_attention_matches_transformers_llama():
 
 
 def test_yarn_softmax_scale_of_deepseek_v2_lite():
-    """MOST_SPEC section 1: 192^-0.5 * mscale^2 with mscale = 0.1 * 0.707 * ln(40) + 1."""
+    """docs/model_spec.md section 1: 192^-0.5 * mscale^2 with mscale = 0.1 * 0.707 * ln(40) + 1."""
     from most_lightning.model.rope import attention_softmax_scale
 
     config = MoSTConfig.from_preset("deepseek_v2_lite")

@@ -113,8 +113,9 @@ def test_segment_ids_are_rejected_with_a_kv_cache_or_the_wrong_shape():
     model = tiny()
     ids = torch.randint(0, 101, (1, 6))
     with torch.no_grad():
-        cache = model(ids, use_cache=True).past_key_values
+        cache = model(ids, torch.zeros_like(ids), use_cache=True).past_key_values
         with pytest.raises(ValueError, match="KV cache"):
-            model(ids[:, :1], segment_ids=torch.ones(1, 1, dtype=torch.long), past_key_values=cache, use_cache=True)
+            model(ids[:, :1], torch.zeros_like(ids[:, :1]), segment_ids=torch.ones(1, 1, dtype=torch.long),
+                  past_key_values=cache, use_cache=True)
         with pytest.raises(ValueError, match="segment_ids"):
-            model(ids, segment_ids=torch.ones(1, 5, dtype=torch.long))
+            model(ids, torch.zeros_like(ids), segment_ids=torch.ones(1, 5, dtype=torch.long))

@@ -1,4 +1,4 @@
-"""Task formatting (MOST_SPEC section 4): ASR, TTS and text LM examples with loss on the response only.
+"""Task formatting (docs/model_spec.md section 4): ASR, TTS and text LM examples with loss on the response only.
 
     prompt   = BOS + instruction + "\\n\\n" + input + EOS + "\\n\\nOutput: "
     response = BOS + output + EOS                       (labels = ids; prompt labels = -100)
@@ -18,13 +18,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, Sequence
 
+from ..marks import IGNORE_INDEX  # noqa: F401 (re-exported)
 from ..text.tokenizer import MoSTTokenizer
 from .samples import OverlongSampleError
 
 if TYPE_CHECKING:
     from .chat import ChatRecord
 
-IGNORE_INDEX = -100
 ASR_INSTRUCTION = "Transcribe the following speech into text."
 TTS_INSTRUCTION = "Convert the following text into speech."
 TASKS = ("asr", "tts", "text")  # what the demo corpus alone supports (speech + text shards)

@@ -1,7 +1,7 @@
 """ASR scoring: transcript normalisation and corpus-level WER/CER with torchmetrics.
 
 Both hypotheses and references go through the same normaliser (by default lower-case, punctuation stripped,
-spaces collapsed: the usual protocol for the published LibriSpeech numbers, MOST_SPEC section 6; configurable,
+spaces collapsed: the usual protocol for the published LibriSpeech numbers, docs/model_spec.md section 6; configurable,
 see most_lightning.eval.normalize.TextNormalizer).
 """
 

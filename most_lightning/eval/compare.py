@@ -1,5 +1,5 @@
 """Compare eval reports: one Markdown/JSON table (rows = runs, columns = metrics) and one bar plot per metric,
-with the published MoST numbers (MOST_SPEC section 6) as a reference row where a metric matches.
+with the published MoST numbers (docs/model_spec.md section 6) as a reference row where a metric matches.
 
     python -m most_lightning.eval.compare logs/eval/runs/A logs/eval/runs/B --labels vanilla modality_aware \\
         --out comparison/
@@ -76,7 +76,7 @@ def markdown(table: dict[str, Any]) -> str:
         ref = table["reference"]
         lines.append("| MoST (published, full scale) | "
                      + " | ".join(_cell(ref[m]["value"]) if m in ref else "–" for m in names) + " |")
-        lines += ["", "Reference values (MOST_SPEC section 6): "
+        lines += ["", "Reference values (docs/model_spec.md section 6): "
                   + "; ".join(f"`{m}` = {v['what']}" for m, v in ref.items())]
     return "\n".join(lines) + "\n"
 

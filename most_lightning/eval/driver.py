@@ -15,6 +15,8 @@ from typing import Any, Callable
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from most_lightning.model.router import router_config
+
 log = logging.getLogger("most_lightning.eval")
 
 
@@ -108,7 +110,8 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
         torch.manual_seed(int(cfg.seed))
     ctx, info = build_context(cfg)
     report: dict[str, Any] = {"suite": suite.get("name", "?"), "checkpoint": info,
-                              "router": cfg.router.name, "model": _plain(cfg.model), "audio": _plain(cfg.get("audio")),
+                              "router": router_config(cfg.router).name, "model": _plain(cfg.model),
+                              "audio": _plain(cfg.get("audio")),
                               "vocab_size": ctx.tokenizer.vocab_size,
                               "normalizer": _plain(suite.get("normalizer")), "tasks": {}}
     for name, settings in tasks.items():

@@ -1,6 +1,6 @@
 """Text normalisation applied to hypotheses AND references before WER/CER or answer matching.
 
-Default (the protocol behind the published LibriSpeech numbers, MOST_SPEC section 6): NFKC, lower-case,
+Default (the protocol behind the published LibriSpeech numbers, docs/model_spec.md section 6): NFKC, lower-case,
 punctuation stripped (apostrophes inside words kept: "don't" stays one word), whitespace collapsed.
 Switches:
   lowercase          false keeps case

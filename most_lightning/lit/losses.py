@@ -18,9 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from most_lightning.model.loss import linear_cross_entropy
+from most_lightning.marks import IGNORE_INDEX, MODALITY_NAMES  # noqa: F401 (re-exported)
 
-IGNORE_INDEX = -100
-MODALITY_NAMES = ("text", "audio")  # modality mark 0 / 1
 TASK_NAMES = ("asr", "tts", "text")
 
 

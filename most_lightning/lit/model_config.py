@@ -12,8 +12,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from most_lightning.model import ConfigError, MoSTConfig, ROUTERS, RouterConfig, expert_partition
-from most_lightning.model.config import without_retired_fields
+from most_lightning.model.config import ConfigError, MoSTConfig, RouterConfig, without_retired_fields
+from most_lightning.model.partition import expert_partition
 
 # Model-group keys that are not MoSTConfig fields.
 _NON_FIELDS = ("preset", "init")  # init: where the weights come from (model/checkpoint/init.py)
@@ -28,18 +28,10 @@ def _plain(cfg: Mapping | DictConfig | None) -> dict[str, Any]:
 
 
 def build_router_config(router: Mapping | DictConfig) -> RouterConfig:
-    values = _plain(router)
-    name = values.get("name")
-    if name not in ROUTERS:  # checked here too so the message also says how to pick a conf/router file
-        raise ConfigError(
-            f"router.name={name!r} is not a known router; known routers: {sorted(ROUTERS)}. "
-            "Pick one with `router=<file in conf/router>` or register a new class with @register_router."
-        )
-    known = {f.name for f in dataclasses.fields(RouterConfig)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ConfigError(f"router config has unknown keys {unknown}; RouterConfig fields are {sorted(known)}")
-    return RouterConfig(**values)
+    """The router group (``_target_`` or ``name`` plus fields) -> the router class's own config."""
+    from most_lightning.model.router import router_config
+
+    return router_config(router)
 
 
 def build_model_config(

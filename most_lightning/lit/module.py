@@ -32,12 +32,12 @@ from most_lightning.lit.losses import (MODALITY_NAMES, TASK_NAMES, TokenLosses, 
 from most_lightning.lit.metrics import TokenMean
 from most_lightning.lit.model_config import audio_expert_ids, build_model_config, moe_layer_ids
 from most_lightning.lit.schedule import linear_warmup_decay
+from most_lightning.lit.settings import EVALUATION as DEFAULT_EVALUATION
+from most_lightning.lit.settings import OPTIMIZER as DEFAULT_OPTIMIZER
+from most_lightning.lit.settings import SCHEDULER as DEFAULT_SCHEDULER
 from most_lightning.model import MoSTForCausalLM
 from most_lightning.model.audio_input import build_audio_input
-
-DEFAULT_OPTIMIZER = dict(lr=3e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0)
-DEFAULT_SCHEDULER = dict(warmup_steps=0, min_lr_ratio=0.0, total_steps=None)
-DEFAULT_EVALUATION = dict(asr_max_new_tokens=96, n_asr_examples=8)
+from most_lightning.model.router import routers_after_optimizer_step
 
 # Teacher-forced metrics shared by validation and test.
 _TEACHER_FORCED = (
@@ -404,6 +404,14 @@ class MoSTLitModule(LightningModule):
         trainer = self._trainer
         return (trainer is not None and isinstance(trainer.precision_plugin, MixedPrecision)
                 and (trainer.gradient_clip_val or 0) > 0)
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        # routers with per-step state (e.g. the aux-loss-free bias) update it from the step's load, summed over ranks
+        reduce = None
+        if self._trainer is not None and self.trainer.world_size > 1:
+            reduce = lambda t: self.trainer.strategy.reduce(t, reduce_op="sum")  # noqa: E731
+        routers_after_optimizer_step(self.model, reduce)
 
     def configure_optimizers(self) -> dict[str, Any]:
         # the decoder + MoST-C's projection (the frozen encoder has no grad)

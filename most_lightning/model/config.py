@@ -20,30 +20,20 @@ class ConfigError(ValueError):
 
 @dataclass
 class RouterConfig:
-    """How tokens choose experts. ``name`` selects a strategy from the router registry."""
+    """The settings every router has. A router class extends it with its own fields (``Router.Config``);
+    ``router_config`` in model/router.py builds the right one from a Hydra node or a dict."""
 
+    # The router: a registered name (@register_router) or the dotted path of a Router class (a node's _target_).
     name: str = "modality_aware"
-    # Reference balance loss weight (MOST_SPEC 2.3); 0 disables it.
+    # Reference balance loss weight (docs/model_spec.md section 2.3); 0 disables it.
     balance_loss_alpha: float = 0.001
     # Optional router z-loss weight (mean squared logsumexp of the gate logits); the reference has none.
     z_loss_coef: float = 0.0
-    # Modality-aware routers: "probs" zeroes out-of-group probabilities after a softmax over all experts
-    # (reference); "logits" masks logits with -inf before the softmax (in-group softmax).
-    mask: str = "probs"
     # Renormalise the chosen top-k weights to sum to one (the reference does not).
     renormalize: bool = False
     routed_scaling_factor: float = 1.0
 
     def __post_init__(self) -> None:
-        from most_lightning.model.router import ROUTERS  # lazy: the registry imports this module
-
-        if self.name not in ROUTERS:
-            raise ConfigError(
-                f"router.name={self.name!r} is not a known router; choose one of {sorted(ROUTERS)} "
-                "(or register a new one with @register_router)"
-            )
-        if self.mask not in ("probs", "logits"):
-            raise ConfigError(f"router.mask={self.mask!r}: allowed values are 'probs' (reference) and 'logits'")
         for name in ("balance_loss_alpha", "z_loss_coef"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"router.{name}={getattr(self, name)} must be >= 0 (0 disables it)")
@@ -82,13 +72,13 @@ class MoSTConfig:
     rms_norm_eps: float = 1e-6
     tie_word_embeddings: bool = False
     initializer_range: float = 0.02
-    router: RouterConfig = field(default_factory=RouterConfig)
+    # a RouterConfig (or subclass), or a mapping with the router's name / _target_ and its fields
+    router: Any = field(default_factory=RouterConfig)
 
     def __post_init__(self) -> None:
-        if isinstance(self.router, dict):
-            self.router = RouterConfig(**self.router)
-        elif not isinstance(self.router, RouterConfig):  # e.g. an OmegaConf DictConfig
-            self.router = RouterConfig(**dict(self.router))
+        from most_lightning.model.router import router_config  # lazy: the router module imports this one
+
+        self.router = router_config(self.router)
         if self.rope_scaling is not None:
             self.rope_scaling = dict(self.rope_scaling)
         self._validate()
@@ -96,7 +86,7 @@ class MoSTConfig:
     # ------------------------------------------------------------------ validation
     def _validate(self) -> None:
         from most_lightning.model.partition import PARTITIONS, expert_partition
-        from most_lightning.model.router import ROUTERS
+        from most_lightning.model.router import router_class
 
         positive = ["vocab_size", "hidden_size", "num_layers", "num_heads", "moe_intermediate_size",
                     "n_routed_experts", "top_k", "max_position_embeddings"]
@@ -140,7 +130,7 @@ class MoSTConfig:
             raise ConfigError(
                 f"model.rope_scaling.type={self.rope_scaling.get('type')!r}: allowed values are 'yarn' and 'llama3'"
             )
-        if ROUTERS[self.router.name].uses_partition and self.has_moe:
+        if router_class(self.router.name).uses_partition and self.has_moe:
             expert_partition(self.n_routed_experts, self.audio_expert_fraction, self.top_k, self.partition)
 
     # ------------------------------------------------------------------ derived values
@@ -163,7 +153,7 @@ class MoSTConfig:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return dataclasses.asdict(self)  # router: its name (or class path) and all its fields
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> "MoSTConfig":
@@ -195,7 +185,7 @@ def without_retired_fields(values: dict[str, Any], source: str = "a saved config
     return kept
 
 
-# DeepSeek-V2-Lite as published (MOST_SPEC section 1): 15,706,484,224 parameters.
+# DeepSeek-V2-Lite as published (docs/model_spec.md section 1): 15,706,484,224 parameters.
 DEEPSEEK_V2_LITE: dict[str, Any] = dict(
     vocab_size=102400, hidden_size=2048, num_layers=27, num_heads=16, attention="mla", q_lora_rank=None,
     kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, rope_theta=10000.0,

@@ -1,7 +1,7 @@
 """The MoST decoder: embeddings -> [attention + (dense SwiGLU | modality-aware MoE)] x L -> norm -> LM head.
 
 Module names follow the HF DeepSeek-V2 checkpoint layout (``model.layers.{i}.self_attn.*``, ``.mlp.*``) so
-weights map one to one. Only the MoE feed-forward layers read the modality marks (MOST_SPEC 2.4).
+weights map one to one. Only the MoE feed-forward layers read the modality marks (docs/model_spec.md section 2.4).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from most_lightning.model.moe import MoELayer
 from most_lightning.model.norm import RMSNorm
 from most_lightning.model.packing import PackedRows, segment_positions, several_per_row
 from most_lightning.model.rope import RotaryEmbedding
-from most_lightning.model.router import Router, RouterStats
+from most_lightning.model.router import Router, RouterStats, router_class
 
 
 @dataclass
@@ -99,7 +99,9 @@ class MoSTForCausalLM(nn.Module):
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(module.weight, std=std)
-            elif isinstance(module, (GroupedExperts, Router)):
+            elif isinstance(module, Router):
+                module.reset_parameters(std)
+            elif isinstance(module, GroupedExperts):
                 for param in module.parameters(recurse=False):
                     nn.init.normal_(param, std=std)
             elif isinstance(module, RMSNorm):
@@ -119,6 +121,9 @@ class MoSTForCausalLM(nn.Module):
         positions only: most_lightning.model.loss)."""
         batch, seq = input_ids.shape
         if modality is None:
+            if self.config.has_moe and router_class(self.config.router.name).uses_partition:
+                raise ValueError(f"modality is required: router {self.config.router.name!r} routes each token to "
+                                 "its modality's experts; pass modality [B, T] (0 text, 1 audio)")
             modality = torch.zeros_like(input_ids)
         if modality.shape != input_ids.shape:
             raise ValueError(f"modality marks {tuple(modality.shape)} must match input_ids {tuple(input_ids.shape)}")

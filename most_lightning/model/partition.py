@@ -1,8 +1,8 @@
 """Which routed experts belong to the text group and which to the audio group.
 
 A partition strategy maps (n_experts, audio fraction) to two disjoint index sets covering all experts. The
-reference (MOST_SPEC 2.1) is the index split: text experts first, audio experts after them. Shared experts are
-outside the partition: every token of every modality uses them.
+reference (docs/model_spec.md section 2.1) is the index split: text experts first, audio experts after them.
+Shared experts are outside the partition: every token of every modality uses them.
 """
 
 from __future__ import annotations
@@ -12,8 +12,7 @@ from typing import Callable
 
 import torch
 
-TEXT, AUDIO = 0, 1
-MODALITY_NAMES = ("text", "audio")
+from most_lightning.marks import AUDIO, MODALITY_NAMES, TEXT  # noqa: F401 (re-exported)
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 
 ``RotaryEmbedding(dim, theta, scaling)(position_ids)`` gives (cos, sin) of shape [B, T, dim] in the
 rotate-half layout. DeepSeek checkpoints store the rope dims of q/k as interleaved pairs; ``deinterleave``
-brings them to the rotate-half layout first (MOST_SPEC section 1).
+brings them to the rotate-half layout first (docs/model_spec.md section 1).
 """
 
 from __future__ import annotations

@@ -26,8 +26,7 @@ from most_lightning.model.checkpoint.upcycle import llama_upcycle_plan
 from most_lightning.model.config import MoSTConfig, RouterConfig, without_retired_fields
 from most_lightning.model.decoder import MoSTForCausalLM
 from most_lightning.model.hf_compat import most_fields_from_hf_deepseek, most_fields_from_hf_llama
-from most_lightning.model.partition import expert_partition
-from most_lightning.model.router import Router
+from most_lightning.model.router import init_router_buffers, routers
 from most_lightning.model.rope import RotaryEmbedding
 
 log = logging.getLogger(__name__)
@@ -86,7 +85,7 @@ def architecture_fields(ckpt: CheckpointDir, upcycle: bool, layout: str = "index
 
 def empty_model(config: MoSTConfig, dtype: torch.dtype | None = None) -> MoSTForCausalLM:
     """A MoST model with uninitialised parameters in ``dtype`` (every one must then be loaded) and correct
-    non-persistent buffers (rope frequencies in fp32, router group masks)."""
+    non-persistent buffers (rope frequencies in fp32; each router's own, rebuilt by its init_buffers hook)."""
     previous = torch.get_default_dtype()
     try:
         if dtype is not None:
@@ -101,10 +100,8 @@ def empty_model(config: MoSTConfig, dtype: torch.dtype | None = None) -> MoSTFor
         model.lm_head.weight = model.model.embed_tokens.weight
     rope_dim = c.qk_rope_head_dim if c.attention == "mla" else (c.head_dim or c.hidden_size // c.num_heads)
     model.model.rotary = RotaryEmbedding(rope_dim, c.rope_theta, c.rope_scaling)
-    for module in model.modules():
-        if isinstance(module, Router) and module.uses_partition:
-            partition = expert_partition(c.n_routed_experts, c.audio_expert_fraction, c.top_k, c.partition)
-            module.group_mask = partition.group_mask()
+    for _, router in routers(model):
+        init_router_buffers(router)
     return model
 
 
@@ -161,8 +158,6 @@ def pretrained_config(path: str | os.PathLike | CheckpointDir, *, upcycle: bool 
     vocab = max(int(choices.pop("vocab_size", 0) or 0), fields["vocab_size"])
     if router is None:
         router = ckpt_router or {"name": "vanilla"}
-    if isinstance(router, RouterConfig):
-        router = dataclasses.asdict(router)
     return MoSTConfig(**{**fields, **choices, "vocab_size": vocab, "router": router})
 
 

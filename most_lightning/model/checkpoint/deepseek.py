@@ -17,6 +17,7 @@ import torch
 from most_lightning.model.checkpoint.expert_layout import expert_sources
 from most_lightning.model.checkpoint.files import CheckpointDir
 from most_lightning.model.checkpoint.loader import Assign, LoadPlan, model_tensors
+from most_lightning.model.checkpoint.router_state import plan_router_state, router_state_names
 from most_lightning.model.checkpoint.vocab import plan_vocab_rows
 from most_lightning.model.decoder import MoSTForCausalLM
 from most_lightning.model.partition import expert_partition
@@ -66,6 +67,8 @@ def deepseek_plan(model: MoSTForCausalLM, ckpt: CheckpointDir, n_ckpt_experts: i
     ckpt_vocab = ckpt.config["vocab_size"]
     moe_layers = [i for i in range(c.num_layers) if c.is_moe_layer(i)]
     sources = {}
+    router_owned = router_state_names(model)
+    plan_router_state(plan, model, ckpt, tensors)
     if moe_layers:
         partition = expert_partition(c.n_routed_experts, c.audio_expert_fraction, c.top_k, c.partition)
         sources = expert_sources(layout, n_ckpt_experts, partition, moe_layers, routing_stats)
@@ -73,8 +76,8 @@ def deepseek_plan(model: MoSTForCausalLM, ckpt: CheckpointDir, n_ckpt_experts: i
         if name in ("model.embed_tokens.weight", "lm_head.weight"):
             plan_vocab_rows(plan, name, name, (ckpt_vocab, c.hidden_size), tensor.shape[0], new_token_rows,
                             c.initializer_range)
-        elif ".mlp.experts." in name or name.endswith(".mlp.gate.weight"):
-            continue  # per layer below
+        elif ".mlp.experts." in name or name.endswith(".mlp.gate.weight") or name in router_owned:
+            continue  # per layer below; router-owned tensors above
         else:
             plan.add(name, tuple(tensor.shape), Assign(name))
     for layer, layer_sources in sources.items():

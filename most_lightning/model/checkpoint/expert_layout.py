@@ -3,8 +3,8 @@
 The model's partition (``model.partition``, most_lightning.model.partition) says which expert POSITIONS form
 the text and the audio group. An expert layout says which CHECKPOINT expert is copied into each position:
 
-- ``index`` (reference, MOST_SPEC 2.1): position j <- checkpoint expert j. With the index partition the text
-  group gets experts 0..E-n_audio-1 and the audio group the rest, as in MoST.
+- ``index`` (reference, docs/model_spec.md section 2.1): position j <- checkpoint expert j. With the index
+  partition the text group gets experts 0..E-n_audio-1 and the audio group the rest, as in MoST.
 - ``copy``: both groups get ALL pretrained experts: the model has 2E experts, text positions <- experts
   0..E-1, audio positions <- copies of experts 0..E-1 (gate rows copied too). Needs audio_expert_fraction 0.5.
   With an in-group softmax (router.mask=logits) each modality then routes exactly as the pretrained model; with

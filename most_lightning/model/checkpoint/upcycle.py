@@ -6,7 +6,8 @@ upcycling"; g > 1: finer experts). The first n_shared_experts segments form the 
 width n_shared * moe_intermediate_size, as in the decoder); the routed experts are copies of the remaining
 segments, round robin (expert m <- segment n_shared + m mod (g - n_shared)). Layers below
 first_k_dense_replace stay dense and take the FFN as is (set model.intermediate_size to the checkpoint's).
-The router gates are not in the checkpoint: ``router_init`` = normal(0, initializer_range) or zeros.
+The router gates are not in the checkpoint: ``router_init`` = normal(0, initializer_range) or zeros; other
+router-owned tensors (e.g. a balancing bias) are initialised by their router (checkpoint/router_state.py).
 
 When is the upcycled model the dense model (the identity, proven in tests against LlamaForCausalLM)?
 A SwiGLU is a sum over its intermediate units, so FFN(x) = sum_s segment_s(x). The MoE layer computes
@@ -29,6 +30,7 @@ import torch
 
 from most_lightning.model.checkpoint.files import CheckpointDir, CheckpointError
 from most_lightning.model.checkpoint.loader import Assign, LoadPlan, model_tensors
+from most_lightning.model.checkpoint.router_state import plan_router_state
 from most_lightning.model.checkpoint.vocab import plan_vocab_rows
 from most_lightning.model.config import MoSTConfig
 from most_lightning.model.decoder import MoSTForCausalLM
@@ -67,7 +69,7 @@ def identity_at_init(config: MoSTConfig, dense_width: int, router_init: str) -> 
         return True, "routed weights renormalised to sum to one"
     if router_init == "zeros":
         group = e
-        if r.name != "vanilla" and r.mask == "logits":
+        if getattr(r, "mask", None) == "logits":
             group = round(e * (1 - config.audio_expert_fraction))  # text group; audio differs unless 0.5
         want = group / k
         if abs(r.routed_scaling_factor - want) < 1e-9:
@@ -87,6 +89,7 @@ def llama_upcycle_plan(model: MoSTForCausalLM, ckpt: CheckpointDir, router_init:
     tensors = model_tensors(model)
     if c.tie_word_embeddings:  # tied: some checkpoints still carry the duplicate head
         plan.ignore += ("lm_head.weight",)
+    plan_router_state(plan, model, ckpt, tensors)  # a dense checkpoint holds none: initialised by the router
     width, shared, routed = segments(c, dense_width) if c.has_moe else (0, [], [])
     hidden = c.hidden_size
 
