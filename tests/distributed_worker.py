@@ -38,7 +38,8 @@ def _strategy_node(spec: dict) -> dict:
     name = spec["strategy"]
     if name.startswith("zero"):  # zero1 / zero2 / zero3: a plain DeepSpeed stage
         stage = int(name[-1])
-        return {"name": name, "kind": "deepspeed", "deepspeed": {"zero_optimization": {"stage": stage}}}
+        return {"name": name, "kind": "deepspeed",
+                "deepspeed": {"zero_optimization": {"stage": stage}, **spec.get("deepspeed_extra", {})}}
     if name == "single":
         return {"name": "auto", "kind": "auto"}
     return OmegaConf.to_container(OmegaConf.load(REPO / "conf" / "strategy" / f"{name}.yaml"))["strategy"]
@@ -125,7 +126,7 @@ def main() -> None:
     trainer_cfg = dict(accelerator="cpu", devices=world, num_nodes=1, precision=spec.get("precision", "32-true"),
                        gradient_clip_val=float(spec.get("clip", 1.0)), gradient_clip_algorithm="norm",
                        accumulate_grad_batches=accumulate, strategy="auto")
-    strategy, _ = build_strategy(_strategy_node(spec), trainer_cfg, {"batch_size": ROWS})
+    strategy, _ = build_strategy(_strategy_node(spec), trainer_cfg, {"batch_size": ROWS}, ckpt_path=spec.get("resume"))
     trainer = L.Trainer(strategy=strategy, **{k: v for k, v in trainer_cfg.items() if k != "strategy"},
                         max_steps=steps + int(spec.get("extra_steps", 0)), logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,

@@ -241,9 +241,11 @@ def check_precision(kind: str, trainer: Mapping[str, Any]) -> None:
 
 # ---------------------------------------------------------------------------------------------- the builder
 def build_strategy(strategy: Mapping[str, Any] | None, trainer: Mapping[str, Any], data: Mapping[str, Any] | None = None,
-                   multirun: bool = False) -> tuple[Any, BatchPlan]:
+                   multirun: bool = False, ckpt_path: str | None = None) -> tuple[Any, BatchPlan]:
     """The `strategy` group -> (what Trainer(strategy=...) takes, the batch plan). Checks the launch, the
-    precision and the batch arithmetic first; logs which strategy runs and the global batch."""
+    precision, the batch arithmetic and a sharded checkpoint to resume from (every shard present) first; logs
+    which strategy runs and the global batch. A DeepSpeed checkpoint saved by another number of ranks is
+    converted to DeepSpeed's universal format and loaded as such."""
     strategy = dict(_plain(strategy) or {"kind": "auto"})
     trainer = dict(_plain(trainer) or {})
     kind = strategy.get("kind", "auto")
@@ -255,9 +257,32 @@ def build_strategy(strategy: Mapping[str, Any] | None, trainer: Mapping[str, Any
     check_launch(kind, trainer, multirun)
     check_precision(kind, trainer)
     plan = batch_plan(strategy, trainer, _plain(data))
+    if ckpt_path is not None:
+        strategy = resume_settings(kind, strategy, ckpt_path, plan.ranks)
     built = _build(kind, strategy, trainer, plan)
     log.info(f"strategy {strategy.get('name', kind)}: {_describe(built)}; {plan.describe()}")
     return built, plan
+
+
+def resume_settings(kind: str, strategy: dict, ckpt_path: str, ranks: int) -> dict:
+    """Check a sharded DeepSpeed checkpoint before anything starts (a missing shard is named); on another number
+    of ranks than it was saved with, have it converted to the universal format and load it so."""
+    from most_lightning.model.checkpoint.deepspeed_dir import is_deepspeed_checkpoint, universal_for_resume
+
+    if not is_deepspeed_checkpoint(ckpt_path):
+        return strategy
+    if kind != "deepspeed":
+        raise ValueError(f"ckpt_path={ckpt_path} is a sharded DeepSpeed checkpoint: resume it with a DeepSpeed "
+                         "strategy (strategy=deepspeed_zero2 ...), or export it first "
+                         "(python -m most_lightning.model.checkpoint export)")
+    rank = int(os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or 0)
+    if universal_for_resume(ckpt_path, ranks, rank):
+        log.info(f"{ckpt_path} was saved by another number of ranks than {ranks}: resuming from its universal "
+                 "conversion (DeepSpeed re-partitions weights and optimizer states)")
+        config = dict(strategy.get("deepspeed") or {})
+        config["checkpoint"] = {**(config.get("checkpoint") or {}), "load_universal": True}
+        strategy = {**strategy, "deepspeed": config}
+    return strategy
 
 
 def _describe(built: Any) -> str:

@@ -79,3 +79,32 @@ def consolidate(path: str | os.PathLike) -> dict[str, Any]:
     out = {k: v for k, v in client.items() if k not in _DS_STATES}
     out["state_dict"] = {k.removeprefix("_forward_module."): v for k, v in state_dict.items()}
     return out
+
+
+def universal_for_resume(path: str | os.PathLike, world_size: int, rank: int = 0, timeout_s: float = 1800) -> bool:
+    """Prepare a sharded checkpoint for a resume on ``world_size`` ranks. False when it was saved by as many
+    ranks (DeepSpeed loads it as it is). Otherwise ZeRO's partitions do not fit the new ranks: rank 0 converts
+    the checkpoint once to DeepSpeed's universal format (`<tag>_universal/` + `latest_universal` beside it,
+    per-parameter fp32 weights and Adam moments) while the other ranks wait for it; returns True, and the
+    engine must then load with `checkpoint.load_universal: true`."""
+    import time
+    from argparse import Namespace
+
+    path = Path(path)
+    saved = check_shards(path)
+    if saved == world_size:
+        return False
+    done = path / "latest_universal"
+    if rank == 0 and not done.is_file():
+        from deepspeed.checkpoint import ds_to_universal
+
+        folder = tag_dir(path)
+        ds_to_universal.main(Namespace(input_folder=str(folder), output_folder=str(path / f"{folder.name}_universal"),
+                                       num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False,
+                                       strict=True, inject_missing_state=True))
+    deadline = time.monotonic() + timeout_s
+    while not done.is_file():
+        if time.monotonic() > deadline:
+            raise CheckpointError(f"{path}: rank 0 did not finish the universal conversion in {timeout_s:.0f} s")
+        time.sleep(1)
+    return True
