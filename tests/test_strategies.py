@@ -4,6 +4,9 @@ contribution of MoST-C's projection, and the optimizer groups the weight-decay p
 
 from __future__ import annotations
 
+import csv
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -234,3 +237,31 @@ def test_experts_and_router_are_decayed_norms_are_not():
         assert not any("norm" in n for n in decayed)
         assert decayed | groups["vectors"][1] == {n for n, p in module.named_parameters() if p.requires_grad}
         assert type(optimizer).__name__ == ("DeepSpeedCPUAdam" if cpu_offload else "AdamW")
+
+
+def test_csv_writer_copied_before_the_fit_keeps_the_fit_columns(tmp_path):
+    """ddp_spawn's test workers get a copy of the logger made before the fit wrote metrics.csv. Lightning's
+    writer then rewrites the file with the test's columns only and fails; ours keeps the union."""
+    import copy
+
+    from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+
+    from most_lightning.lit.csv_logger import CSVLogger
+
+    for writer_of, ok in ((lambda d: CSVLogger(d, name="csv", version="").experiment, True),
+                          (lambda d: ExperimentWriter(str(Path(d) / "csv")), False)):
+        folder = tmp_path / str(ok)
+        before_fit = writer_of(folder)
+        fit_worker, test_worker = copy.deepcopy(before_fit), copy.deepcopy(before_fit)
+        fit_worker.log_metrics({"train/loss": 1.5}, step=3)
+        fit_worker.save()
+        test_worker.log_metrics({"test/nll": 2.5}, step=4)
+        if not ok:
+            with pytest.raises(ValueError, match="dict contains fields not in fieldnames"):
+                test_worker.save()
+            continue
+        test_worker.save()
+        with open(folder / "csv" / "metrics.csv", newline="") as f:
+            rows = list(csv.DictReader(f))
+        assert rows == [{"step": "3", "train/loss": "1.5", "test/nll": ""},
+                        {"step": "4", "train/loss": "", "test/nll": "2.5"}]
