@@ -135,7 +135,8 @@ def strategy_for_run(cfg: DictConfig) -> tuple[Any, Any]:
 
     multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
     return build_strategy(cfg.get("strategy"), cfg.trainer, cfg.get("data"), multirun=multirun,
-                          ckpt_path=cfg.get("ckpt_path") if cfg.get("train", True) else None)
+                          ckpt_path=cfg.get("ckpt_path") if cfg.get("train", True) else None,
+                          audio=cfg.get("audio"))
 
 
 def make_test_loaders(datamodule: Any, add_mismatched_asr: bool) -> tuple[list, set[int]]:

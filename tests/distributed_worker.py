@@ -126,7 +126,8 @@ def main() -> None:
     trainer_cfg = dict(accelerator="cpu", devices=world, num_nodes=1, precision=spec.get("precision", "32-true"),
                        gradient_clip_val=float(spec.get("clip", 1.0)), gradient_clip_algorithm="norm",
                        accumulate_grad_batches=accumulate, strategy="auto")
-    strategy, _ = build_strategy(_strategy_node(spec), trainer_cfg, {"batch_size": ROWS}, ckpt_path=spec.get("resume"))
+    strategy, _ = build_strategy(_strategy_node(spec), trainer_cfg, {"batch_size": ROWS}, ckpt_path=spec.get("resume"),
+                                 audio={"mode": "continuous"} if spec.get("continuous") else None)
     trainer = L.Trainer(strategy=strategy, **{k: v for k, v in trainer_cfg.items() if k != "strategy"},
                         max_steps=steps + int(spec.get("extra_steps", 0)), logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,

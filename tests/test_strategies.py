@@ -265,3 +265,11 @@ def test_csv_writer_copied_before_the_fit_keeps_the_fit_columns(tmp_path):
             rows = list(csv.DictReader(f))
         assert rows == [{"step": "3", "train/loss": "1.5", "test/nll": ""},
                         {"step": "4", "train/loss": "", "test/nll": "2.5"}]
+
+
+def test_zero3_with_most_c_is_refused_at_start_up():
+    cfg = compose_run_config(["strategy=deepspeed_zero3", "audio=continuous"])
+    with pytest.raises(ValueError, match="audio=continuous .* ZeRO-3"):
+        build_strategy(cfg.strategy, cfg.trainer, cfg.data, audio=cfg.audio)
+    cfg = compose_run_config(["strategy=deepspeed_zero2_offload", "audio=continuous"])
+    build_strategy(cfg.strategy, cfg.trainer, cfg.data, audio=cfg.audio)

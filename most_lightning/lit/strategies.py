@@ -239,9 +239,21 @@ def check_precision(kind: str, trainer: Mapping[str, Any]) -> None:
                          f"values: {list(allowed)}")
 
 
+def check_zero3_audio(kind: str, strategy: Mapping[str, Any], audio: Mapping[str, Any] | None) -> None:
+    """ZeRO-3 partitions every parameter, the frozen MoST-C encoder's too, and gathers it at each call of each
+    submodule; ranks encode different numbers of utterances (none on a text-only batch), so their gathers
+    would not match. Refused until the encoder is kept out of ZeRO-3 (ZeRO-2, the paper's setting, is fine)."""
+    stage = ((strategy.get("deepspeed") or {}).get("zero_optimization") or {}).get("stage")
+    if kind == "deepspeed" and stage == 3 and (audio or {}).get("mode") == "continuous":
+        raise ValueError("audio=continuous (MoST-C) with a ZeRO-3 strategy: ZeRO-3 would partition the frozen "
+                         "audio encoder, and ranks call it a different number of times per step; use "
+                         "strategy=deepspeed_zero2 or deepspeed_zero2_offload (the paper's setting)")
+
+
 # ---------------------------------------------------------------------------------------------- the builder
 def build_strategy(strategy: Mapping[str, Any] | None, trainer: Mapping[str, Any], data: Mapping[str, Any] | None = None,
-                   multirun: bool = False, ckpt_path: str | None = None) -> tuple[Any, BatchPlan]:
+                   multirun: bool = False, ckpt_path: str | None = None,
+                   audio: Mapping[str, Any] | None = None) -> tuple[Any, BatchPlan]:
     """The `strategy` group -> (what Trainer(strategy=...) takes, the batch plan). Checks the launch, the
     precision, the batch arithmetic and a sharded checkpoint to resume from (every shard present) first; logs
     which strategy runs and the global batch. A DeepSpeed checkpoint saved by another number of ranks is
@@ -256,6 +268,7 @@ def build_strategy(strategy: Mapping[str, Any] | None, trainer: Mapping[str, Any
                          "both choose a strategy: use one (strategy=<name> from conf/strategy, or trainer.strategy)")
     check_launch(kind, trainer, multirun)
     check_precision(kind, trainer)
+    check_zero3_audio(kind, strategy, _plain(audio))
     plan = batch_plan(strategy, trainer, _plain(data))
     if ckpt_path is not None:
         strategy = resume_settings(kind, strategy, ckpt_path, plan.ranks)
