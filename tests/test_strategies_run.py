@@ -63,3 +63,16 @@ def test_ddp_spawn_fit_and_test_with_the_csv_logger(corpus, tmp_path, single_thr
     with open(run / "csv" / "metrics.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert any(r.get("train/loss") for r in rows) and any(r.get("test/text_nll") for r in rows)
+
+
+def test_multirun_with_ddp_stops_before_any_work(tmp_path):
+    """`-m` with a strategy whose workers re-run the command line: a clear error, no data prepared, no hang."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "run.py", "-m", "router=vanilla,modality_aware", "strategy=ddp", "trainer.devices=2",
+           f"paths.data_dir={tmp_path / 'data'}", f"paths.log_dir={tmp_path / 'logs'}"]
+    result = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert "inside a multirun (-m)" in result.stderr + result.stdout and "re-enter the sweep" in result.stderr + result.stdout
+    assert not (tmp_path / "data").exists()
