@@ -38,12 +38,44 @@ def _plain(node: Any) -> Any:
 
 # ---------------------------------------------------------------------------------------------- CPU DeepSpeed
 @functools.cache
-def _cpu_deepspeed_class():
+def _deepspeed_class():
     """Defined lazily: importing Lightning's DeepSpeed module is not free, and `--help` must stay instant."""
-    from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+    from lightning.pytorch.trainer.states import TrainerFn
+
+    class MoSTDeepSpeedStrategy(DeepSpeedStrategy):
+        """Lightning's DeepSpeedStrategy, except that testing/validating a ZeRO-3 checkpoint outside a fit works:
+        DeepSpeed 0.19.8's inference engine cannot load ZeRO-3 partitions (it calls an optimizer method its
+        parameter-offload object lacks, and would skip the weights), so the shards are consolidated to fp32
+        and loaded into the gathered parameters, as Lightning does for a single-file checkpoint."""
+
+        _consolidated = False
+
+        def load_checkpoint(self, checkpoint_path, weights_only=None):
+            from most_lightning.model.checkpoint.deepspeed_dir import consolidate, is_deepspeed_checkpoint
+
+            fitting = self.lightning_module.trainer.state.fn == TrainerFn.FITTING
+            self._consolidated = self.zero_stage_3 and not fitting and is_deepspeed_checkpoint(checkpoint_path)
+            if self._consolidated:
+                return consolidate(checkpoint_path)
+            return super().load_checkpoint(checkpoint_path, weights_only)
+
+        def load_model_state_dict(self, checkpoint, strict: bool = True) -> None:
+            if self._consolidated:
+                self.model_to_device()
+                self._restore_zero_state(checkpoint, strict=strict)
+                return
+            super().load_model_state_dict(checkpoint, strict)
+
+    return MoSTDeepSpeedStrategy
+
+
+@functools.cache
+def _cpu_deepspeed_class():
+    from lightning.pytorch.strategies import DDPStrategy
     from lightning.fabric.utilities.seed import reset_seed
 
-    class CPUDeepSpeedStrategy(DeepSpeedStrategy):
+    class CPUDeepSpeedStrategy(_deepspeed_class()):
         """Lightning's DeepSpeedStrategy on CPU processes (gloo). Three things differ from the CUDA one:
         the environment is set up as DDP's (no CUDA-only check), the distributed setup seeds, sets the ranks and
         starts DeepSpeed's backend without validating CUDA device indices, and the root device carries the
@@ -71,6 +103,8 @@ def _cpu_deepspeed_class():
 def __getattr__(name: str) -> Any:
     if name == "CPUDeepSpeedStrategy":
         return _cpu_deepspeed_class()
+    if name == "MoSTDeepSpeedStrategy":
+        return _deepspeed_class()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -321,6 +355,4 @@ def _build(kind: str, strategy: Mapping[str, Any], trainer: Mapping[str, Any], p
         log.info("accelerator=cpu with a DeepSpeed strategy: using CPUDeepSpeedStrategy (the real DeepSpeed engine "
                  "on CPU processes over gloo; for tests and CI, not for speed)")
         return _cpu_deepspeed_class()(config=config, **options)
-    from lightning.pytorch.strategies import DeepSpeedStrategy
-
-    return DeepSpeedStrategy(config=config, **options)
+    return _deepspeed_class()(config=config, **options)
