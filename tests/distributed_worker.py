@@ -56,7 +56,8 @@ def make_batch(step: int, rank: int, kind: str, module) -> dict:
         modality[:, 2:SEQ - 3] = 1
     labels = ids.clone()
     labels[:, :3] = -100
-    batch = dict(input_ids=ids, labels=labels, modality=modality, attention_mask=torch.ones(ROWS, SEQ, dtype=torch.bool),
+    batch = dict(input_ids=ids, labels=labels, modality=modality,
+                 attention_mask=torch.ones(ROWS, SEQ, dtype=torch.bool),
                  task=["asr"] * ROWS if kind == "speech" else ["text"] * ROWS)
     if kind == "speech" and module.audio_input is not None:
         waves = torch.randn(ROWS, 3200, generator=g) * 0.1

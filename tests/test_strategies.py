@@ -105,7 +105,8 @@ def test_global_batch_that_does_not_divide_names_the_settings():
     assert batch_plan({"global_batch_size": 64}, {"devices": 2}, {"batch_size": 4}).accumulate == 8
 
 
-@pytest.mark.parametrize("precision, accelerator", [("16-mixed", "cpu"), ("64-true", "gpu"), ("transformer-engine", "gpu")])
+@pytest.mark.parametrize("precision, accelerator",
+                         [("16-mixed", "cpu"), ("64-true", "gpu"), ("transformer-engine", "gpu")])
 def test_deepspeed_with_a_precision_it_cannot_run(precision, accelerator):
     cfg = compose_run_config(["strategy=deepspeed_zero2", f"trainer.precision={precision}",
                               f"trainer.accelerator={accelerator}"])

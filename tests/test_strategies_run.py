@@ -74,5 +74,6 @@ def test_multirun_with_ddp_stops_before_any_work(tmp_path):
            f"paths.data_dir={tmp_path / 'data'}", f"paths.log_dir={tmp_path / 'logs'}"]
     result = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode != 0
-    assert "inside a multirun (-m)" in result.stderr + result.stdout and "re-enter the sweep" in result.stderr + result.stdout
+    output = result.stderr + result.stdout
+    assert "inside a multirun (-m)" in output and "re-enter the sweep" in output
     assert not (tmp_path / "data").exists()

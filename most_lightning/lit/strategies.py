@@ -1,4 +1,4 @@
-"""Training strategies from `conf/strategy`: DDP, DeepSpeed ZeRO-2 (+ CPU optimizer offload) and ZeRO-3, FSDP2.
+"""Training strategies from `conf/strategy`: DDP, DeepSpeed ZeRO-2 (+ CPU optimizer offload) and ZeRO-3.
 
 One function, `build_strategy`, turns the `strategy` group (plus the trainer and data groups it must agree with)
 into what `lightning.Trainer(strategy=...)` takes, after checking at start-up what would otherwise fail late or
@@ -22,7 +22,7 @@ from typing import Any
 
 log = logging.getLogger("most_lightning.strategy")
 
-STRATEGY_KINDS = ("auto", "ddp", "ddp_spawn", "deepspeed", "fsdp2")
+STRATEGY_KINDS = ("auto", "ddp", "ddp_spawn", "deepspeed")
 # what Lightning's DeepSpeed precision plugin accepts; the CPU accelerator of DeepSpeed has no fp16
 DEEPSPEED_PRECISIONS = ("32-true", "bf16-mixed", "bf16-true", "16-mixed", "16-true")
 DEEPSPEED_CPU_PRECISIONS = ("32-true", "bf16-mixed", "bf16-true")
@@ -236,7 +236,7 @@ def is_multi_process(kind: str, trainer: Mapping[str, Any]) -> bool:
 def check_launch(kind: str, trainer: Mapping[str, Any], multirun: bool) -> None:
     """Errors at start-up, before any data is prepared:
     - a Hydra multirun with a strategy whose workers Lightning starts by re-running the command line (DDP,
-      DeepSpeed, FSDP2): each worker would run the whole sweep again; ddp_spawn forks instead and is allowed;
+      DeepSpeed): each worker would run the whole sweep again; ddp_spawn forks instead and is allowed;
     - trainer.devices / trainer.num_nodes that disagree with the processes torchrun/srun started."""
     name = str(trainer.get("strategy", "auto")) if kind == "auto" else kind
     if multirun and is_multi_process(kind, trainer) and "spawn" not in name:
@@ -285,7 +285,8 @@ def check_zero3_audio(kind: str, strategy: Mapping[str, Any], audio: Mapping[str
 
 
 # ---------------------------------------------------------------------------------------------- the builder
-def build_strategy(strategy: Mapping[str, Any] | None, trainer: Mapping[str, Any], data: Mapping[str, Any] | None = None,
+def build_strategy(strategy: Mapping[str, Any] | None, trainer: Mapping[str, Any],
+                   data: Mapping[str, Any] | None = None,
                    multirun: bool = False, ckpt_path: str | None = None,
                    audio: Mapping[str, Any] | None = None) -> tuple[Any, BatchPlan]:
     """The `strategy` group -> (what Trainer(strategy=...) takes, the batch plan). Checks the launch, the
@@ -346,10 +347,6 @@ def _build(kind: str, strategy: Mapping[str, Any], trainer: Mapping[str, Any], p
         if kind == "ddp_spawn":
             options.setdefault("start_method", "spawn")
         return DDPStrategy(**options)
-    if kind == "fsdp2":
-        from lightning.pytorch.strategies import ModelParallelStrategy
-
-        return ModelParallelStrategy(**options)
     config = deepspeed_config(strategy, trainer, plan.micro_batch)
     if trainer.get("accelerator") == "cpu":
         log.info("accelerator=cpu with a DeepSpeed strategy: using CPUDeepSpeedStrategy (the real DeepSpeed engine "
