@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     # model.init: a bad pretrained dir or an impossible expert layout fails here too (reads config.json + headers)
     build_model_config(resolve_model_init(OmegaConf.to_container(cfg.model, resolve=True), None)[0], cfg.router,
                        vocab_size=None)
+    strategy, batch_plan = strategy_for_run(cfg)  # bad launch / precision / global batch: fails here too
 
     import lightning as L
     from lightning.pytorch.utilities import rank_zero_only
@@ -87,7 +89,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     loggers = instantiate_loggers(cfg.get("logger"))
     callbacks = instantiate_callbacks(cfg.get("callbacks"), have_loggers=bool(loggers))
-    trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
+                                                 strategy=strategy, accumulate_grad_batches=batch_plan.accumulate)
     for logger in loggers:
         logger.log_hyperparams({"run": OmegaConf.to_container(job_config(cfg), resolve=True),
                                 "model/n_params": n_params})
@@ -124,6 +127,19 @@ def train(cfg: DictConfig) -> dict[str, float]:
             write_json(output_dir / "asr_examples.json", module.asr_examples)
         log_info(f"metrics written to {output_dir / 'metrics.json'}")
     return metrics
+
+
+def strategy_for_run(cfg: DictConfig) -> tuple[Any, Any]:
+    """The `strategy` group -> (Trainer strategy, batch plan); checks launch, precision and global batch."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    from most_lightning.lit.strategies import build_strategy
+
+    multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+    return build_strategy(cfg.get("strategy"), cfg.trainer, cfg.get("data"), multirun=multirun,
+                          ckpt_path=cfg.get("ckpt_path") if cfg.get("train", True) else None,
+                          audio=cfg.get("audio"))
 
 
 def make_test_loaders(datamodule: Any, add_mismatched_asr: bool) -> tuple[list, set[int]]:
@@ -181,4 +197,8 @@ if __name__ == "__main__":
     from most_lightning.experiments.plugin_registration import register_sweeper_plugin
 
     register_sweeper_plugin()
+    # torchrun / srun started this process: every rank writes into one run dir (see lit/launch.py)
+    from most_lightning.lit.launch import pin_run_dir_for_launched_ranks
+
+    pin_run_dir_for_launched_ranks(sys.argv)
     main()

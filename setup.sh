@@ -29,4 +29,14 @@ extra=""
 [ "${1:-}" = "--dev" ] && extra="[dev]"
 echo "setup: pip install -e .${extra}"
 "$PYTHON" -m pip install --quiet --disable-pip-version-check --root-user-action=ignore -e ".${extra}"
+if [ -n "$extra" ]; then
+    # DeepSpeed compiles two C++ ops on first use (shared-memory comm ~85 s, CPU Adam ~2 min on 2 cores): build them
+    # once here, cached under ~/.cache/torch_extensions, so the distributed tests do not pay for it
+    echo "setup: building DeepSpeed's CPU ops (once; cached in ~/.cache/torch_extensions)"
+    "$PYTHON" -c "from deepspeed.accelerator import get_accelerator as acc
+for name in ('ShareMemCommBuilder', 'CPUAdamBuilder'):
+    builder = acc().create_op_builder(name)
+    builder and builder.load()" >/dev/null 2>&1 \
+        || echo "setup: warning: could not build DeepSpeed's CPU ops now (a C++ compiler is needed); they build on first use" >&2
+fi
 echo "setup: done"

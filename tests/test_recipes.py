@@ -15,8 +15,8 @@ from omegaconf import OmegaConf, open_dict
 from conftest import FAST_OVERRIDES, compose_run_config
 
 # the reference optimiser settings scaled for a tiny model trained from scratch, as the recipes' comments say
-TINY_SCALE = ["trainer.accumulate_grad_batches=1", "lit.optimizer.lr=1e-3", "data.max_length=null",
-              "data.shuffle_buffer=20"]
+TINY_SCALE = ["trainer.accumulate_grad_batches=1", "strategy.global_batch_size=null", "lit.optimizer.lr=1e-3",
+              "data.max_length=null", "data.shuffle_buffer=20"]
 
 
 @pytest.fixture

@@ -74,18 +74,27 @@ def _plain_weight(linear: nn.Linear) -> bool:
         linear.out_features, linear.in_features)
 
 
-def build_adamw(model: nn.Module, settings: Mapping[str, Any], fused: bool = True) -> torch.optim.AdamW:
-    """AdamW over ``model`` with the lit.optimizer settings; no weight decay on vectors (norms, biases).
-    ``fused=False`` takes torch's default implementation instead of the fused kernel."""
+def build_adamw(model: nn.Module, settings: Mapping[str, Any], fused: bool = True,
+                cpu_offload: bool = False) -> torch.optim.Optimizer:
+    """AdamW over ``model`` with the lit.optimizer settings; no weight decay on vectors (norms, biases); matrices,
+    stacked experts [E, out, in] and router gates [E, H] included, are decayed. ``fused=False`` takes torch's
+    default implementation instead of the fused kernel; ``cpu_offload`` DeepSpeed's CPU AdamW (same groups),
+    which ZeRO's optimizer offload steps on the host."""
     decay, no_decay = [], []
     for param in model.parameters():
         if param.requires_grad:
             (decay if param.ndim >= 2 else no_decay).append(param)
+    groups = [
+        {"params": decay, "weight_decay": float(settings["weight_decay"]), "name": "matrices"},
+        {"params": no_decay, "weight_decay": 0.0, "name": "vectors"},
+    ]
+    if cpu_offload:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(groups, lr=float(settings["lr"]), betas=tuple(float(b) for b in settings["betas"]),
+                                eps=float(settings["eps"]), adamw_mode=True)
     return torch.optim.AdamW(
-        [
-            {"params": decay, "weight_decay": float(settings["weight_decay"]), "name": "matrices"},
-            {"params": no_decay, "weight_decay": 0.0, "name": "vectors"},
-        ],
+        groups,
         lr=float(settings["lr"]),
         betas=tuple(float(b) for b in settings["betas"]),
         eps=float(settings["eps"]),
@@ -207,8 +216,10 @@ class MoSTLitModule(LightningModule):
 
     def _audio_embeds(self, batch: Mapping[str, Any], ids: torch.Tensor) -> torch.Tensor | None:
         """Token embeddings with continuous audio frames spliced in (MoST-C batches), else None."""
-        if "audio_mask" not in batch:
-            return None
+        if "audio_mask" not in batch:  # MoST-C on a batch without audio: the projection adds an exact zero
+            if self.audio_input is None or not torch.is_grad_enabled():
+                return None
+            return self.audio_input.without_audio(self.model.model.embed_tokens(ids))
         if self.audio_input is None:
             raise ValueError("the batch carries continuous audio (audio_mask) but the module was built without "
                              "audio=continuous: give the datamodule and the module the same `audio` config")
@@ -415,7 +426,10 @@ class MoSTLitModule(LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         # the decoder + MoST-C's projection (the frozen encoder has no grad)
-        optimizer = build_adamw(self, self.optimizer_settings, fused=not self._clips_under_mixed_precision())
+        from most_lightning.lit.strategies import offloads_optimizer
+
+        optimizer = build_adamw(self, self.optimizer_settings, fused=not self._clips_under_mixed_precision(),
+                                cpu_offload=offloads_optimizer(getattr(self.trainer.strategy, "config", None)))
         sched = self.scheduler_settings
         total = sched.get("total_steps") or self.trainer.estimated_stepping_batches
         if total is None or total == float("inf"):

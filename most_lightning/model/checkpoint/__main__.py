@@ -2,6 +2,7 @@
 
     python -m most_lightning.model.checkpoint export logs/train/runs/<time> out/ [--dtype bfloat16]
     python -m most_lightning.model.checkpoint export path/to/last.ckpt out/ --tokenizer data/.../tokenizer
+    python -m most_lightning.model.checkpoint export path/to/deepspeed_ckpt_dir out/   # ZeRO shards, consolidated
     python -m most_lightning.model.checkpoint inspect DeepSeek-V2-Lite/ [--partition copy]
 """
 
@@ -21,23 +22,33 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def find_lightning_checkpoint(source: Path) -> Path:
-    if source.is_file():
+    """A .ckpt file or a sharded DeepSpeed checkpoint directory (which is what a .ckpt is under DeepSpeed)."""
+    from most_lightning.model.checkpoint.deepspeed_dir import is_deepspeed_checkpoint
+
+    if source.is_file() or is_deepspeed_checkpoint(source):
         return source
     folder = source / "checkpoints" if (source / "checkpoints").is_dir() else source
-    if (folder / "last.ckpt").is_file():
-        return folder / "last.ckpt"
-    found = sorted(folder.glob("*.ckpt"), key=lambda p: p.stat().st_mtime)
+    last = folder / "last.ckpt"
+    if last.is_file() or is_deepspeed_checkpoint(last):
+        return last
+    found = sorted((p for p in folder.glob("*.ckpt") if p.is_file() or is_deepspeed_checkpoint(p)),
+                   key=lambda p: p.stat().st_mtime)
     if not found:
         raise CheckpointError(f"{source}: no Lightning checkpoint (*.ckpt, or a run dir with checkpoints/)")
     return found[-1]
 
 
 def model_from_lightning(path: Path):
-    """The MoSTForCausalLM of a MoSTLitModule checkpoint (weights_only: nothing is unpickled but tensors)."""
+    """The MoSTForCausalLM of a MoSTLitModule checkpoint (weights_only: nothing is unpickled but tensors), or of
+    a sharded DeepSpeed checkpoint directory, consolidated to fp32 first (model/checkpoint/deepspeed_dir.py)."""
     from most_lightning.lit.model_config import build_model_config
     from most_lightning.model.checkpoint.api import empty_model
+    from most_lightning.model.checkpoint.deepspeed_dir import consolidate, is_deepspeed_checkpoint
 
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if is_deepspeed_checkpoint(path):
+        ckpt = consolidate(path)
+    else:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
     hp = ckpt.get("hyper_parameters") or {}
     if "model" not in hp or "router" not in hp:
         raise CheckpointError(f"{path}: hyper_parameters lack model/router: not a MoSTLitModule checkpoint")
@@ -95,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     exp = sub.add_parser("export", help="Lightning checkpoint (or run dir) -> HF-style dir")
-    exp.add_argument("source", help="a .ckpt file, a run dir (uses checkpoints/last.ckpt) or a checkpoints dir")
+    exp.add_argument("source", help="a .ckpt file, a sharded DeepSpeed checkpoint dir, a run dir "
+                     "(uses checkpoints/last.ckpt) or a checkpoints dir")
     exp.add_argument("out", help="output directory (must not hold safetensors files yet)")
     exp.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: the model's dtype")
     exp.add_argument("--max-shard-gb", type=float, default=5.0, help="shard size limit in GiB (default 5)")
