@@ -136,10 +136,7 @@ def make_test_loaders(datamodule: Any, add_mismatched_asr: bool) -> tuple[list, 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="run")
 def main(cfg: DictConfig) -> Any:
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    from most_lightning.lit.runtime import optimized_metric
+    from most_lightning.lit.runtime import run_objective
 
     mode = cfg.get("mode", "train")
     names = cfg.get("optimized_metric")
@@ -161,15 +158,8 @@ def main(cfg: DictConfig) -> Any:
         metrics = train(cfg)
     else:
         raise ValueError(f"mode={mode!r}: allowed values are 'train', 'eval' and 'vocoder'")
-    try:
-        if OmegaConf.is_list(names):  # several objectives (multi-objective sweeps): one value per name
-            return [optimized_metric(metrics, name) for name in names]
-        return optimized_metric(metrics, names)
-    except KeyError as err:
-        if HydraConfig.get().mode == RunMode.MULTIRUN:  # a sweeper needs the value: fail loudly
-            raise
-        logging.getLogger("most_lightning.run").warning(err.args[0])
-        return None
+    # a missing objective is NaN with a warning: the multirun goes on, a sweeper records the trial FAILED
+    return run_objective(metrics, names)
 
 
 if __name__ == "__main__":

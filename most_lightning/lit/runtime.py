@@ -14,7 +14,7 @@ from hydra.utils import instantiate
 from lightning import Callback, Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.loggers import Logger
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 
 def route_lightning_logs_through_root() -> None:
@@ -44,9 +44,15 @@ def _instantiate_group(group: DictConfig | None, kind: str) -> list[Any]:
 
 
 def instantiate_callbacks(cfg: DictConfig | None, have_loggers: bool = True) -> list[Callback]:
+    """The callbacks group, plus ValidateAtEnd (whatever the group holds: the objective must exist for any
+    max_steps)."""
+    from .final_validation import ValidateAtEnd
+
     callbacks = _instantiate_group(cfg, "callbacks")
     if not have_loggers:  # LearningRateMonitor refuses to run without a logger (logger=none)
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
+    if not any(isinstance(c, ValidateAtEnd) for c in callbacks):
+        callbacks.append(ValidateAtEnd())
     return callbacks
 
 
@@ -116,3 +122,37 @@ def optimized_metric(metrics: Mapping[str, float], name: str | None) -> float | 
             "Set optimized_metric to one of them (e.g. val/nll)."
         )
     return metrics[name]
+
+
+class MissingObjective(float):
+    """NaN standing for an objective the run did not log, with the reason: a sweeper records the trial as FAILED
+    with it (a float subclass, so launchers that pickle return values keep the reason)."""
+
+    reason: str
+
+    def __new__(cls, reason: str) -> "MissingObjective":
+        value = super().__new__(cls, math.nan)
+        value.reason = reason
+        return value
+
+    def __repr__(self) -> str:
+        return f"MissingObjective({self.reason!r})"
+
+
+def run_objective(metrics: Mapping[str, float], names: Any) -> float | list[float] | None:
+    """What run.py returns to Hydra: the value of optimized_metric (a list for several objectives). A name the run
+    did not log gives a MissingObjective (NaN) and a warning, never an exception, so a multirun goes on to its
+    next cell and a sweeper records this trial as FAILED with the reason."""
+    log = logging.getLogger("most_lightning.run")
+
+    def one(name: str | None) -> float | None:
+        try:
+            return optimized_metric(metrics, name)
+        except KeyError as err:
+            reason = err.args[0]
+            log.warning(f"{reason} The objective of this run is NaN.")
+            return MissingObjective(reason)
+
+    if isinstance(names, (list, tuple)) or OmegaConf.is_list(names):
+        return [one(name) for name in names]
+    return one(names)
