@@ -35,14 +35,9 @@ HEADLINE_METRICS = ("test/asr_wer", "test/asr_cer", "test/asr_mismatched_wer", "
 
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit and test as the config says; returns every scalar metric (also written to metrics.json)."""
-    # Heavy imports here so that `python run.py --help` / `--cfg job` answer at once, and a bad model/router
-    # config fails before Lightning is even imported or any data is prepared (vocab_size: the preset's for now).
-    from most_lightning.lit.model_config import build_model_config
-    from most_lightning.model.checkpoint.init import resolve_model_init
-
-    # model.init: a bad pretrained dir or an impossible expert layout fails here too (reads config.json + headers)
-    build_model_config(resolve_model_init(OmegaConf.to_container(cfg.model, resolve=True), None)[0], cfg.router,
-                       vocab_size=None)
+    # Heavy imports here so that `python run.py --help` / `--cfg job` answer at once, and a bad setting fails
+    # before Lightning is even imported or any data is prepared.
+    check_settings(cfg)
 
     import lightning as L
     from lightning.pytorch.utilities import rank_zero_only
@@ -123,6 +118,19 @@ def train(cfg: DictConfig) -> dict[str, float]:
     return metrics
 
 
+def check_settings(cfg: DictConfig) -> None:
+    """Every setting checked before any work, each error naming its field and what it allows: the model/router
+    groups (vocab_size: the preset's for now; model.init: a bad pretrained dir or an impossible expert layout,
+    from config.json + headers) and the data group (batch sizes, token budgets, lengths, weights, sources)."""
+    from most_lightning.data.settings_check import check_data_config
+    from most_lightning.lit.model_config import build_model_config
+    from most_lightning.model.checkpoint.init import resolve_model_init
+
+    model_config = build_model_config(resolve_model_init(OmegaConf.to_container(cfg.model, resolve=True), None)[0],
+                                      cfg.router, vocab_size=None)
+    check_data_config(cfg.data, max_positions=model_config.max_position_embeddings)
+
+
 def make_test_loaders(datamodule: Any, add_mismatched_asr: bool) -> tuple[list, set[int]]:
     """The datamodule's test loaders ([0] ASR generation, [1] teacher-forced TTS + text), plus, if asked, an ASR
     loader whose audio comes from other sentences (the text-prior baseline); returns the mismatched indices."""
@@ -145,8 +153,10 @@ def main(cfg: DictConfig) -> Any:
 
         metrics = run_quick_objective(cfg)
     elif mode == "eval":
+        from most_lightning.data.settings_check import check_data_config
         from most_lightning.eval.driver import run_eval
 
+        check_data_config(cfg.data)
         metrics = run_eval(cfg)
         if not OmegaConf.is_list(names) and names not in metrics:  # val/nll is a training metric: nothing to return
             return None
