@@ -44,6 +44,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     from most_lightning.experiments.provenance import write_run_records
     from most_lightning.lit.pruning import pruning_message
+    from most_lightning.lit.run_summary import print_run_summary
     from most_lightning.lit.runtime import (
         best_checkpoint_metrics,
         checkpoint_for_test,
@@ -115,6 +116,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         if module.asr_examples:
             write_json(output_dir / "asr_examples.json", module.asr_examples)
         log_info(f"metrics written to {output_dir / 'metrics.json'}")
+        print_run_summary(metrics, output_dir)
     return metrics
 
 
@@ -144,8 +146,9 @@ def make_test_loaders(datamodule: Any, add_mismatched_asr: bool) -> tuple[list, 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="run")
 def main(cfg: DictConfig) -> Any:
-    from most_lightning.lit.runtime import run_objective
+    from most_lightning.lit.runtime import quiet_known_third_party_noise, run_objective
 
+    quiet_known_third_party_noise()
     mode = cfg.get("mode", "train")
     names = cfg.get("optimized_metric")
     if cfg.get("quick_objective"):  # sweep tests: a known function of the overrides instead of training

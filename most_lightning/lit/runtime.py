@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -27,6 +29,43 @@ def route_lightning_logs_through_root() -> None:
     for handler in list(lightning_logger.handlers):
         if type(handler) is logging.StreamHandler:
             lightning_logger.removeHandler(handler)
+
+
+# Third-party messages a user cannot act on, matched narrowly (message and emitting module): (message regex,
+# category, module regex). LeafSpec: Lightning's own use of a torch API that torch deprecated. IterableDataset
+# __len__: Lightning's caution about workers that all read the same data; our streams split shards and samples
+# over ranks and workers themselves (data/pipeline.py), so the length they report is each worker's.
+KNOWN_WARNINGS = (
+    (r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning, r"lightning\.pytorch\.utilities\._pytree"),
+    (r"Your `IterableDataset` has `__len__` defined", UserWarning, r"lightning\.pytorch\.utilities\.data"),
+)
+# Log records of Lightning's rank-zero logger: advertisements for Lightning's cloud services, and the note that our
+# own model summary callback replaces Lightning's default one.
+KNOWN_LOG_LINES = (
+    r"💡 Tip: .*\[litlogger\]",
+    r"💡 Tip: .*\[litmodels\]",
+    r"Trainer already configured with model summary callbacks: \[<class 'most_lightning\.",
+)
+RANK_ZERO_LOGGER = "lightning.pytorch.utilities.rank_zero"
+
+
+class _DropKnownLines(logging.Filter):
+    def __init__(self, patterns: tuple[str, ...]) -> None:
+        super().__init__()
+        self.patterns = [re.compile(p) for p in patterns]
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(p.match(message) for p in self.patterns)
+
+
+def quiet_known_third_party_noise() -> None:
+    """Filter the known third-party warnings and log lines above (idempotent)."""
+    for message, category, module in KNOWN_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category, module=module)
+    logger = logging.getLogger(RANK_ZERO_LOGGER)
+    if not any(isinstance(f, _DropKnownLines) for f in logger.filters):
+        logger.addFilter(_DropKnownLines(KNOWN_LOG_LINES))
 
 
 def _instantiate_group(group: DictConfig | None, kind: str) -> list[Any]:
