@@ -38,14 +38,9 @@ HEADLINE_METRICS = ("test/asr_wer", "test/asr_cer", "test/asr_mismatched_wer", "
 
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit and test as the config says; returns every scalar metric (also written to metrics.json)."""
-    # Heavy imports here so that `python run.py --help` / `--cfg job` answer at once, and a bad model/router
-    # config fails before Lightning is even imported or any data is prepared (vocab_size: the preset's for now).
-    from most_lightning.lit.model_config import build_model_config
-    from most_lightning.model.checkpoint.init import resolve_model_init
-
-    # model.init: a bad pretrained dir or an impossible expert layout fails here too (reads config.json + headers)
-    build_model_config(resolve_model_init(OmegaConf.to_container(cfg.model, resolve=True), None)[0], cfg.router,
-                       vocab_size=None)
+    # Heavy imports here so that `python run.py --help` / `--cfg job` answer at once, and a bad setting fails
+    # before Lightning is even imported or any data is prepared.
+    check_settings(cfg)
     strategy, batch_plan = strategy_for_run(cfg)  # bad launch / precision / global batch: fails here too
 
     import lightning as L
@@ -53,6 +48,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     from most_lightning.experiments.provenance import write_run_records
     from most_lightning.lit.pruning import pruning_message
+    from most_lightning.lit.run_summary import print_run_summary
     from most_lightning.lit.runtime import (
         best_checkpoint_metrics,
         checkpoint_for_test,
@@ -126,6 +122,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         if module.asr_examples:
             write_json(output_dir / "asr_examples.json", module.asr_examples)
         log_info(f"metrics written to {output_dir / 'metrics.json'}")
+        print_run_summary(metrics, output_dir)
     return metrics
 
 
@@ -142,6 +139,19 @@ def strategy_for_run(cfg: DictConfig) -> tuple[Any, Any]:
                           audio=cfg.get("audio"))
 
 
+def check_settings(cfg: DictConfig) -> None:
+    """Every setting checked before any work, each error naming its field and what it allows: the model/router
+    groups (vocab_size: the preset's for now; model.init: a bad pretrained dir or an impossible expert layout,
+    from config.json + headers) and the data group (batch sizes, token budgets, lengths, weights, sources)."""
+    from most_lightning.data.settings_check import check_data_config
+    from most_lightning.lit.model_config import build_model_config
+    from most_lightning.model.checkpoint.init import resolve_model_init
+
+    model_config = build_model_config(resolve_model_init(OmegaConf.to_container(cfg.model, resolve=True), None)[0],
+                                      cfg.router, vocab_size=None)
+    check_data_config(cfg.data, max_positions=model_config.max_position_embeddings)
+
+
 def make_test_loaders(datamodule: Any, add_mismatched_asr: bool) -> tuple[list, set[int]]:
     """The datamodule's test loaders ([0] ASR generation, [1] teacher-forced TTS + text), plus, if asked, an ASR
     loader whose audio comes from other sentences (the text-prior baseline); returns the mismatched indices."""
@@ -155,11 +165,9 @@ def make_test_loaders(datamodule: Any, add_mismatched_asr: bool) -> tuple[list, 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="run")
 def main(cfg: DictConfig) -> Any:
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
+    from most_lightning.lit.runtime import quiet_known_third_party_noise, run_objective
 
-    from most_lightning.lit.runtime import optimized_metric
-
+    quiet_known_third_party_noise()
     mode = cfg.get("mode", "train")
     names = cfg.get("optimized_metric")
     if cfg.get("quick_objective"):  # sweep tests: a known function of the overrides instead of training
@@ -167,8 +175,10 @@ def main(cfg: DictConfig) -> Any:
 
         metrics = run_quick_objective(cfg)
     elif mode == "eval":
+        from most_lightning.data.settings_check import check_data_config
         from most_lightning.eval.driver import run_eval
 
+        check_data_config(cfg.data)
         metrics = run_eval(cfg)
         if not OmegaConf.is_list(names) and names not in metrics:  # val/nll is a training metric: nothing to return
             return None
@@ -180,15 +190,8 @@ def main(cfg: DictConfig) -> Any:
         metrics = train(cfg)
     else:
         raise ValueError(f"mode={mode!r}: allowed values are 'train', 'eval' and 'vocoder'")
-    try:
-        if OmegaConf.is_list(names):  # several objectives (multi-objective sweeps): one value per name
-            return [optimized_metric(metrics, name) for name in names]
-        return optimized_metric(metrics, names)
-    except KeyError as err:
-        if HydraConfig.get().mode == RunMode.MULTIRUN:  # a sweeper needs the value: fail loudly
-            raise
-        logging.getLogger("most_lightning.run").warning(err.args[0])
-        return None
+    # a missing objective is NaN with a warning: the multirun goes on, a sweeper records the trial FAILED
+    return run_objective(metrics, names)
 
 
 if __name__ == "__main__":

@@ -140,17 +140,41 @@ def test_export_reloads_bit_exactly(tmp_path, kind):
         export_hf(model, tmp_path / "out")
 
 
-def test_exported_vanilla_model_loads_in_transformers_with_the_same_logits(tmp_path, single_thread):
-    model = random_most(router=dict(name="vanilla"), q_lora_rank=24).eval()
+@pytest.mark.parametrize("n_shared", [2, 0])
+def test_exported_vanilla_model_loads_in_transformers_with_the_same_logits(tmp_path, single_thread, n_shared):
+    model = random_most(router=dict(name="vanilla"), q_lora_rank=24, n_shared_experts=n_shared).eval()
     export_hf(model, tmp_path / "out", max_shard_bytes=100_000)
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["model_type"] == "deepseek_v2" and config["rope_scaling"]["type"] == "yarn"
-    theirs = transformers.DeepseekV2ForCausalLM.from_pretrained(tmp_path / "out", attn_implementation="eager").eval()
+    theirs, info = transformers.DeepseekV2ForCausalLM.from_pretrained(
+        tmp_path / "out", attn_implementation="eager", output_loading_info=True)
+    theirs.eval()
+    # a clean load: no "MISSING ... newly initialized" table (n_shared_experts=0 used to miss the shared experts,
+    # which transformers builds with width 0)
+    assert {k: list(v) for k, v in info.items()} == {"missing_keys": [], "unexpected_keys": [],
+                                                      "mismatched_keys": [], "error_msgs": []}
     ids = torch.randint(0, 97, (2, 40), generator=torch.Generator().manual_seed(0))
     positions = torch.arange(100, 140).expand(2, -1)
     with torch.no_grad():
         torch.testing.assert_close(model(ids, position_ids=positions).logits,
                                    theirs(input_ids=ids, position_ids=positions).logits, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("layout", ["per_expert", "fused"])
+def test_export_without_shared_experts_writes_empty_ones_and_reloads_exactly(tmp_path, layout):
+    model = random_most(n_shared_experts=0, q_lora_rank=24)
+    export_hf(model, tmp_path / "out", expert_layout=layout)
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "out" / "model.safetensors"), "pt") as f:
+        shared = {k: tuple(f.get_tensor(k).shape) for k in f.keys() if ".shared_experts." in k}
+    moe_layers = [i for i in range(model.config.num_layers) if model.config.is_moe_layer(i)]
+    assert shared == {f"model.layers.{i}.mlp.shared_experts.{p}.weight": shape for i in moe_layers
+                      for p, shape in (("gate_proj", (0, 64)), ("up_proj", (0, 64)), ("down_proj", (64, 0)))}
+    back, _ = load_pretrained(tmp_path / "out", progress=False)  # our importer skips the empty tensors
+    assert back.config == model.config
+    for key, value in model.state_dict().items():
+        assert torch.equal(back.state_dict()[key], value), key
 
 
 def test_export_cli_from_a_lightning_checkpoint(tmp_path):

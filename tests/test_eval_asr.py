@@ -141,8 +141,10 @@ def test_full_width_beam_finds_the_exhaustive_optimum():
 # ---------------------------------------------------------------------------------------------- entry point
 @pytest.mark.slow
 def test_eval_entry_point_default_suite(tiny_run, tmp_path):
-    out, _ = run_eval_cli(tiny_run, tmp_path / "eval", "eval=default", "eval.tasks.asr.limit=4", "eval.batch_size=3")
+    # no eval=<suite>: mode=eval runs conf/eval/default.yaml (it used to stop with "mode=eval needs a suite")
+    out, _ = run_eval_cli(tiny_run, tmp_path / "eval", "eval.tasks.asr.limit=4", "eval.batch_size=3")
     report = json.loads((out / "eval_report.json").read_text())
+    assert report["suite"] == "default"
     asr = report["tasks"]["asr"]["metrics"]
     assert asr["n_utterances"] == 4 and asr["n_skipped_samples"] == 0
     for key in ("wer_greedy", "cer_greedy", "wer_beam", "cer_beam"):

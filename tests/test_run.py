@@ -61,10 +61,12 @@ def test_train_test_writes_metrics_and_returns_the_optimized_metric(cfg_fast):
 
 @pytest.mark.slow
 def test_multirun_router_by_shared_experts_grid(tmp_path, shared_data_dir, single_thread):
+    """`python run.py -m router=vanilla,modality_aware model.n_shared_experts=0,2 trainer.max_steps=20`: 20 steps
+    and validation every 50 used to end every cell without val/nll and the multirun with a KeyError."""
     sweep_dir = tmp_path / "sweep"
     cmd = [sys.executable, "run.py", "-m", "router=vanilla,modality_aware", "model.n_shared_experts=0,2",
-           *FAST_OVERRIDES, f"paths.data_dir={shared_data_dir}", f"paths.log_dir={tmp_path / 'logs'}",
-           f"hydra.sweep.dir={sweep_dir}"]
+           *FAST_OVERRIDES, "trainer.max_steps=20", "trainer.val_check_interval=50",
+           f"paths.data_dir={shared_data_dir}", f"paths.log_dir={tmp_path / 'logs'}", f"hydra.sweep.dir={sweep_dir}"]
     result = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     run_dirs = sorted(p for p in sweep_dir.iterdir() if p.is_dir())

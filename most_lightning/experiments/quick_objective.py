@@ -9,6 +9,7 @@ in the run config; run.py calls this instead of train()).
       sleep_s: 0.0                   # wall time per step (kill-and-resume tests)
       fail_when: {model.top_k: [3, 3]}   # raise if every named key lies in [lo, hi]
       nan_when: null                 # return NaN for every metric if every named key lies in [lo, hi]
+      drop_when: null                # log no metric at all there (a run that never logged its objective)
 
 The model/router config is validated as in a real run, so an impossible expert split fails the same way.
 Writes metrics.json, config_resolved.yaml and provenance.json like a real run.
@@ -60,14 +61,16 @@ def run_quick_objective(cfg: DictConfig) -> dict[str, float]:
     metrics = quick_metrics(cfg)
     if _inside(cfg, spec.get("nan_when")):
         metrics = {name: float("nan") for name in metrics}
+    if _inside(cfg, spec.get("drop_when")):
+        metrics = {}
     reporter = None
     if cfg.get("optuna_trial"):
         from most_lightning.experiments.trial_link import TrialLink, TrialReporter
 
         reporter = TrialReporter(TrialLink.from_config(cfg.optuna_trial))
     target = cfg.get("optimized_metric")
-    first = target if isinstance(target, str) and target in metrics else next(iter(metrics))
-    steps = int(spec.get("steps", 0) or 0)
+    first = target if isinstance(target, str) and target in metrics else next(iter(metrics), None)
+    steps = int(spec.get("steps", 0) or 0) if first is not None else 0
     for step in range(1, steps + 1):
         time.sleep(float(spec.get("sleep_s", 0.0) or 0.0))
         if reporter is not None:  # a curve that falls to the final value: worse points stay worse

@@ -72,6 +72,9 @@ def outcome_from_return(value: Any, n_objectives: int) -> Outcome:
         return Outcome(reason=f"the job returned {len(values)} value(s) {values} for {n_objectives} direction(s)")
     out = []
     for i, v in enumerate(values):
+        missing = getattr(v, "reason", None)  # run.py's MissingObjective: NaN with the reason the run gave
+        if missing:
+            return Outcome(reason=f"objective {i} is missing: {missing}")
         try:
             v = float(v)
         except (TypeError, ValueError):

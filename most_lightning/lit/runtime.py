@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -14,7 +16,7 @@ from hydra.utils import instantiate
 from lightning import Callback, Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.loggers import Logger
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 
 def route_lightning_logs_through_root() -> None:
@@ -27,6 +29,43 @@ def route_lightning_logs_through_root() -> None:
     for handler in list(lightning_logger.handlers):
         if type(handler) is logging.StreamHandler:
             lightning_logger.removeHandler(handler)
+
+
+# Third-party messages a user cannot act on, matched narrowly (message and emitting module): (message regex,
+# category, module regex). LeafSpec: Lightning's own use of a torch API that torch deprecated. IterableDataset
+# __len__: Lightning's caution about workers that all read the same data; our streams split shards and samples
+# over ranks and workers themselves (data/pipeline.py), so the length they report is each worker's.
+KNOWN_WARNINGS = (
+    (r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning, r"lightning\.pytorch\.utilities\._pytree"),
+    (r"Your `IterableDataset` has `__len__` defined", UserWarning, r"lightning\.pytorch\.utilities\.data"),
+)
+# Log records of Lightning's rank-zero logger: advertisements for Lightning's cloud services, and the note that our
+# own model summary callback replaces Lightning's default one.
+KNOWN_LOG_LINES = (
+    r"💡 Tip: .*\[litlogger\]",
+    r"💡 Tip: .*\[litmodels\]",
+    r"Trainer already configured with model summary callbacks: \[<class 'most_lightning\.",
+)
+RANK_ZERO_LOGGER = "lightning.pytorch.utilities.rank_zero"
+
+
+class _DropKnownLines(logging.Filter):
+    def __init__(self, patterns: tuple[str, ...]) -> None:
+        super().__init__()
+        self.patterns = [re.compile(p) for p in patterns]
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(p.match(message) for p in self.patterns)
+
+
+def quiet_known_third_party_noise() -> None:
+    """Filter the known third-party warnings and log lines above (idempotent)."""
+    for message, category, module in KNOWN_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category, module=module)
+    logger = logging.getLogger(RANK_ZERO_LOGGER)
+    if not any(isinstance(f, _DropKnownLines) for f in logger.filters):
+        logger.addFilter(_DropKnownLines(KNOWN_LOG_LINES))
 
 
 def _instantiate_group(group: DictConfig | None, kind: str) -> list[Any]:
@@ -44,9 +83,15 @@ def _instantiate_group(group: DictConfig | None, kind: str) -> list[Any]:
 
 
 def instantiate_callbacks(cfg: DictConfig | None, have_loggers: bool = True) -> list[Callback]:
+    """The callbacks group, plus ValidateAtEnd (whatever the group holds: the objective must exist for any
+    max_steps)."""
+    from .final_validation import ValidateAtEnd
+
     callbacks = _instantiate_group(cfg, "callbacks")
     if not have_loggers:  # LearningRateMonitor refuses to run without a logger (logger=none)
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
+    if not any(isinstance(c, ValidateAtEnd) for c in callbacks):
+        callbacks.append(ValidateAtEnd())
     return callbacks
 
 
@@ -116,3 +161,37 @@ def optimized_metric(metrics: Mapping[str, float], name: str | None) -> float | 
             "Set optimized_metric to one of them (e.g. val/nll)."
         )
     return metrics[name]
+
+
+class MissingObjective(float):
+    """NaN standing for an objective the run did not log, with the reason: a sweeper records the trial as FAILED
+    with it (a float subclass, so launchers that pickle return values keep the reason)."""
+
+    reason: str
+
+    def __new__(cls, reason: str) -> "MissingObjective":
+        value = super().__new__(cls, math.nan)
+        value.reason = reason
+        return value
+
+    def __repr__(self) -> str:
+        return f"MissingObjective({self.reason!r})"
+
+
+def run_objective(metrics: Mapping[str, float], names: Any) -> float | list[float] | None:
+    """What run.py returns to Hydra: the value of optimized_metric (a list for several objectives). A name the run
+    did not log gives a MissingObjective (NaN) and a warning, never an exception, so a multirun goes on to its
+    next cell and a sweeper records this trial as FAILED with the reason."""
+    log = logging.getLogger("most_lightning.run")
+
+    def one(name: str | None) -> float | None:
+        try:
+            return optimized_metric(metrics, name)
+        except KeyError as err:
+            reason = err.args[0]
+            log.warning(f"{reason} The objective of this run is NaN.")
+            return MissingObjective(reason)
+
+    if isinstance(names, (list, tuple)) or OmegaConf.is_list(names):
+        return [one(name) for name in names]
+    return one(names)

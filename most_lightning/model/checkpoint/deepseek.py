@@ -64,6 +64,9 @@ def deepseek_plan(model: MoSTForCausalLM, ckpt: CheckpointDir, n_ckpt_experts: i
     tensors = model_tensors(model)
     if c.tie_word_embeddings:  # tied: some checkpoints still carry the duplicate head
         plan.ignore += ("lm_head.weight",)
+    if not c.n_shared_experts:  # our exports write zero-size shared experts for transformers (export.py)
+        plan.ignore += tuple(k for k, info in ckpt.tensors_info.items()
+                             if ".mlp.shared_experts." in k and 0 in tuple(info.shape))
     ckpt_vocab = ckpt.config["vocab_size"]
     moe_layers = [i for i in range(c.num_layers) if c.is_moe_layer(i)]
     sources = {}

@@ -48,6 +48,18 @@ def hf_tensors(model: torch.nn.Module, expert_layout: str = "per_expert") -> Ite
             for j in range(gate.shape[0]):
                 for p, w in (("gate_proj", gate), ("up_proj", up), ("down_proj", down)):
                     yield f"{prefix}.{j}.{p}.weight", w[j]
+        yield from empty_shared_experts(model.config, prefix.removesuffix(".experts"), gate.dtype)
+
+
+def empty_shared_experts(config, mlp_prefix: str, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+    """Without shared experts (n_shared_experts=0), transformers' DeepseekV2 still builds a shared-expert MLP of
+    width 0 in every MoE layer; its zero-size weights are written too, so that the load reports no missing keys
+    (and no "newly initialized" warning for weights that hold nothing)."""
+    if config.attention != "mla" or config.n_shared_experts:
+        return
+    hidden = config.hidden_size
+    for name, shape in (("gate_proj", (0, hidden)), ("up_proj", (0, hidden)), ("down_proj", (hidden, 0))):
+        yield f"{mlp_prefix}.shared_experts.{name}.weight", torch.empty(shape, dtype=dtype)
 
 
 def export_config(config, dtype: torch.dtype) -> dict:
