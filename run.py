@@ -40,6 +40,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     from most_lightning.lit.model_config import build_model_config
     from most_lightning.model.checkpoint.init import resolve_model_init
 
+    resume_from = resume_checkpoint(cfg)  # a URL or a missing checkpoint stops here, before any work
+
     # model.init: a bad pretrained dir or an impossible expert layout fails here too (reads config.json + headers)
     build_model_config(resolve_model_init(OmegaConf.to_container(cfg.model, resolve=True), None)[0], cfg.router,
                        vocab_size=None)
@@ -91,7 +93,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     metrics: dict[str, float] = {"model/n_params": float(n_params)}
     if cfg.get("train", True):
-        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        # weights_only=True whatever the environment says: a checkpoint is data, never code
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
         metrics |= scalar_metrics(trainer.callback_metrics) | best_checkpoint_metrics(trainer)
         pruned = pruning_message(callbacks)  # an Optuna pruner stopped the fit: no test, the trial is PRUNED
         if pruned is not None:
@@ -104,12 +107,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
         if cfg.get("train", True):
             ckpt = checkpoint_for_test(trainer, cfg.get("test_weights", "best"))
         else:  # test only: the weights given by ckpt_path (or the freshly initialised model)
-            ckpt = cfg.get("ckpt_path")
+            ckpt = resume_from
         log_info(f"testing with {ckpt or 'the weights in memory'}")
         loaders, mismatched = make_test_loaders(datamodule, cfg.get("test_asr_mismatched", False))
         module.mismatched_test_loaders = mismatched
         # verbose=False: Lightning would print the same epoch-level table once per test loader
-        trainer.test(module, dataloaders=loaders, ckpt_path=ckpt, verbose=False)
+        trainer.test(module, dataloaders=loaders, ckpt_path=ckpt, verbose=False, weights_only=True)
         metrics |= scalar_metrics(trainer.callback_metrics)
         log_info("test: " + ", ".join(
             f"{name.removeprefix('test/')} {metrics[name]:.4g}" for name in HEADLINE_METRICS if name in metrics))
@@ -121,6 +124,25 @@ def train(cfg: DictConfig) -> dict[str, float]:
             write_json(output_dir / "asr_examples.json", module.asr_examples)
         log_info(f"metrics written to {output_dir / 'metrics.json'}")
     return metrics
+
+
+def resume_checkpoint(cfg: DictConfig) -> str | None:
+    """The local checkpoint to resume (or test) from: ckpt_path, or resume=<run dir>'s last.ckpt; a URL or a
+    missing file stops here, before any work (most_lightning.lit.resume)."""
+    from most_lightning.lit.resume import checkpoint_to_resume
+
+    return checkpoint_to_resume(cfg)
+
+
+def continue_killed_run(argv: list[str]) -> list[str]:
+    """`ckpt_path=<run>/checkpoints/...` or `resume=<run>`: continue in that run directory, with its overrides
+    (most_lightning.lit.resume.resume_argv); other command lines pass unchanged."""
+    from most_lightning.lit.resume import resume_argv
+
+    try:
+        return argv[:1] + resume_argv(argv[1:])
+    except (ValueError, FileNotFoundError) as err:  # a URL, or a run directory without last.ckpt
+        raise SystemExit(f"error: {err}") from None
 
 
 def make_test_loaders(datamodule: Any, add_mismatched_asr: bool) -> tuple[list, set[int]]:
@@ -178,4 +200,7 @@ if __name__ == "__main__":
     from most_lightning.experiments.plugin_registration import register_sweeper_plugin
 
     register_sweeper_plugin()
+    import sys
+
+    sys.argv = continue_killed_run(sys.argv)
     main()
