@@ -117,6 +117,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         log_info("test: " + ", ".join(
             f"{name.removeprefix('test/')} {metrics[name]:.4g}" for name in HEADLINE_METRICS if name in metrics))
 
+    metrics |= skip_report(datamodule, output_dir, trainer.is_global_zero)
     if trainer.is_global_zero:
         # config_resolved.yaml (.hydra/config.yaml keeps the interpolations), metrics.json, provenance.json (git)
         write_run_records(output_dir, cfg, metrics)
@@ -132,6 +133,18 @@ def resume_checkpoint(cfg: DictConfig) -> str | None:
     from most_lightning.lit.resume import checkpoint_to_resume
 
     return checkpoint_to_resume(cfg)
+
+
+def skip_report(datamodule: Any, output_dir: Path, write: bool) -> dict[str, float]:
+    """Every bad input the data skipped (all ranks) -> <run dir>/skipped.tsv; returns data/n_skipped[/<kind>]."""
+    ledger = list(getattr(datamodule, "skip_ledger", []))
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        parts: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, ledger)
+        ledger = [row for part in parts for row in part]
+    return datamodule.write_skip_report(output_dir, ledger) if write else {}
 
 
 def continue_killed_run(argv: list[str]) -> list[str]:

@@ -278,6 +278,9 @@ class SourceMixStream(IterableDataset):
         policy = BadSamplePolicy(self.on_bad_sample)
         formatter = TaskFormatter(self.tokenizer, self.max_length, self.max_length_policy)
         batcher = self._batcher(random.Random(f"{self.seed}/{self.rank}/{worker}/batching"))
+        # each batch waits for the next, so the last one also carries what the end of the pass reports (a shard
+        # that turns out short when its end is reached)
+        held: dict[str, Any] | None = None
         for source, task, _ in self.pairs:
             cursor = ShardCursor(source, "exact", self.seed, self.rank, self.world_size, worker, n_workers,
                                  self.few_shards, False, verify=self.verify)
@@ -288,9 +291,19 @@ class SourceMixStream(IterableDataset):
                     policy.handle(err if err.shard != "?" else type(err)(err.key, record.shard, err.reason))
                     continue
                 for batch in ready:
-                    yield self._finish(batch, policy, formatter, None, worker)
+                    if held is not None:
+                        yield self._finish(held, policy, formatter, None, worker)
+                    held = batch
         for batch in batcher.flush():
-            yield self._finish(batch, policy, formatter, None, worker)
+            if held is not None:
+                yield self._finish(held, policy, formatter, None, worker)
+            held = batch
+        if held is not None:
+            yield self._finish(held, policy, formatter, None, worker)
+        elif policy.total:  # no batch to carry the counts: say it here rather than lose them
+            raise RuntimeError(f"the exact pass over {[s.name for s in self.sources]} gave no usable sample on "
+                               f"rank {self.rank} worker {worker}: {policy.total} bad sample(s) skipped "
+                               f"({policy.total_reasons}); check the shards")
 
     def _finish(self, batch: dict[str, Any], policy: BadSamplePolicy, formatter: TaskFormatter,
                 state: dict | None, worker: int) -> dict[str, Any]:

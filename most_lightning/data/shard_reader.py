@@ -163,10 +163,35 @@ class _EndWithLast(ShardEndedEarly):
         self.last = last
 
 
+def _whole_samples(shard: str):
+    """Whole samples of a shard; the generator returns (reason of an early end or None, samples dropped at it)."""
+    previous: set[str] | None = None
+    try:
+        for group in _tar_groups(shard):
+            previous = set(group) - {"__key__"}
+            yield group
+    except ShardEndedEarly as early:
+        dropped = 1 if early.partial else 0
+        last = getattr(early, "last", None)
+        if last is not None:
+            if previous is not None and set(last) - {"__key__"} == previous:
+                yield last
+            else:
+                dropped = 1
+        return early.reason, dropped
+    return None, 0
+
+
+def count_whole_samples(shard: str) -> int:
+    """Whole samples a (possibly cut) shard still holds."""
+    return sum(1 for _ in _whole_samples(shard))
+
+
 def read_shard_samples(shard: str, on_corrupt: Callable[[str, int, bool], None], verify: VerifyShards = "size",
                        owns: Callable[[int], bool] | None = None) -> Iterator[dict[str, Any]]:
     """Whole raw samples of `shard` ({'__key__', '__url__', member: bytes}); every problem goes to
-    `on_corrupt(reason, n_lost, at_open)`, which raises or counts. `owns(i)`: whether sample i of this shard is
+    `on_corrupt(reason, n_lost, at_open)`, which raises or counts (`at_open`: a size mismatch found before
+    reading, which 'skip' only notes: the read that follows counts what is lost). `owns(i)`: whether sample i of this shard is
     this reader's (readers that stride over shards count only their own lost samples)."""
     owns = owns or (lambda i: True)
     expected = expected_shard(shard) if verify != "none" else None
@@ -184,30 +209,25 @@ def read_shard_samples(shard: str, on_corrupt: Callable[[str, int, bool], None],
         on_corrupt(f"cannot open it ({type(exn).__name__}: {exn}){where}", lost_from(0, 0), True)
         return
     if expected is not None:
-        if expected.bytes is not None and size != expected.bytes:
-            on_corrupt(f"{size} bytes, the manifest says {expected.bytes}{where}", 0, True)
+        if expected.bytes is not None and size != expected.bytes:  # at_open: 'raise' stops before any sample
+            on_corrupt(f"{size} bytes, the manifest says {expected.bytes}{where}",
+                       lost_from(min(count_whole_samples(shard), expected.samples), 0), True)
         if verify == "sha256" and expected.sha256 and shard_sha256(shard) != expected.sha256:
             on_corrupt(f"sha256 differs from the manifest's (data.verify=sha256){where}: whole shard dropped",
-                       lost_from(0, 0), True)
+                       lost_from(0, 0), False)
             return
     n = 0
-    previous: set[str] | None = None
-    try:
-        for group in _tar_groups(shard):
-            previous = set(group) - {"__key__"}
-            n += 1
-            yield {**group, "__url__": shard}
-    except ShardEndedEarly as early:
-        dropped = 1 if early.partial else 0
-        last = getattr(early, "last", None)
-        if last is not None:
-            if previous is not None and set(last) - {"__key__"} == previous:
-                n += 1
-                yield {**last, "__url__": shard}
-            else:
-                dropped = 1
-        reason = f"truncated or not a tar ({early.reason}); {n} whole sample(s) read{where}"
-        on_corrupt(reason, lost_from(n, dropped), False)
+    reader = _whole_samples(shard)
+    while True:
+        try:
+            group = next(reader)
+        except StopIteration as stop:
+            early, dropped = stop.value
+            break
+        n += 1
+        yield {**group, "__url__": shard}
+    if early is not None:
+        on_corrupt(f"truncated or not a tar ({early}); {n} whole sample(s) read{where}", lost_from(n, dropped), False)
         return
     if expected is not None and expected.samples != n:
         if n < expected.samples:
