@@ -177,9 +177,12 @@ class MixedTaskStream(IterableDataset):
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         worker, n_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        n_batches = self.batches_per_epoch // n_workers + (worker < self.batches_per_epoch % n_workers)
         epoch = self._pass
         self._local_passes += 1
+        # the DataLoader takes batches from its workers in turn, starting at worker 0; a run resumed mid-epoch must
+        # start with the worker whose batch was next, so worker ids rotate for that epoch (logical = the data's)
+        worker = (worker + self._resume_rotation(epoch, n_workers)) % n_workers
+        n_batches = self.batches_per_epoch // n_workers + (worker < self.batches_per_epoch % n_workers)
         # the epoch twice: the seed string of earlier versions (epoch / pass count), so runs without workers
         # draw the same data as before
         rng = random.Random(f"{self.seed}/{epoch}/{epoch}/{self.rank}/{worker}")
@@ -229,6 +232,14 @@ class MixedTaskStream(IterableDataset):
             batch["skipped_rows"] = policy.take_rows()
             batch["data_state"] = {"rank": self.rank, "worker": worker, "state": {"epoch": epoch, "batches": done}}
             yield batch
+
+    def _resume_rotation(self, epoch: int, n_workers: int) -> int:
+        """Batches consumed in the saved epoch, modulo the workers: the worker whose batch comes next."""
+        if not self.resume_state or n_workers == 1:
+            return 0
+        self._batches_to_replay(epoch, 0, n_workers)  # validates the saved shape
+        workers = self.resume_state.get("ranks", {}).get(str(self.rank), {})
+        return sum(int(st.get("batches", 0)) for st in workers.values() if st.get("epoch") == epoch) % n_workers
 
     def _batches_to_replay(self, epoch: int, worker: int, n_workers: int) -> int:
         """Batches of this epoch that this worker yielded before the checkpoint (0 without a saved position)."""

@@ -7,6 +7,8 @@ validation: the checkpoint marked best then holds later weights than the ones th
 - the top-k ranking (and so `best_model_path`, what `test_weights=best` tests) happens only at the end of a
   validation, with the weights that validation measured, and at every validation;
 - saves triggered by steps or time between validations write `last.ckpt` only (what a crashed run resumes from);
+- a checkpoint is written under a temporary name and renamed when complete, so a run killed while saving
+  (kill -9, a node lost) leaves the previous last.ckpt whole;
 - every validation end also refreshes `last.ckpt` (Lightning writes it only when the top-k changed), so a run
   killed after a validation that did not improve resumes from there, not from the best step.
 
@@ -17,6 +19,8 @@ was measured.
 
 from __future__ import annotations
 
+import os
+import shutil
 from typing import Any
 
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -53,3 +57,13 @@ class ValidatedCheckpoint(ModelCheckpoint):
         from lightning.pytorch.trainer.states import TrainerFn
 
         return not (trainer.fast_dev_run or trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING)
+
+    def _save_checkpoint(self, trainer, filepath: str) -> None:
+        partial = f"{filepath}.partial"
+        super()._save_checkpoint(trainer, partial)  # ends with a barrier: every rank has written its part
+        if trainer.is_global_zero and os.path.exists(partial):
+            if os.path.isdir(partial) and os.path.isdir(filepath):  # sharded (DeepSpeed) checkpoints are folders
+                shutil.rmtree(filepath)
+            os.replace(partial, filepath)
+        trainer.strategy.barrier("ValidatedCheckpoint.rename")
+        self._last_checkpoint_saved = filepath
