@@ -20,8 +20,9 @@ class Toy(L.LightningModule):
     """A linear layer trained on noise; its validation reports the scripted val/nll of the current step and keeps
     a copy of the weights it measured."""
 
-    def __init__(self):
+    def __init__(self, n_train: int):
         super().__init__()
+        self.n_train = n_train
         self.layer = torch.nn.Linear(4, 1)
         self.validated: dict[int, torch.Tensor] = {}
 
@@ -36,16 +37,18 @@ class Toy(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
     def train_dataloader(self):
-        return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(64, 4)), batch_size=2)
+        return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(self.n_train, 4)), batch_size=2)
 
     def val_dataloader(self):
         return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(2, 4)), batch_size=2)
 
 
-def fit(callback, tmp_path) -> tuple[L.Trainer, Toy]:
+def fit(callback, tmp_path, n_train: int = 64) -> tuple[L.Trainer, Toy]:
+    """20 steps, a validation every 5; n_train=12: 6 batches per epoch, so epoch ends fall between validations."""
     torch.manual_seed(0)
-    model = Toy()
-    trainer = L.Trainer(max_steps=20, val_check_interval=5, callbacks=[callback], logger=False,
+    model = Toy(n_train)
+    trainer = L.Trainer(max_steps=20, val_check_interval=5, check_val_every_n_epoch=None, callbacks=[callback],
+                        logger=False,
                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                         accelerator="cpu", default_root_dir=tmp_path)
     trainer.fit(model)
@@ -76,10 +79,11 @@ def test_plain_model_checkpoint_with_every_n_train_steps_marks_the_wrong_checkpo
     assert best_for_test(trainer)["global_step"] != 10
 
 
-@pytest.mark.parametrize("every_n_train_steps", [None, 3, 5, 7])
-def test_best_is_the_checkpoint_of_the_best_validation(tmp_path, every_n_train_steps):
+@pytest.mark.parametrize("n_train", [64, 12])
+@pytest.mark.parametrize("every_n_train_steps", [None, 1, 3, 5, 7])
+def test_best_is_the_checkpoint_of_the_best_validation(tmp_path, every_n_train_steps, n_train):
     callback = configured_checkpoint(tmp_path, every_n_train_steps=every_n_train_steps)
-    trainer, model = fit(callback, tmp_path)
+    trainer, model = fit(callback, tmp_path, n_train)
     best_step = min(model.validated, key=lambda step: VAL_NLL[step])
     ckpt = best_for_test(trainer)
     assert best_step == 10 and ckpt["global_step"] == best_step

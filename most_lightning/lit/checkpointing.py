@@ -44,13 +44,17 @@ class ValidatedCheckpoint(ModelCheckpoint):
         super()._save_topk_checkpoint(trainer, monitor_candidates)
 
     def on_validation_end(self, trainer, pl_module) -> None:
-        step_triggered = self.monitor is not None and (self.every_n_epochs or 0) < 1
-        if step_triggered and not self._defer_save_until_validation and self._may_save(trainer):
-            # Lightning skips this step if a step-triggered save already wrote last.ckpt: rank it here
-            self._save_topk_checkpoint(trainer, self._monitor_candidates(trainer))
-        super().on_validation_end(trainer, pl_module)
-        if self.save_last and self._may_save(trainer):  # last.ckpt with this validation's tracking in its state
-            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        if self.monitor is None or not self._may_save(trainer) or self._should_save_on_train_epoch_end(trainer):
+            super().on_validation_end(trainer, pl_module)
+            return
+        # Lightning's own rule skips this when a step-triggered save already ran at this step, or waits for a
+        # "deferred" save it set at an epoch end: rank here, at every validation (every_n_epochs permitting)
+        candidates = self._monitor_candidates(trainer)
+        if self.every_n_epochs < 1 or (trainer.current_epoch + 1) % self.every_n_epochs == 0:
+            self._save_topk_checkpoint(trainer, candidates)
+        self._defer_save_until_validation = False
+        if self.save_last:  # last.ckpt with this validation's tracking in its state
+            self._save_last_checkpoint(trainer, candidates)
 
     @staticmethod
     def _may_save(trainer) -> bool:
