@@ -40,8 +40,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     """Fit and test as the config says; returns every scalar metric (also written to metrics.json)."""
     # Heavy imports here so that `python run.py --help` / `--cfg job` answer at once, and a bad setting fails
     # before Lightning is even imported or any data is prepared.
+    resume_from = resume_checkpoint(cfg)  # a URL or a missing checkpoint stops here, before any work
     check_settings(cfg)
-    strategy, batch_plan = strategy_for_run(cfg)  # bad launch / precision / global batch: fails here too
+    strategy, batch_plan = strategy_for_run(cfg, resume_from)  # bad launch / precision / global batch: fails here too
 
     import lightning as L
     from lightning.pytorch.utilities import rank_zero_only
@@ -93,7 +94,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     metrics: dict[str, float] = {"model/n_params": float(n_params)}
     if cfg.get("train", True):
-        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        # weights_only=True whatever the environment says: a checkpoint is data, never code
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
         metrics |= scalar_metrics(trainer.callback_metrics) | best_checkpoint_metrics(trainer)
         pruned = pruning_message(callbacks)  # an Optuna pruner stopped the fit: no test, the trial is PRUNED
         if pruned is not None:
@@ -106,16 +108,17 @@ def train(cfg: DictConfig) -> dict[str, float]:
         if cfg.get("train", True):
             ckpt = checkpoint_for_test(trainer, cfg.get("test_weights", "best"))
         else:  # test only: the weights given by ckpt_path (or the freshly initialised model)
-            ckpt = cfg.get("ckpt_path")
+            ckpt = resume_from
         log_info(f"testing with {ckpt or 'the weights in memory'}")
         loaders, mismatched = make_test_loaders(datamodule, cfg.get("test_asr_mismatched", False))
         module.mismatched_test_loaders = mismatched
         # verbose=False: Lightning would print the same epoch-level table once per test loader
-        trainer.test(module, dataloaders=loaders, ckpt_path=ckpt, verbose=False)
+        trainer.test(module, dataloaders=loaders, ckpt_path=ckpt, verbose=False, weights_only=True)
         metrics |= scalar_metrics(trainer.callback_metrics)
         log_info("test: " + ", ".join(
             f"{name.removeprefix('test/')} {metrics[name]:.4g}" for name in HEADLINE_METRICS if name in metrics))
 
+    metrics |= skip_report(datamodule, output_dir, trainer.is_global_zero)
     if trainer.is_global_zero:
         # config_resolved.yaml (.hydra/config.yaml keeps the interpolations), metrics.json, provenance.json (git)
         write_run_records(output_dir, cfg, metrics)
@@ -126,8 +129,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     return metrics
 
 
-def strategy_for_run(cfg: DictConfig) -> tuple[Any, Any]:
-    """The `strategy` group -> (Trainer strategy, batch plan); checks launch, precision and global batch."""
+def strategy_for_run(cfg: DictConfig, resume_from: str | None) -> tuple[Any, Any]:
+    """The `strategy` group -> (Trainer strategy, batch plan); checks launch, precision and global batch, and how
+    a sharded checkpoint to resume from (``resume_from``) is read."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
@@ -135,7 +139,7 @@ def strategy_for_run(cfg: DictConfig) -> tuple[Any, Any]:
 
     multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
     return build_strategy(cfg.get("strategy"), cfg.trainer, cfg.get("data"), multirun=multirun,
-                          ckpt_path=cfg.get("ckpt_path") if cfg.get("train", True) else None,
+                          ckpt_path=resume_from if cfg.get("train", True) else None,
                           audio=cfg.get("audio"))
 
 
@@ -150,6 +154,37 @@ def check_settings(cfg: DictConfig) -> None:
     model_config = build_model_config(resolve_model_init(OmegaConf.to_container(cfg.model, resolve=True), None)[0],
                                       cfg.router, vocab_size=None)
     check_data_config(cfg.data, max_positions=model_config.max_position_embeddings)
+
+
+def resume_checkpoint(cfg: DictConfig) -> str | None:
+    """The local checkpoint to resume (or test) from: ckpt_path, or resume=<run dir>'s last.ckpt; a URL or a
+    missing file stops here, before any work (most_lightning.lit.resume)."""
+    from most_lightning.lit.resume import checkpoint_to_resume
+
+    return checkpoint_to_resume(cfg)
+
+
+def skip_report(datamodule: Any, output_dir: Path, write: bool) -> dict[str, float]:
+    """Every bad input the data skipped (all ranks) -> <run dir>/skipped.tsv; returns data/n_skipped[/<kind>]."""
+    ledger = list(getattr(datamodule, "skip_ledger", []))
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        parts: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, ledger)
+        ledger = [row for part in parts for row in part]
+    return datamodule.write_skip_report(output_dir, ledger) if write else {}
+
+
+def continue_killed_run(argv: list[str]) -> list[str]:
+    """`ckpt_path=<run>/checkpoints/...` or `resume=<run>`: continue in that run directory, with its overrides
+    (most_lightning.lit.resume.resume_argv); other command lines pass unchanged."""
+    from most_lightning.lit.resume import resume_argv
+
+    try:
+        return argv[:1] + resume_argv(argv[1:])
+    except (ValueError, FileNotFoundError) as err:  # a URL, or a run directory without last.ckpt
+        raise SystemExit(f"error: {err}") from None
 
 
 def make_test_loaders(datamodule: Any, add_mismatched_asr: bool) -> tuple[list, set[int]]:
@@ -200,6 +235,7 @@ if __name__ == "__main__":
     from most_lightning.experiments.plugin_registration import register_sweeper_plugin
 
     register_sweeper_plugin()
+    sys.argv = continue_killed_run(sys.argv)
     # torchrun / srun started this process: every rank writes into one run dir (see lit/launch.py)
     from most_lightning.lit.launch import pin_run_dir_for_launched_ranks
 

@@ -35,6 +35,7 @@ from .demo_chat_set import DemoChatRecipe, build_demo_chat, resolve_demo_chat, u
 from .demo_corpus import DemoCorpusRecipe, build_demo_corpus, corpus_dir_for, load_manifest
 from .samples import (BadSamplePolicy, OverlongSampleError, SpeechRecord, decode_speech_sample,
                       iter_records)
+from .shard_reader import VERIFY_SHARDS
 from .pipeline import SourceMixStream
 from .sources import SourceSpec, parse_sources, resolve_shards
 from .streams import EpochAwareLoader, MixedTaskStream, ResumableLoader
@@ -134,6 +135,7 @@ class MoSTDataModule(LightningDataModule):
         resume_data_position: bool = True,
         demo_chat: DemoChatRecipe | Mapping | None = None,
         tokenizer: Mapping | None = None,
+        verify: str = "size",
     ):
         """
         data_dir: cache root; the demo corpus goes to <data_dir>/demo/<recipe-hash>.
@@ -156,6 +158,9 @@ class MoSTDataModule(LightningDataModule):
         tokenizer: {from_base: <dir with tokenizer.json>, bos_token, eos_token}: tokenise with a pretrained base's
             tokenizer extended by the unit and audio tokens (most_tokenizer_from_base) instead of the corpus's BPE;
             from_base null = the corpus tokenizer.
+        verify: shards listed in a manifest.json are checked against it when opened: 'size' (bytes and sample
+            count, the default), 'sha256' (also the full checksum, once per shard and process) or 'none'; a short
+            or corrupt shard is a `corrupt_shard` bad input counting the samples lost (data/shard_reader.py).
         """
         super().__init__()
         self.data_dir = str(data_dir)
@@ -179,6 +184,9 @@ class MoSTDataModule(LightningDataModule):
         self.seed = int(seed)
         self.build_workers, self.progress, self.pin_memory = build_workers, progress, pin_memory
         BadSamplePolicy(on_bad_sample)
+        if verify not in VERIFY_SHARDS:
+            raise ValueError(f"data.verify={verify!r}: allowed values are {', '.join(VERIFY_SHARDS)}")
+        self.verify = verify
         if max_length_policy not in ("drop", "truncate"):
             raise ValueError(f"max_length_policy must be 'drop' or 'truncate', got {max_length_policy!r}")
         bad_tasks = [t for t in self.val_tasks if t not in TASKS]
@@ -205,6 +213,8 @@ class MoSTDataModule(LightningDataModule):
         self._tokenizer: MoSTTokenizer | None = None
         self._manifest: dict[str, Any] | None = None
         self._eval_cache: dict[tuple, Any] = {}
+        self._skips_reported: set[tuple] = set()  # eval record sets whose skips a loader already counted
+        self.skip_ledger: list[tuple[str, str, str, str, int, str]] = []  # (split, shard, key, kind, samples, detail)
         self.audio = AudioFrontendConfig.from_any(_plain(audio))
         self._audio_frames = None
         if not self.audio.continuous and self.audio.encoder:  # e.g. audio=hubert_units: the corpus's units
@@ -317,6 +327,7 @@ class MoSTDataModule(LightningDataModule):
     def train_dataset(self, rank: int | None = None, world_size: int | None = None) -> MixedTaskStream:
         r, w = self._rank_world()
         rank, world_size = (r if rank is None else rank), (w if world_size is None else world_size)
+        self._stream_shape = (world_size, self.num_workers)
         return MixedTaskStream(
             speech_shards=self.shards("train"), text_shards=self.shards("text"), tokenizer=self.tokenizer,
             batch_size=self.batch_size,
@@ -326,10 +337,16 @@ class MoSTDataModule(LightningDataModule):
             max_length_policy=self.max_length_policy, on_bad_sample=self.on_bad_sample,
             dedup_units=self.dedup_units, verify_audio=self.verify_audio, audio_frames=self.audio_frames,
             audio_markers=self.audio.markers, batching=self.batching, max_tokens=self.max_tokens,
-            bucket_pool=self.bucket_pool)
+            bucket_pool=self.bucket_pool, verify=self.verify, resume_state=self._stream_resume_state())
+
+    def _stream_resume_state(self) -> dict[str, Any] | None:
+        """Where a rebuilt training stream starts: after the last consumed batch, else the checkpoint's position."""
+        if not self.resume_data_position:
+            return None
+        return self._position(gather=False) if self._consumed else self._resume_state
 
     def train_dataloader(self) -> DataLoader:
-        loader = ResumableLoader if self.sources_config else EpochAwareLoader
+        loader = ResumableLoader  # both streams restore their position from this DataModule's state_dict
         dataset = self.source_stream() if self.sources_config else self.train_dataset()
         # Lightning restores the epoch of a resumed run before it asks for the loader
         first_epoch = self.trainer.current_epoch if self.trainer is not None else 0
@@ -353,8 +370,7 @@ class MoSTDataModule(LightningDataModule):
             raise ValueError(f"shard_sampling must be 'split' or 'resampled' (or mode='exact'), got {mode!r}")
         resume = None
         if mode != "exact":
-            if self.resume_data_position:  # a rebuilt loader continues after the last consumed batch
-                resume = self._position(gather=False) if self._consumed else self._resume_state
+            resume = self._stream_resume_state()  # a rebuilt loader continues after the last consumed batch
             self._stream_shape = (world_size, self.num_workers)
         return SourceMixStream(
             self.source_specs(sources), self.tokenizer, batch_size=self.batch_size,
@@ -363,7 +379,7 @@ class MoSTDataModule(LightningDataModule):
             shuffle_shards=self.shuffle_shards, few_shards=self.few_shards, batching=self.batching,
             max_tokens=self.max_tokens, bucket_pool=self.bucket_pool, max_length=self.max_length,
             max_length_policy=self.max_length_policy, on_bad_sample=self.on_bad_sample,
-            dedup_units=self.dedup_units, verify_audio=self.verify_audio, resume_state=resume)
+            dedup_units=self.dedup_units, verify_audio=self.verify_audio, resume_state=resume, verify=self.verify)
 
     def exact_pass_dataloader(self, sources: Mapping[str, Any], num_workers: int | None = None) -> DataLoader:
         """Every sample of `sources` once per task, split disjointly over ranks x workers (evaluation)."""
@@ -372,7 +388,10 @@ class MoSTDataModule(LightningDataModule):
 
     # ------------------------------------------------------------------ data position (resume)
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """Lightning calls this for each batch right before its step: remember the stream position it carries."""
+        """Lightning calls this for each batch right before its step: remember the stream position it carries and
+        the bad inputs its stream skipped (for skipped.tsv)."""
+        if isinstance(batch, dict) and "skipped_rows" in batch:
+            self.skip_ledger += [("train", *row) for row in batch.pop("skipped_rows")]
         if isinstance(batch, dict) and "data_state" in batch:
             self.observe(batch)
         return batch
@@ -385,11 +404,12 @@ class MoSTDataModule(LightningDataModule):
 
     def state_dict(self) -> dict[str, Any]:
         """Read heads of every rank's workers after the last batch that reached a training step (gathered from
-        all ranks, so rank 0's checkpoint holds them all). Empty for the demo stream."""
+        all ranks, so rank 0's checkpoint holds them all): read heads for named sources, (epoch, batches) per
+        worker for the demo stream."""
         return self._position(gather=True)
 
     def _position(self, gather: bool) -> dict[str, Any]:
-        if not self.sources_config or self._stream_shape is None:
+        if self._stream_shape is None:
             return {}
         rank, world_size = self._rank_world()
         ranks = {str(rank): dict(self._consumed)}
@@ -418,12 +438,46 @@ class MoSTDataModule(LightningDataModule):
             n_units = self.tokenizer.n_units
             records = []
             for rec in iter_records(self.shards(split), lambda s: decode_speech_sample(
-                    s, n_units, self.dedup_units, self.verify_audio, keep_audio=self.audio.continuous), policy):
+                    s, n_units, self.dedup_units, self.verify_audio, keep_audio=self.audio.continuous), policy,
+                    verify=self.verify):
                 records.append(rec)
                 if limit is not None and len(records) >= limit:
                     break
+            self.skip_ledger += [(split, *row) for row in policy.take_rows()]
             self._eval_cache[key] = (records, policy.take())
         return self._eval_cache[key]
+
+    def _records_once(self, split: str, limit: int | None) -> tuple[list[SpeechRecord], int]:
+        """speech_records, with its skip count handed to the first loader only: the test loaders (ASR, mismatched
+        ASR, TTS + text) read the same records in one pass, and a bad sample counts once per pass."""
+        records, n_skipped = self.speech_records(split, limit)
+        key = (split, limit)
+        if key in self._skips_reported:
+            return records, 0
+        self._skips_reported.add(key)
+        return records, n_skipped
+
+    def skip_counts(self) -> dict[str, int]:
+        """{kind: samples} over every bad input this DataModule's streams and eval sets skipped so far."""
+        counts: dict[str, int] = {}
+        for _, _, _, kind, n, _ in self.skip_ledger:
+            counts[kind] = counts.get(kind, 0) + int(n)
+        return dict(sorted(counts.items()))
+
+    def write_skip_report(self, run_dir: str | Path, ledger: list | None = None) -> dict[str, float]:
+        """Write <run_dir>/skipped.tsv (split, shard, key, reason, samples, detail; one row per bad sample or
+        corrupt shard per pass) and return the sums for metrics.json: data/n_skipped and data/n_skipped/<kind>."""
+        rows = self.skip_ledger if ledger is None else ledger
+        clean = lambda v: str(v).replace("\t", " ").replace("\n", " ")  # noqa: E731
+        path = Path(run_dir) / "skipped.tsv"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("split\tshard\tkey\treason\tsamples\tdetail\n"
+                        + "".join("\t".join(clean(c) for c in row) + "\n" for row in rows))
+        counts: dict[str, int] = {}
+        for _, _, _, kind, n, _ in rows:
+            counts[kind] = counts.get(kind, 0) + int(n)
+        return {"data/n_skipped": float(sum(counts.values())),
+                **{f"data/n_skipped/{k}": float(v) for k, v in sorted(counts.items())}}
 
     def _formatted(self, records, build, policy: BadSamplePolicy) -> list:
         out = []
@@ -435,7 +489,7 @@ class MoSTDataModule(LightningDataModule):
         return out
 
     def teacher_forced_examples(self, split: str, tasks: Sequence[str], limit: int | None = None) -> list[Example]:
-        records, n_skipped = self.speech_records(split, limit)
+        records, n_skipped = self._records_once(split, limit)
         policy = BadSamplePolicy(self.on_bad_sample)
         fmt = TaskFormatter(self.tokenizer, self.max_length, self.max_length_policy)
         examples: list[Example] = []
@@ -447,13 +501,14 @@ class MoSTDataModule(LightningDataModule):
                 continue
             examples += self._formatted([(r,) for r in records],
                                         lambda r, t=task: fmt.format(t, r.key, r.transcript, r.units), policy)
+        self.skip_ledger += [(split, *row) for row in policy.take_rows()]
         if examples:
             examples[0].n_skipped = n_skipped + policy.take()
         return examples
 
     def asr_generation_examples(self, split: str = "test", mismatched: bool = False,
                                 limit: int | None = None) -> list[GenerationExample]:
-        records, n_skipped = self.speech_records(split, limit)
+        records, n_skipped = self._records_once(split, limit)
         donors = mismatch_donors(records, self.seed) if mismatched else list(range(len(records)))
         policy = BadSamplePolicy(self.on_bad_sample)
         fmt = TaskFormatter(self.tokenizer, self.max_length, self.max_length_policy)
@@ -464,6 +519,7 @@ class MoSTDataModule(LightningDataModule):
         else:
             examples = self._formatted([(r, records[d].units) for r, d in zip(records, donors)],
                                        lambda r, u: fmt.asr_generation(u, r.transcript, r.key), policy)
+        self.skip_ledger += [(split, *row) for row in policy.take_rows()]
         if examples:
             examples[0].n_skipped = n_skipped + policy.take()
         return examples

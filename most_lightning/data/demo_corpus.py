@@ -487,7 +487,7 @@ def _write_speech_shards(corpus_dir: Path, jobs: list, extractor: UnitExtractor,
                             "units.npy": _npy(units)})
         entry = splits[split]
         entry["shards"].append({"path": f"speech/{path.name}", "samples": len(utts), "seconds": round(seconds, 2),
-                                "sha256": sha256_file(path)})
+                                "bytes": path.stat().st_size, "sha256": sha256_file(path)})
         entry["utterances"] += len(utts)
         entry["hours"] = round(entry["hours"] + seconds / 3600, 4)
         progress.advance(task)
@@ -513,7 +513,8 @@ def _write_text_shards(corpus_dir: Path, sentences: list[str], shard_size: int) 
                 key = f"text_{j * shard_size + i:06d}"
                 sink.write({"__key__": key, "txt": normalize_transcript(sentence),
                             "json": {"key": key, "text": sentence, "source": "wordnet"}})
-        shards.append({"path": f"text/{path.name}", "samples": len(chunk), "sha256": sha256_file(path)})
+        shards.append({"path": f"text/{path.name}", "samples": len(chunk), "bytes": path.stat().st_size,
+                       "sha256": sha256_file(path)})
     return {"shards": shards, "sentences": len(sentences)}
 
 

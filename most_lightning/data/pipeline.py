@@ -33,6 +33,7 @@ from .batching import make_batcher
 from .chat import decode_chat_sample
 from .samples import (BadSampleError, BadSamplePolicy, OnBadSample, OverlongSampleError, VerifyAudio,
                       decode_speech_sample, decode_text_sample, iter_shard)
+from .shard_reader import VERIFY_SHARDS, VerifyShards
 from .sources import SourceSpec
 from .streams import shuffled
 from .tasks import MaxLengthPolicy, TaskFormatter
@@ -51,7 +52,7 @@ class ShardCursor:
 
     def __init__(self, source: SourceSpec, mode: StreamMode, seed: int, rank: int, world_size: int, worker: int,
                  num_workers: int, few_shards: FewShards = "stride", shuffle_shards: bool = True,
-                 position: Mapping[str, int] | None = None):
+                 position: Mapping[str, int] | None = None, verify: VerifyShards = "size"):
         shards, slots, slot = list(source.shards), world_size * num_workers, rank * num_workers + worker
         if len(shards) >= slots:
             self.mine, self.stride, self.offset = shards[rank::world_size][worker::num_workers], 1, 0
@@ -66,6 +67,7 @@ class ShardCursor:
             order_seed = f"{seed}/{source.name}"
         self.source, self.mode, self.shuffle_shards, self.order_seed = source, mode, shuffle_shards, order_seed
         self.position = dict(position or FRESH)
+        self.verify = verify
 
     def order(self, n_pass: int) -> list[str]:
         if self.mode == "exact" or (self.mode == "split" and not self.shuffle_shards):
@@ -84,8 +86,16 @@ class ShardCursor:
             from_start, kept = pos["shard"] == 0 and pos["sample"] == 0, 0
             order = self.order(pos["pass"])
             while pos["shard"] < len(order):
-                skip = pos["sample"]
-                for i, sample in enumerate(iter_shard(order[pos["shard"]], policy)):
+                skip, base = pos["sample"], pos["index"] - pos["sample"]
+                owns = lambda i, b=base: (b + i) % self.stride == self.offset  # noqa: E731 (lost samples' reader)
+                reader, i = iter_shard(order[pos["shard"]], policy, self.verify, owns), -1
+                while True:
+                    # set before every read: other sources' readers interleave with this one on the same policy
+                    policy.current_pass = (self.source.name, pos["pass"])
+                    sample = next(reader, None)
+                    if sample is None:
+                        break
+                    i += 1
                     if i < skip:
                         continue  # resumed inside this shard: these were read before the checkpoint
                     index = pos["index"]
@@ -139,6 +149,7 @@ class SourceMixStream(IterableDataset):
         dedup_units: bool = True,
         verify_audio: VerifyAudio = "header",
         resume_state: Mapping[str, Any] | None = None,
+        verify: VerifyShards = "size",
     ):
         super().__init__()
         if mode not in ("resampled", "split", "exact"):
@@ -148,6 +159,9 @@ class SourceMixStream(IterableDataset):
         if few_shards not in ("stride", "error"):
             raise ValueError(f"few_shards must be 'stride' or 'error', got {few_shards!r}")
         BadSamplePolicy(on_bad_sample)
+        if verify not in VERIFY_SHARDS:
+            raise ValueError(f"data.verify must be one of {VERIFY_SHARDS}, got {verify!r}")
+        self.verify = verify
         self.sources, self.tokenizer = list(sources), tokenizer
         self.pairs = [(s, task, w) for s in self.sources for task, w in s.tasks]
         self.batch_size, self.batches_per_epoch, self.mode = int(batch_size), batches_per_epoch, mode
@@ -234,7 +248,8 @@ class SourceMixStream(IterableDataset):
         cursors, streams = {}, {}
         for s in self.sources:
             cursors[s.name] = ShardCursor(s, self.mode, self.seed, self.rank, self.world_size, worker, n_workers,
-                                          self.few_shards, self.shuffle_shards, state.get("sources", {}).get(s.name))
+                                          self.few_shards, self.shuffle_shards, state.get("sources", {}).get(s.name),
+                                          self.verify)
             streams[s.name] = shuffled(self._records(cursors[s.name], policy), self.shuffle_buffer,
                                        random.Random(f"{tag}/{s.name}/shuffle"))
         mixer = random.Random(f"{self.seed}/mix/{self.rank}/{worker}")
@@ -263,9 +278,12 @@ class SourceMixStream(IterableDataset):
         policy = BadSamplePolicy(self.on_bad_sample)
         formatter = TaskFormatter(self.tokenizer, self.max_length, self.max_length_policy)
         batcher = self._batcher(random.Random(f"{self.seed}/{self.rank}/{worker}/batching"))
+        # each batch waits for the next, so the last one also carries what the end of the pass reports (a shard
+        # that turns out short when its end is reached)
+        held: dict[str, Any] | None = None
         for source, task, _ in self.pairs:
             cursor = ShardCursor(source, "exact", self.seed, self.rank, self.world_size, worker, n_workers,
-                                 self.few_shards, False)
+                                 self.few_shards, False, verify=self.verify)
             for record in self._records(cursor, policy):
                 try:
                     ready = batcher.add(self._format(formatter, task, record))
@@ -273,14 +291,25 @@ class SourceMixStream(IterableDataset):
                     policy.handle(err if err.shard != "?" else type(err)(err.key, record.shard, err.reason))
                     continue
                 for batch in ready:
-                    yield self._finish(batch, policy, formatter, None, worker)
+                    if held is not None:
+                        yield self._finish(held, policy, formatter, None, worker)
+                    held = batch
         for batch in batcher.flush():
-            yield self._finish(batch, policy, formatter, None, worker)
+            if held is not None:
+                yield self._finish(held, policy, formatter, None, worker)
+            held = batch
+        if held is not None:
+            yield self._finish(held, policy, formatter, None, worker)
+        elif policy.total:  # no batch to carry the counts: say it here rather than lose them
+            raise RuntimeError(f"the exact pass over {[s.name for s in self.sources]} gave no usable sample on "
+                               f"rank {self.rank} worker {worker}: {policy.total} bad sample(s) skipped "
+                               f"({policy.total_reasons}); check the shards")
 
     def _finish(self, batch: dict[str, Any], policy: BadSamplePolicy, formatter: TaskFormatter,
                 state: dict | None, worker: int) -> dict[str, Any]:
         batch["n_skipped"] += policy.take()
         batch["n_skipped_by_reason"] = policy.take_reasons()
+        batch["skipped_rows"] = policy.take_rows()
         if state is not None:
             batch["data_state"] = {"rank": self.rank, "worker": worker, "state": state}
         return batch

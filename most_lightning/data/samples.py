@@ -14,10 +14,10 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Literal
 
 import numpy as np
-import webdataset as wds
 
 from ..audio.io import TARGET_SAMPLE_RATE, AudioDecodeError, audio_info, read_audio
 from ..audio.units import dedup_units
+from .shard_reader import VerifyShards, read_shard_samples
 
 log = logging.getLogger(__name__)
 
@@ -78,11 +78,13 @@ class OverlongSampleError(BadSampleError):
 
 
 class CorruptShardError(BadSampleError):
-    """The shard itself cannot be read (not a tar, truncated, unreadable); key is '*'."""
+    """The shard itself is short, corrupt or unreadable (checked against its manifest, data/shard_reader.py); key
+    is '*' and `n_lost` the number of samples lost with it (what the skip counts add)."""
 
-    def __init__(self, shard: str, reason: str):
-        ValueError.__init__(self, f"corrupt shard {shard}: {reason}")
-        self.key, self.shard, self.reason = "*", shard, reason
+    def __init__(self, shard: str, reason: str, n_lost: int = 1):
+        lost = f"; {n_lost} sample(s) lost" if n_lost else "; no sample lost"
+        ValueError.__init__(self, f"corrupt shard {shard}: {reason}{lost}")
+        self.key, self.shard, self.reason, self.n_lost = "*", shard, reason, int(n_lost)
 
 
 # ---------------------------------------------------------------------------------------------- policy
@@ -94,7 +96,13 @@ def skip_reason(error: BadSampleError) -> str:
 
 class BadSamplePolicy:
     """'raise' re-raises the BadSampleError; 'skip' counts it (`take()` hands the count to the next batch,
-    `take_reasons()` the same skips by kind, e.g. {'undecodable_audio': 2})."""
+    `take_reasons()` the same skips by kind, e.g. {'undecodable_audio': 2}, `take_rows()` one (shard, key, kind,
+    samples, detail) row per event for the run's skipped.tsv).
+
+    A sample is counted once per pass: a stream that reads the same shards again within one pass (the demo
+    stream within an epoch) or that meets the same bad sample twice does not count it again; a stream that
+    tracks passes itself sets `current_pass` (the general pipeline: one pass = one read of a source's shards).
+    A corrupt shard counts the samples lost with it (CorruptShardError.n_lost)."""
 
     def __init__(self, mode: OnBadSample = "skip", max_warnings: int = 5):
         if mode not in ("skip", "raise"):
@@ -105,17 +113,30 @@ class BadSamplePolicy:
         self.total = 0
         self.pending_reasons: dict[str, int] = {}
         self.total_reasons: dict[str, int] = {}
+        self.pending_rows: list[tuple[str, str, str, int, str]] = []
+        self.current_pass: Any = None
+        self._seen: set[tuple] = set()
+        self._warned = 0
 
     def handle(self, error: BadSampleError) -> None:
         if self.mode == "raise":
             raise error
-        self.pending += 1
-        self.total += 1
         reason = skip_reason(error)
-        self.pending_reasons[reason] = self.pending_reasons.get(reason, 0) + 1
-        self.total_reasons[reason] = self.total_reasons.get(reason, 0) + 1
-        if self.total <= self.max_warnings:
-            log.warning("skipping %s%s", error, " (further skips are only counted)" if self.total == self.max_warnings else "")
+        seen = (self.current_pass, error.shard, error.key, reason, getattr(error, "reason", ""))
+        if seen in self._seen:
+            return  # the same bad sample met again in this pass: skipped, already counted
+        self._seen.add(seen)
+        n = error.n_lost if isinstance(error, CorruptShardError) else 1
+        self.pending += n
+        self.total += n
+        if n:
+            self.pending_reasons[reason] = self.pending_reasons.get(reason, 0) + n
+            self.total_reasons[reason] = self.total_reasons.get(reason, 0) + n
+        self.pending_rows.append((str(error.shard), str(error.key), reason, n, str(getattr(error, "reason", ""))))
+        self._warned += 1
+        if self._warned <= self.max_warnings:
+            log.warning("skipping %s%s", error,
+                        " (further skips are only counted)" if self._warned == self.max_warnings else "")
 
     def take(self) -> int:
         n, self.pending = self.pending, 0
@@ -124,6 +145,10 @@ class BadSamplePolicy:
     def take_reasons(self) -> dict[str, int]:
         reasons, self.pending_reasons = self.pending_reasons, {}
         return reasons
+
+    def take_rows(self) -> list[tuple[str, str, str, int, str]]:
+        rows, self.pending_rows = self.pending_rows, []
+        return rows
 
 
 # ---------------------------------------------------------------------------------------------- records
@@ -238,24 +263,36 @@ def decode_text_sample(sample: dict) -> TextRecord:
 
 
 # ---------------------------------------------------------------------------------------------- reading
-def iter_shard(shard: str, policy: BadSamplePolicy) -> Iterator[dict]:
-    """Raw samples of one .tar shard via webdataset; unreadable shards go through `policy` as CorruptShardError."""
+_NOTED_SHARDS: set[str] = set()  # size mismatches already logged by this process
 
-    def on_error(exn: Exception) -> bool:
-        policy.handle(CorruptShardError(shard, f"{type(exn).__name__}: {exn.args[0] if exn.args else exn}"))
-        return False  # stop reading this shard; a truncated tar has nothing more to give
 
-    yield from wds.tarfile_samples([{"url": shard}], handler=on_error)
+def iter_shard(shard: str, policy: BadSamplePolicy, verify: VerifyShards = "size",
+               owns: Callable[[int], bool] | None = None) -> Iterator[dict]:
+    """Whole raw samples of one .tar shard (data/shard_reader.py); a short, corrupt or unreadable shard goes
+    through `policy` as one CorruptShardError with the number of samples lost (those `owns` says are this
+    reader's). verify: 'size' (manifest size and count), 'sha256' (also the checksum) or 'none'."""
+
+    def on_corrupt(reason: str, n_lost: int, at_open: bool) -> None:
+        if at_open and policy.mode == "skip":  # a size mismatch: read on, the end of the read counts the loss
+            if shard not in _NOTED_SHARDS:
+                _NOTED_SHARDS.add(shard)
+                log.warning("shard %s: %s", shard, reason)
+            return
+        policy.handle(CorruptShardError(shard, reason, n_lost))
+
+    yield from read_shard_samples(shard, on_corrupt, verify, owns)
 
 
 def iter_records(
-    shards: list[str], decode: Callable[[dict], Any], policy: BadSamplePolicy, stride: int = 1, offset: int = 0
+    shards: list[str], decode: Callable[[dict], Any], policy: BadSamplePolicy, stride: int = 1, offset: int = 0,
+    verify: VerifyShards = "size",
 ) -> Iterator[Any]:
     """Decoded records of `shards` in order (only samples offset, offset+stride, ... when stride > 1);
     bad samples raise or are counted by `policy`."""
     index = -1
     for shard in shards:
-        for sample in iter_shard(shard, policy):
+        base = index + 1  # the raw index of this shard's first sample in the pass (its lost samples' owner)
+        for sample in iter_shard(shard, policy, verify, lambda i, b=base: (b + i) % stride == offset):
             index += 1
             if index % stride != offset:
                 continue

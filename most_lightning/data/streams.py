@@ -20,6 +20,7 @@ from ..text.tokenizer import MoSTTokenizer
 from .batching import FixedBatcher, make_batcher
 from .samples import (BadSamplePolicy, OnBadSample, OverlongSampleError, SpeechRecord, TextRecord, VerifyAudio,
                       decode_speech_sample, decode_text_sample, iter_records)
+from .shard_reader import VERIFY_SHARDS, VerifyShards
 from .tasks import TASKS, MaxLengthPolicy, TaskFormatter
 
 ShardSampling = Literal["split", "resampled"]
@@ -56,7 +57,7 @@ def shuffled(items: Iterator[Any], buffer_size: int, rng: random.Random) -> Iter
 
 def endless_records(shards: Sequence[str], decode: Callable[[dict], Any], policy: BadSamplePolicy,
                     rng: random.Random, resampled: bool, stride: int = 1, offset: int = 0,
-                    order_rng: random.Random | None = None) -> Iterator[Any]:
+                    order_rng: random.Random | None = None, verify: VerifyShards = "size") -> Iterator[Any]:
     """Records from `shards` forever (seeded order); stops with an error if a full round gives nothing usable.
 
     stride/offset keep only samples offset, offset+stride, ... of each round; then the shard order must be the
@@ -67,7 +68,7 @@ def endless_records(shards: Sequence[str], decode: Callable[[dict], Any], policy
     while True:
         order = [rng.choice(shards) for _ in shards] if resampled else order_rng.sample(shards, len(shards))
         got = 0
-        for record in iter_records(order, decode, policy, stride, offset):
+        for record in iter_records(order, decode, policy, stride, offset, verify):
             got += 1
             yield record
         if got == 0:
@@ -103,12 +104,17 @@ class MixedTaskStream(IterableDataset):
         batching: str = "fixed",
         max_tokens: int | None = None,
         bucket_pool: int = 256,
+        verify: VerifyShards = "size",
+        resume_state: dict[str, Any] | None = None,
     ):
         """audio_frames: continuous audio input (MoST-C): n_samples -> encoder frames; ASR prompts then carry
         the waveform and frame slots (data/continuous.py) instead of unit tokens. audio_markers: drop | keep.
         batching / max_tokens / bucket_pool: how examples become batches (data/batching.py); with bucket or
         pack, examples still pooled when a pass has yielded its batches_per_epoch batches are dropped (each
-        pass samples the mixture afresh)."""
+        pass samples the mixture afresh). verify: shard checks against their manifest (data/shard_reader.py).
+        resume_state: the data position of a checkpoint (MoSTDataModule.state_dict): each worker replays its
+        epoch's batches up to the saved count and yields the rest (the epoch's data depend only on seed and epoch,
+        so the resumed stream is the uninterrupted one's)."""
         super().__init__()
         unknown = set(task_weights) - set(TASKS)
         if unknown:
@@ -124,6 +130,9 @@ class MixedTaskStream(IterableDataset):
         if shard_sampling not in ("split", "resampled"):
             raise ValueError(f"shard_sampling must be 'split' or 'resampled', got {shard_sampling!r}")
         BadSamplePolicy(on_bad_sample)  # validates the name
+        if verify not in VERIFY_SHARDS:
+            raise ValueError(f"data.verify must be one of {VERIFY_SHARDS}, got {verify!r}")
+        self.verify, self.resume_state = verify, resume_state
         self.speech_shards, self.text_shards = list(speech_shards), list(text_shards)
         self.tokenizer = tokenizer
         self.batch_size, self.batches_per_epoch = int(batch_size), int(batches_per_epoch)
@@ -158,18 +167,22 @@ class MixedTaskStream(IterableDataset):
     def _source(self, shards: list[str], decode, policy, rng, worker: int, n_workers: int,
                 epoch: int) -> Iterator[Any]:
         if self.shard_sampling == "resampled":
-            return shuffled(endless_records(shards, decode, policy, rng, True), self.shuffle_buffer, rng)
+            return shuffled(endless_records(shards, decode, policy, rng, True, verify=self.verify),
+                            self.shuffle_buffer, rng)
         mine, stride, offset = assign_shards(shards, self.rank, self.world_size, worker, n_workers)
         order_rng = random.Random(f"{self.seed}/{epoch}/order") if stride > 1 else rng
-        records = endless_records(mine, decode, policy, rng, False, stride, offset, order_rng)
+        records = endless_records(mine, decode, policy, rng, False, stride, offset, order_rng, self.verify)
         return shuffled(records, self.shuffle_buffer, rng)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         worker, n_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        n_batches = self.batches_per_epoch // n_workers + (worker < self.batches_per_epoch % n_workers)
         epoch = self._pass
         self._local_passes += 1
+        # the DataLoader takes batches from its workers in turn, starting at worker 0; a run resumed mid-epoch must
+        # start with the worker whose batch was next, so worker ids rotate for that epoch (logical = the data's)
+        worker = (worker + self._resume_rotation(epoch, n_workers)) % n_workers
+        n_batches = self.batches_per_epoch // n_workers + (worker < self.batches_per_epoch % n_workers)
         # the epoch twice: the seed string of earlier versions (epoch / pass count), so runs without workers
         # draw the same data as before
         rng = random.Random(f"{self.seed}/{epoch}/{epoch}/{self.rank}/{worker}")
@@ -193,7 +206,8 @@ class MixedTaskStream(IterableDataset):
             sources["text"] = self._source(self.text_shards, decode_text_sample, policy, rng, worker, n_workers, epoch)
         batcher = self._batcher(random.Random(f"{self.seed}/{epoch}/{self.rank}/{worker}/batching"))
         ready: list[dict[str, Any]] = []
-        for _ in range(n_batches):
+        replay = self._batches_to_replay(epoch, worker, n_workers)
+        for done in range(1, n_batches + 1):
             while not ready:
                 task = rng.choices(self.tasks, self.weights)[0]
                 if task == "text":
@@ -210,8 +224,35 @@ class MixedTaskStream(IterableDataset):
                 except OverlongSampleError as err:
                     policy.handle(OverlongSampleError(rec.key, rec.shard, err.reason))
             batch = ready.pop(0)
+            if done <= replay:  # resumed mid-epoch: these batches reached a training step before the checkpoint
+                policy.take(), policy.take_reasons(), policy.take_rows()  # their skips were counted before it
+                continue
             batch["n_skipped"] += policy.take()
+            batch["n_skipped_by_reason"] = policy.take_reasons()
+            batch["skipped_rows"] = policy.take_rows()
+            batch["data_state"] = {"rank": self.rank, "worker": worker, "state": {"epoch": epoch, "batches": done}}
             yield batch
+
+    def _resume_rotation(self, epoch: int, n_workers: int) -> int:
+        """Batches consumed in the saved epoch, modulo the workers: the worker whose batch comes next."""
+        if not self.resume_state or n_workers == 1:
+            return 0
+        self._batches_to_replay(epoch, 0, n_workers)  # validates the saved shape
+        workers = self.resume_state.get("ranks", {}).get(str(self.rank), {})
+        return sum(int(st.get("batches", 0)) for st in workers.values() if st.get("epoch") == epoch) % n_workers
+
+    def _batches_to_replay(self, epoch: int, worker: int, n_workers: int) -> int:
+        """Batches of this epoch that this worker yielded before the checkpoint (0 without a saved position)."""
+        if not self.resume_state:
+            return 0
+        saved = self.resume_state
+        if saved.get("world_size") != self.world_size or saved.get("num_workers") != max(n_workers, 1):
+            raise ValueError(
+                f"the saved data position is for {saved.get('world_size')} rank(s) x {saved.get('num_workers')} "
+                f"worker(s), this run has {self.world_size} x {n_workers}; resume with the same data.num_workers "
+                "and devices, or set data.resume_data_position=false to restart the epoch's data")
+        state = saved.get("ranks", {}).get(str(self.rank), {}).get(str(worker), {})
+        return int(state.get("batches", 0)) if state.get("epoch") == epoch else 0
 
 
 class EpochAwareLoader(DataLoader):

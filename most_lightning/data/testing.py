@@ -174,3 +174,23 @@ def ddp_sources_probe(rank: int, world_size: int, init_file: str, data_dir: str,
             dist.barrier()
     finally:
         dist.destroy_process_group()
+
+
+class BatchKeyRecorder:
+    """Lightning callback for resume tests: appends one JSON line per training step to `path`: the global step
+    after the step and the keys of its batch. Flushed at once, so a process killed at any step leaves whole lines.
+    (Built lazily as a Callback subclass so that this module does not import Lightning.)"""
+
+    def __new__(cls, path: str):
+        from lightning.pytorch import Callback
+
+        class _Recorder(Callback):
+            def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+                import json
+
+                with open(path, "a") as f:
+                    f.write(json.dumps({"step": trainer.global_step, "keys": list(batch.get("key", []))}) + "\n")
+                    f.flush()
+                    os.fsync(f.fileno())
+
+        return _Recorder()

@@ -128,7 +128,9 @@ def load_for_eval(ckpt_path: str | None, model_cfg: Mapping, router_cfg: Mapping
     if not ckpt_path:
         raise ValueError("mode=eval needs the weights to evaluate: ckpt_path=<run dir>/checkpoints/last.ckpt "
                          "(a Lightning checkpoint) or a .safetensors file of exported weights")
-    path = Path(ckpt_path)
+    from ..checkpoint_safety import local_checkpoint_path
+
+    path = Path(local_checkpoint_path(ckpt_path))  # a URL is refused here, before anything is fetched
     if not path.is_file():
         raise FileNotFoundError(f"ckpt_path={ckpt_path}: no such file")
     state, audio_state, hparams, step = _read(path)

@@ -100,7 +100,11 @@ def instantiate_loggers(cfg: DictConfig | None) -> list[Logger]:
 
 
 def checkpoint_for_test(trainer: Trainer, weights: str) -> str | None:
-    """Checkpoint path for trainer.test: "best" (falls back to last), "last", or "current" (None = in memory)."""
+    """Checkpoint path for trainer.test: "best" (falls back to last), "last", or "current" (None = in memory).
+
+    "best" is the checkpoint written at the end of the validation with the best monitored value (lowest val/nll),
+    holding the weights that validation measured: conf/callbacks/model_checkpoint.yaml's ValidatedCheckpoint
+    ranks only at validation ends, also with every_n_train_steps (most_lightning/lit/checkpointing.py)."""
     if weights not in ("best", "last", "current"):
         raise ValueError(f"test_weights={weights!r}: allowed values are 'best', 'last', 'current'")
     callback = trainer.checkpoint_callback
