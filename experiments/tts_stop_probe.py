@@ -40,7 +40,35 @@ def load_run(run_dir: Path, ckpt: str):
 
 
 @torch.no_grad()
-def probe(run_dir: Path, ckpt: str = "last", limit: int = 40, train_batches: int = 30) -> dict:
+def free_running(model, tok, examples, max_new_tokens: int) -> dict:
+    """Greedy TTS from the prompts (as eval tts does): how many emit end-of-audio, and what the others loop on."""
+    from most_lightning.eval.asr import generate_batch
+    from most_lightning.eval.context import EvalContext
+
+    ctx = EvalContext(model=model, tokenizer=tok, batch_size=8, progress=False)
+    prompts = [ex.input_ids[: ex.labels.index(tok.bos_id)] for ex in examples]
+    stopped, lengths, repeats, last_before_end, distinct = 0, [], [], [], []
+    for start in range(0, len(prompts), 8):
+        new = generate_batch(ctx, prompts[start : start + 8], max_new_tokens)
+        for row in new.tolist():
+            if tok.eos_id in row:
+                row = row[: row.index(tok.eos_id)]
+            if tok.eoa_id in row:
+                stopped += 1
+                row = row[: row.index(tok.eoa_id)]
+            units = tok.decode_units(row)
+            lengths.append(len(units))
+            repeats.append(sum(a == b for a, b in zip(units, units[1:])) / max(len(units) - 1, 1))
+            distinct.append(len(set(units[len(units) // 2 :])))
+    n = len(prompts)
+    return {"free_running_n": n, "free_running_stopped": stopped,
+            "free_running_mean_units": sum(lengths) / n,
+            "free_running_immediate_repeat_share": sum(repeats) / n,  # never in the (deduplicated) training units
+            "free_running_distinct_units_in_second_half_mean": sum(distinct) / n}
+
+
+def probe(run_dir: Path, ckpt: str = "last", limit: int = 40, train_batches: int = 30, free_limit: int = 16,
+          max_new_tokens: int = 150) -> dict:
     from most_lightning.data.tasks import IGNORE_INDEX, TaskFormatter
     from most_lightning.data.samples import decode_speech_sample, iter_shard, BadSamplePolicy
     from most_lightning.audio.units import dedup_units
@@ -83,6 +111,7 @@ def probe(run_dir: Path, ckpt: str = "last", limit: int = 40, train_batches: int
         assert int(modality[0, pos]) == 1, "the end-of-audio predicting position has an audio input token"
     for h in hooks:
         h.remove()
+    free = free_running(model, tok, examples[:free_limit], max_new_tokens) if free_limit else {}
     n = len(examples)
     layers = len(audio_share[0]) if audio_share else 0
     result = {
@@ -95,7 +124,7 @@ def probe(run_dir: Path, ckpt: str = "last", limit: int = 40, train_batches: int
         "end_is_argmax_at_end_position": sum(argmax_end) / n,
         "p_end_at_other_unit_positions_mean": sum(p_end_elsewhere) / n,
         "end_is_argmax_at_other_unit_positions": sum(argmax_end_elsewhere) / n,
-    }
+    } | free
     # the training stream: is end-of-audio a label in every TTS example, and what share of the loss is it
     n_tts = n_tts_with_end = n_tts_label_tokens = n_end_labels = n_all_label_tokens = 0
     for i, batch in enumerate(dm.train_dataloader()):
@@ -126,9 +155,11 @@ def main() -> None:
     p.add_argument("--ckpt", default="last")
     p.add_argument("--limit", type=int, default=40)
     p.add_argument("--train-batches", type=int, default=30)
+    p.add_argument("--free-running", type=int, default=16, help="greedy TTS on this many test prompts")
+    p.add_argument("--max-new-tokens", type=int, default=150)
     args = p.parse_args()
     torch.set_num_threads(1)
-    result = probe(args.run_dir, args.ckpt, args.limit, args.train_batches)
+    result = probe(args.run_dir, args.ckpt, args.limit, args.train_batches, args.free_running, args.max_new_tokens)
     text = json.dumps(result, indent=2)
     print(text)
     (args.run_dir / "tts_stop_probe.json").write_text(text)

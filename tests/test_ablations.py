@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 from conftest import FAST_OVERRIDES, REPO_ROOT, compose_run_config
 from most_lightning.lit.model_config import build_model_config
 
-ABLATIONS = ["router_ablation", "split_ablation", "init_ablation"]
+ABLATIONS = ["router_ablation", "router_ablation_lc", "split_ablation", "init_ablation"]
 
 
 def grid(experiment: str, tmp_path: Path) -> list[list[str]]:
@@ -181,3 +181,12 @@ def test_a_seed_list_that_does_not_divide_into_the_cells_is_an_error(tmp_path):
     twice = _complete_runs({("vanilla", 1): 0.5}) * 2
     with pytest.raises(UnpairedSeedsError, match="more than once"):
         paired_differences(twice, ["router.name"], ["test/asr_wer"], "seed")
+
+
+def test_router_ablation_lc_runs_the_learning_check_recipe(tmp_path):
+    lc = compose_run_config(["experiment=router_ablation_lc"], tmp_path)
+    check = compose_run_config(["experiment=demo_long_asr"], tmp_path)
+    for key in ("data", "model", "lit", "trainer"):
+        assert OmegaConf.to_container(lc[key]) == OmegaConf.to_container(check[key]), key
+    cells = grid("router_ablation_lc", tmp_path)
+    assert len(cells) == 12 and {c[1] for c in cells} == {"model.n_shared_experts=0", "model.n_shared_experts=1"}
