@@ -70,8 +70,13 @@ def build_vocoder(ctx, name: str, spec: Mapping[str, Any]):
         if spec.get("path"):
             vocoder = MeanMelVocoder.load(spec["path"])
         else:
+            from most_lightning.audio.mean_mel_vocoder import MeanMelConfig
+
             pairs, _ = split_utterances(ctx, "train", int(spec.get("fit_utterances", 300)))
-            vocoder = MeanMelVocoder.fit(((u.wave, u.units) for u in pairs), ctx.tokenizer.n_units)
+            # the units' own frame rate (25 Hz k-means, 50 Hz phone classifier), 10 ms mel frames
+            unit_hop = round(ctx.unit_extractor().sample_rate / ctx.unit_extractor().frame_rate)
+            config = MeanMelConfig(n_units=ctx.tokenizer.n_units, unit_hop=unit_hop, sub_frames=max(unit_hop // 160, 1))
+            vocoder = MeanMelVocoder.fit(((u.wave, u.units) for u in pairs), ctx.tokenizer.n_units, config)
             vocoder.save(ctx.output_dir / "vocoders" / name)
     elif kind == "unit_mel":
         from most_lightning.audio.unit_mel_vocoder import UnitMelVocoder
