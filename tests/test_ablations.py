@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 from conftest import FAST_OVERRIDES, REPO_ROOT, compose_run_config
 from most_lightning.lit.model_config import build_model_config
 
-ABLATIONS = ["router_ablation", "split_ablation", "init_ablation"]
+ABLATIONS = ["router_ablation", "router_ablation_lc", "split_ablation", "init_ablation"]
 
 
 def grid(experiment: str, tmp_path: Path) -> list[list[str]]:
@@ -147,3 +147,46 @@ def test_summarizer_marks_failed_and_missing_runs(tmp_path):
     assert "**failed**" in table and "**missing**" in table
     for name in ("cells_multirun.png", "runs.csv", "summary.md"):
         assert (out / name).stat().st_size > 0, name
+
+
+def _complete_runs(values):
+    from most_lightning.experiments.summarize import Run
+
+    return [Run(source="s", status="complete", config={"router.name": router, "seed": seed},
+                metrics={"test/asr_wer": wer}) for (router, seed), wer in values.items()]
+
+
+def test_paired_differences_by_hand():
+    from most_lightning.experiments.summarize import paired_differences
+
+    values = {("modality_aware", 1): 0.40, ("modality_aware", 2): 0.50, ("modality_aware", 3): 0.45,
+              ("vanilla", 1): 0.50, ("vanilla", 2): 0.62, ("vanilla", 3): 0.53}
+    (row,) = paired_differences(_complete_runs(values), ["router.name"], ["test/asr_wer"], "seed")
+    diffs = [0.10, 0.12, 0.08]  # vanilla - modality_aware (the first cell is the reference), seed by seed
+    mean, std = statistics.fmean(diffs), statistics.stdev(diffs)
+    assert row["cell"] == "name=vanilla" and row["reference"] == "name=modality_aware" and row["n"] == 3
+    assert row["mean"] == pytest.approx(mean) and row["std"] == pytest.approx(std)
+    assert row["t"] == pytest.approx(mean / (std / 3 ** 0.5))
+    assert row["exceeds_noise"]  # t = 8.66 > 4.303 (2 degrees of freedom)
+    assert row["detectable"] == pytest.approx(4.303 * std / 3 ** 0.5)
+
+
+def test_a_seed_list_that_does_not_divide_into_the_cells_is_an_error(tmp_path):
+    from most_lightning.experiments.summarize import UnpairedSeedsError, paired_differences
+
+    values = {("modality_aware", 1): 0.4, ("modality_aware", 2): 0.5, ("vanilla", 1): 0.5, ("vanilla", 3): 0.6}
+    with pytest.raises(UnpairedSeedsError, match=r"does not divide into the study's cells.*"
+                                                 r"name=modality_aware: \['1', '2'\]; name=vanilla: \['1', '3'\]"):
+        paired_differences(_complete_runs(values), ["router.name"], ["test/asr_wer"], "seed")
+    twice = _complete_runs({("vanilla", 1): 0.5}) * 2
+    with pytest.raises(UnpairedSeedsError, match="more than once"):
+        paired_differences(twice, ["router.name"], ["test/asr_wer"], "seed")
+
+
+def test_router_ablation_lc_runs_the_learning_check_recipe(tmp_path):
+    lc = compose_run_config(["experiment=router_ablation_lc"], tmp_path)
+    check = compose_run_config(["experiment=demo_long_asr"], tmp_path)
+    for key in ("data", "model", "lit", "trainer"):
+        assert OmegaConf.to_container(lc[key]) == OmegaConf.to_container(check[key]), key
+    cells = grid("router_ablation_lc", tmp_path)
+    assert len(cells) == 12 and {c[1] for c in cells} == {"model.n_shared_experts=0", "model.n_shared_experts=1"}

@@ -93,6 +93,9 @@ def test_tts_suite_through_the_entry_point(tiny_run, tmp_path):
         key = "wer_ground_truth" if name == "ground_truth" else f"wer_{name}"
         assert m[key] == pytest.approx(expected), name
     assert m["wer_ground_truth"] < 0.6  # flite speech is intelligible to pocketsphinx
+    # a 5-step model rarely emits end-of-audio within 40 tokens: those sequences are counted, never vocoded
+    assert 0 <= m["n_did_not_stop"] <= 3 and 0.0 <= m["stop_rate"] <= 1.0
+    assert m["n_empty_unit_outputs"] >= m["n_did_not_stop"]
     assert (out / "vocoders" / "mean_mel" / "mean_mel_vocoder.json").is_file()
     assert list((out / "tts_audio").glob("*.resynth.flac"))
 
@@ -132,3 +135,35 @@ def test_hf_ctc_recognizer_loads_a_local_save_pretrained_directory(tmp_path):
     assert got == expected
     with pytest.raises(FileNotFoundError, match="save_pretrained"):
         build_recognizer({"kind": "hf_ctc", "model_dir": str(tmp_path / "missing")})
+
+
+def test_stop_metrics_count_did_not_stop_and_the_length_window():
+    from most_lightning.eval.tts import GeneratedSpeech, stop_metrics
+
+    gen = [GeneratedSpeech([1] * 10, True),   # reference 10: stops in the window
+           GeneratedSpeech([1] * 13, True),   # reference 10: +30% is still inside
+           GeneratedSpeech([1] * 14, True),   # reference 10: +40%, stops but too long
+           GeneratedSpeech([1] * 40, False)]  # ran to max_new_tokens: did not stop
+    m = stop_metrics(gen, [10, 10, 10, 20])
+    assert m["n_did_not_stop"] == 1 and m["stop_rate"] == pytest.approx(2 / 4)
+    assert m["mean_units_generated"] == pytest.approx((10 + 13 + 14 + 40) / 4)
+    assert m["mean_units_reference"] == pytest.approx(12.5)
+    with pytest.raises(ValueError, match="4 generated sequences but 3 reference lengths"):
+        stop_metrics(gen, [10, 10, 10])
+
+
+def test_a_tts_prompt_longer_than_the_context_is_refused_with_the_lengths():
+    from types import SimpleNamespace
+
+    from most_lightning.data.tasks import TaskFormatter
+    from most_lightning.eval.tts import PromptTooLongError, tts_prompts
+    from most_lightning.text.tokenizer import MoSTTokenizer
+
+    tok = MoSTTokenizer.train(["the cat sat on the mat", "a dog ran far away"], vocab_size=300, n_units=8)
+    text = "the cat sat on the mat " * 4
+    n = len(TaskFormatter(tok).tts_prompt_ids(text))
+    ctx = SimpleNamespace(tokenizer=tok, model=SimpleNamespace(config=SimpleNamespace(max_position_embeddings=n)))
+    with pytest.raises(PromptTooLongError, match=f"has {n} tokens but the model's context .* is {n}"):
+        tts_prompts(ctx, [text], max_new_tokens=10)
+    ctx.model.config.max_position_embeddings = n + 1
+    assert len(tts_prompts(ctx, [text], max_new_tokens=10)[0]) == n

@@ -4,7 +4,15 @@ of the judge) and on the vocoder's resynthesis of the ground-truth units (the ce
 
 Vocoders (settings `vocoders: {name: {kind: ..., ...}}`):
   mean_mel      MeanMelVocoder, no training: fitted on `fit_utterances` training utterances, or loaded from `path`
+  unit_mel      UnitMelVocoder (audio/unit_mel_vocoder.py): loaded from `path`, or trained here (a few CPU
+                minutes) on `fit_utterances` train sentences spoken by flite's `voice`, unit-coded by the corpus's
+                own unit extractor; resynthesis uses the true units WITH their run lengths
   unit_hifigan  a unit HiFi-GAN checkpoint (`checkpoint`: fairseq/SpiritLM layout or ours)
+
+Stopping: a generated sequence "stops" when it emits end-of-audio; one that runs to `max_new_tokens` without it
+"did not stop": it is counted (`n_did_not_stop`), never vocoded, and scored as an empty transcript (all
+deletions). `stop_rate` is the fraction of utterances that end with end-of-audio within +-30% of the reference
+length (deduplicated units). A prompt longer than the model's context is refused with the lengths.
 """
 
 from __future__ import annotations
@@ -62,8 +70,25 @@ def build_vocoder(ctx, name: str, spec: Mapping[str, Any]):
         if spec.get("path"):
             vocoder = MeanMelVocoder.load(spec["path"])
         else:
+            from most_lightning.audio.mean_mel_vocoder import MeanMelConfig
+
             pairs, _ = split_utterances(ctx, "train", int(spec.get("fit_utterances", 300)))
-            vocoder = MeanMelVocoder.fit(((u.wave, u.units) for u in pairs), ctx.tokenizer.n_units)
+            # the units' own frame rate (25 Hz k-means, 50 Hz phone classifier), 10 ms mel frames
+            unit_hop = round(ctx.unit_extractor().sample_rate / ctx.unit_extractor().frame_rate)
+            config = MeanMelConfig(n_units=ctx.tokenizer.n_units, unit_hop=unit_hop, sub_frames=max(unit_hop // 160, 1))
+            vocoder = MeanMelVocoder.fit(((u.wave, u.units) for u in pairs), ctx.tokenizer.n_units, config)
+            vocoder.save(ctx.output_dir / "vocoders" / name)
+    elif kind == "unit_mel":
+        from most_lightning.audio.unit_mel_vocoder import UnitMelVocoder
+
+        if spec.get("path"):
+            vocoder = UnitMelVocoder.load(spec["path"])
+        else:
+            from most_lightning.audio.unit_mel_training import train_unit_mel_vocoder
+
+            sentences = [u.transcript for u in split_utterances(ctx, "train", int(spec.get("fit_utterances", 400)))[0]]
+            vocoder = train_unit_mel_vocoder(ctx.unit_extractor(), sentences, voice=spec.get("voice", "slt"),
+                                             steps=int(spec.get("steps", 1500)))
             vocoder.save(ctx.output_dir / "vocoders" / name)
     elif kind == "unit_hifigan":
         from most_lightning.audio.hifigan import load_unit_hifigan
@@ -72,7 +97,7 @@ def build_vocoder(ctx, name: str, spec: Mapping[str, Any]):
             raise ValueError(f"tts.vocoders.{name}: unit_hifigan needs checkpoint=<path>")
         vocoder = load_unit_hifigan(spec["checkpoint"])
     else:
-        raise ValueError(f"tts.vocoders.{name}.kind={kind!r}: known kinds are 'mean_mel', 'unit_hifigan'")
+        raise ValueError(f"tts.vocoders.{name}.kind={kind!r}: known kinds are 'mean_mel', 'unit_mel', 'unit_hifigan'")
     check_unit_vocabulary(vocoder.n_units, ctx.tokenizer.n_units, f"vocoder {name!r}")
     return vocoder
 
@@ -84,19 +109,70 @@ def get_recognizer(ctx, spec: Mapping[str, Any] | str):
     return ctx.cache[key]
 
 
-def synthesize_units(ctx, texts: list[str], max_new_tokens: int) -> list[list[int]]:
-    """The model's (deduplicated) unit sequence for each text, greedy with the KV cache."""
+STOP_TOLERANCE = 0.3  # a stop counts when the length is within +-30% of the reference's
+
+
+class PromptTooLongError(ValueError):
+    """A TTS prompt does not fit the model's context."""
+
+
+def model_context(ctx) -> int | None:
+    return getattr(getattr(ctx.model, "config", None), "max_position_embeddings", None)
+
+
+def tts_prompts(ctx, texts: list[str], max_new_tokens: int) -> list[list[int]]:
+    """The TTS prompt of each text; one longer than the model's context (or leaving no room for a single new
+    token) is refused with the lengths."""
     fmt = TaskFormatter(ctx.tokenizer)
-    units: list[list[int]] = []
-    for chunk in ctx.batches(texts, "tts units"):
-        new = generate_batch(ctx, [fmt.tts_prompt_ids(t) for t in chunk], max_new_tokens)
+    prompts = [fmt.tts_prompt_ids(t) for t in texts]
+    context = model_context(ctx)
+    if context is not None:
+        for text, prompt in zip(texts, prompts):
+            if len(prompt) >= context:
+                raise PromptTooLongError(
+                    f"tts: the prompt of {text[:60]!r} has {len(prompt)} tokens but the model's context "
+                    f"(max_position_embeddings) is {context}: shorten the text or use a model with a longer context")
+    return prompts
+
+
+@dataclass
+class GeneratedSpeech:
+    units: list[int]  # deduplicated unit ids, before end-of-audio
+    stopped: bool  # end-of-audio was generated
+
+
+def synthesize_units(ctx, texts: list[str], max_new_tokens: int) -> list[GeneratedSpeech]:
+    """The model's (deduplicated) unit sequence for each text, greedy with the KV cache, and whether it emitted
+    end-of-audio before max_new_tokens ran out."""
+    tok = ctx.tokenizer
+    prompts = tts_prompts(ctx, texts, max_new_tokens)
+    context = model_context(ctx)
+    out: list[GeneratedSpeech] = []
+    for chunk in ctx.batches(prompts, "tts units"):
+        budget = max_new_tokens
+        if context is not None:  # never past the context: the rows that would need more "did not stop"
+            budget = min(budget, context - max(map(len, chunk)))
+        new = generate_batch(ctx, list(chunk), budget)
         for row in new.tolist():
-            if ctx.tokenizer.eos_id in row:
-                row = row[: row.index(ctx.tokenizer.eos_id)]
-            if ctx.tokenizer.eoa_id in row:
-                row = row[: row.index(ctx.tokenizer.eoa_id)]
-            units.append(ctx.tokenizer.decode_units(row))
-    return units
+            if tok.eos_id in row:
+                row = row[: row.index(tok.eos_id)]
+            stopped = tok.eoa_id in row
+            if stopped:
+                row = row[: row.index(tok.eoa_id)]
+            out.append(GeneratedSpeech(tok.decode_units(row), stopped))
+    return out
+
+
+def stop_metrics(generated: list[GeneratedSpeech], reference_lengths: list[int],
+                 tolerance: float = STOP_TOLERANCE) -> dict[str, float]:
+    """n_did_not_stop, stop_rate (end-of-audio within +-tolerance of the reference length) and mean lengths."""
+    if len(generated) != len(reference_lengths):
+        raise ValueError(f"{len(generated)} generated sequences but {len(reference_lengths)} reference lengths")
+    n = len(generated)
+    good = sum(g.stopped and abs(len(g.units) - r) <= tolerance * r for g, r in zip(generated, reference_lengths))
+    return {"n_did_not_stop": sum(not g.stopped for g in generated), "stop_rate": good / n if n else float("nan"),
+            "mean_units_generated": sum(len(g.units) for g in generated) / n if n else float("nan"),
+            "mean_units_reference": sum(reference_lengths) / n if n else float("nan")}
 
 
 def _score(ctx, hyps: list[str], refs: list[str]) -> tuple[float, float]:
@@ -125,10 +201,11 @@ def evaluate_tts(ctx, split: str = "test", limit: int | None = None, max_new_tok
         hyps = rec.transcribe([u.wave for u in utts])
         metrics["wer_ground_truth"], metrics["cer_ground_truth"] = _score(ctx, hyps, refs)
         examples["ground_truth"] = [{"reference": r, "hypothesis": h} for r, h in zip(refs, hyps)][:n_examples]
-    units = synthesize_units(ctx, refs, max_new_tokens)
+    generated = synthesize_units(ctx, refs, max_new_tokens)
+    metrics |= stop_metrics(generated, [len(dedup_units(u.units)) for u in utts])
+    # did-not-stop sequences are never vocoded: they count as empty transcripts (all deletions)
+    units = [g.units if g.stopped else [] for g in generated]
     metrics["n_empty_unit_outputs"] = sum(not u for u in units)  # scored as errors (empty transcript)
-    metrics["mean_units_generated"] = sum(map(len, units)) / len(units)
-    metrics["mean_units_reference"] = sum(len(dedup_units(u.units)) for u in utts) / len(utts)
     audio_dir = ctx.output_dir / "tts_audio"
     for name, spec in vocoders.items():
         vocoder = build_vocoder(ctx, name, spec)
@@ -137,7 +214,7 @@ def evaluate_tts(ctx, split: str = "test", limit: int | None = None, max_new_tok
         metrics[f"wer_{name}"], metrics[f"cer_{name}"] = _score(ctx, hyps, refs)
         examples[name] = [{"reference": r, "hypothesis": h} for r, h in zip(refs, hyps)][:n_examples]
         if resynthesis:
-            resynth = [vocoder(dedup_units(u.units), deduplicated=True) for u in utts]
+            resynth = [resynthesize(vocoder, u.units) for u in utts]
             hyps_r = rec.transcribe(resynth)
             metrics[f"wer_resynth_{name}"], metrics[f"cer_resynth_{name}"] = _score(ctx, hyps_r, refs)
             examples[f"resynth_{name}"] = [{"reference": r, "hypothesis": h}
@@ -151,6 +228,17 @@ def evaluate_tts(ctx, split: str = "test", limit: int | None = None, max_new_tok
                     encode_audio(resynth[i], vocoder_rate(vocoder)))
     return {"metrics": metrics, "examples": examples,
             "settings": {"split": split, "limit": limit, "recognizer": recognizer, "vocoders": list(vocoders)}}
+
+
+def resynthesize(vocoder, units: list[int]):
+    """The vocoder's speech from an utterance's true units: with their run lengths where the vocoder takes them
+    (UnitMelVocoder), else deduplicated as the model's output is."""
+    from most_lightning.audio.unit_mel_vocoder import UnitMelVocoder
+    from most_lightning.audio.units import dedup_units
+
+    if isinstance(vocoder, UnitMelVocoder):
+        return vocoder(units, deduplicated=False)
+    return vocoder(dedup_units(units), deduplicated=True)
 
 
 def vocoder_rate(vocoder) -> int:

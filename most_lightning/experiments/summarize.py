@@ -232,6 +232,83 @@ def aggregate(runs: list[Run], cell_keys: list[str], metrics: list[str], seed_ke
     return rows
 
 
+# two-sided 5% critical values of Student's t by degrees of freedom (1..10); beyond: the normal's 1.96
+T_CRITICAL_5 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262,
+                10: 2.228}
+
+
+class UnpairedSeedsError(ValueError):
+    """The cells of a study were not run on the same seeds, so a per-seed (paired) comparison is impossible."""
+
+
+def seeds_by_cell(runs: list[Run], cell_keys: list[str], seed_key: str) -> dict[tuple, list]:
+    """The seeds of the complete runs of each cell; every cell must have the same seeds (each seed once), else
+    UnpairedSeedsError naming the cells and their seeds."""
+    cells: dict[tuple, list] = defaultdict(list)
+    for run in runs:
+        if run.status == "complete":
+            cells[cell_of(run, cell_keys)].append(run.value(seed_key))
+    shown = "; ".join(f"{_cell_name(c, cell_keys)}: {sorted(map(str, s))}"
+                      for c, s in sorted(cells.items(), key=str))
+    for cell, seeds in cells.items():
+        if len(set(map(str, seeds))) != len(seeds):
+            raise UnpairedSeedsError(f"{_cell_name(cell, cell_keys)} ran seed(s) more than once ({seeds}): the seed list "
+                                     f"({seed_key}) must give each cell each seed once. Cells: {shown}")
+    distinct = {tuple(sorted(map(str, s))) for s in cells.values()}
+    if len(distinct) > 1:
+        raise UnpairedSeedsError(f"the seed list does not divide into the study's cells: a paired comparison needs "
+                                 f"the same seeds ({seed_key}) in every cell. Cells: {shown}")
+    return dict(cells)
+
+
+def _cell_name(cell: tuple, cell_keys: list[str]) -> str:
+    return ", ".join(f"{k.split('.')[-1]}={_show(v)}" for k, v in zip(cell_keys, cell))
+
+
+def paired_differences(runs: list[Run], cell_keys: list[str], metrics: list[str], seed_key: str,
+                       reference: tuple | None = None) -> list[dict[str, Any]]:
+    """For every cell against the reference cell (default: the first), per metric: the per-seed differences'
+    mean, std, t statistic and whether |t| exceeds the two-sided 5% critical value (the difference exceeds the
+    seed noise); also the smallest difference the study could detect at this noise (t_crit * std / sqrt(n))."""
+    cells = seeds_by_cell(runs, cell_keys, seed_key)
+    if not cells:
+        return []
+    order = sorted(cells, key=lambda c: tuple(str(v) for v in c))
+    reference = reference if reference is not None else order[0]
+    value = {(cell_of(r, cell_keys), str(r.value(seed_key))): r.metrics for r in runs if r.status == "complete"}
+    rows = []
+    for cell in order:
+        if cell == reference:
+            continue
+        for metric in metrics:
+            diffs = [value[(cell, str(s))].get(metric, math.nan) - value[(reference, str(s))].get(metric, math.nan)
+                     for s in cells[cell]]
+            diffs = [d for d in diffs if math.isfinite(d)]
+            n = len(diffs)
+            row = {"cell": _cell_name(cell, cell_keys), "reference": _cell_name(reference, cell_keys), "metric": metric,
+                   "n": n, "mean": statistics.fmean(diffs) if diffs else None,
+                   "std": statistics.stdev(diffs) if n > 1 else None}
+            if n > 1:
+                t_crit = T_CRITICAL_5.get(n - 1, 1.96)
+                se = row["std"] / math.sqrt(n)
+                row["t"] = row["mean"] / se if se > 0 else math.copysign(math.inf, row["mean"] or 1.0)
+                row["exceeds_noise"] = abs(row["t"]) > t_crit
+                row["detectable"] = t_crit * se
+            rows.append(row)
+    return rows
+
+
+def paired_table(rows: list[dict[str, Any]]) -> str:
+    lines = ["| cell - reference | metric | seeds | mean diff ± std | t | exceeds noise (5%) | smallest detectable |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        t = "–" if r.get("t") is None else f"{r['t']:.2f}"
+        lines.append(f"| {r['cell']} - {r['reference']} | {r['metric']} | {r['n']} | {_fmt(r['mean'])} ± "
+                     f"{_fmt(r['std'])} | {t} | {'yes' if r.get('exceeds_noise') else 'no'} | "
+                     f"{_fmt(r.get('detectable'))} |")
+    return "\n".join(lines) + "\n"
+
+
 def markdown_table(rows: list[dict[str, Any]], cell_keys: list[str], metrics: list[str]) -> str:
     header = [*cell_keys, "runs (ok/pruned/failed/missing)", "seeds", *metrics]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -445,6 +522,17 @@ def summarize(sources: list[str], out: Path, study_storage: str | None = None, s
     all_rows = aggregate(runs, cell_keys, metrics, seed_key)
     if len(by_source) > 1:
         sections.append(f"## all sources pooled by cell\n\n{markdown_table(all_rows, cell_keys, metrics)}")
+    if len({cell_of(r, cell_keys) for r in runs}) > 1 and any(r.value(seed_key) is not None for r in runs):
+        try:
+            paired = paired_differences(runs, cell_keys, metrics, seed_key)
+        except UnpairedSeedsError as err:
+            if not any(r.status != "complete" for r in runs):
+                raise  # every run completed, so the seed list itself does not divide into the cells
+            paired = []  # runs that failed or are missing break the pairing: say so instead of comparing
+            sections.append(f"## paired by seed: not possible\n\n{err}\n")
+        if paired:
+            sections.append("## paired by seed (each cell minus the first; t against the two-sided 5% critical "
+                            "value)\n\n" + paired_table(paired))
     problems = [r for r in runs if r.status != "complete"]
     if problems:
         sections.append("## runs that did not complete\n\n" + "\n".join(

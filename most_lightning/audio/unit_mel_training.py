@@ -1,0 +1,103 @@
+"""Train a UnitMelVocoder for a corpus: its sentences spoken by ONE flite voice at its default pitch and speed,
+unit-coded by the corpus's own unit extractor, then the mel decoder fitted on (waveform, units) pairs.
+
+One voice with a fixed prosody keeps the harmonics the decoder learns consistent (the corpus itself mixes four
+voices with varied pitch and speed, whose average mel is a buzz). The units are voice-independent (a phone
+classifier), so units from any voice, or from the model, are voiced in this one.
+
+    python -m most_lightning.audio.unit_mel_training data/demo/<hash> out/vocoder [--sentences 400 --steps 1500]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import tempfile
+import time
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from .unit_mel_vocoder import UnitMelConfig, UnitMelVocoder, fit_unit_mel_vocoder
+
+log = logging.getLogger(__name__)
+
+
+def speak(sentences: Sequence[str], voice: str, directory: Path) -> list[torch.Tensor]:
+    """16 kHz waveforms of the sentences by flite's `voice` (default prosody)."""
+    from most_lightning.data.flite import Utterance, check_voices, synthesize
+
+    from .io import read_audio
+
+    check_voices([voice])
+    waves = []
+    for i, text in enumerate(sentences):
+        path = directory / f"{i}.wav"
+        synthesize(Utterance(str(i), text, text, voice), str(path))
+        wave, _ = read_audio(path.read_bytes(), name=path.name)
+        waves.append(wave)
+    return waves
+
+
+def train_unit_mel_vocoder(extractor, sentences: Sequence[str], voice: str = "slt", steps: int = 1500,
+                           batch_size: int = 16, seed: int = 0, **config_overrides) -> UnitMelVocoder:
+    """extractor: the corpus's UnitExtractor (waveform -> NON-deduplicated unit ids at its frame rate)."""
+    if not sentences:
+        raise ValueError("train_unit_mel_vocoder needs at least one sentence")
+    unit_hop = round(extractor.sample_rate / extractor.frame_rate)
+    config = UnitMelConfig(n_units=extractor.n_units, sample_rate=extractor.sample_rate, unit_hop=unit_hop,
+                           **config_overrides)
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        waves = speak(sentences, voice, Path(tmp))
+    pairs = [(w, extractor(w).tolist()) for w in waves]
+    log.info(f"unit_mel vocoder: {len(pairs)} utterances of voice {voice} in {time.perf_counter() - start:.0f} s")
+
+    def report(step: int, loss: float) -> None:
+        if step % 250 == 0 or step == steps - 1:
+            log.info(f"unit_mel vocoder: step {step}/{steps}, L1 {loss:.3f}, {time.perf_counter() - start:.0f} s")
+
+    return fit_unit_mel_vocoder(pairs, config, steps=steps, batch_size=batch_size, seed=seed, on_step=report)
+
+
+def corpus_sentences(corpus_dir: Path, split: str, limit: int) -> list[str]:
+    from most_lightning.data.samples import BadSamplePolicy, iter_shard
+
+    sentences: list[str] = []
+    for shard in sorted((corpus_dir / "speech").glob(f"{split}-*.tar")):
+        for sample in iter_shard(str(shard), BadSamplePolicy("skip")):
+            text = sample.get("txt")
+            if text:
+                sentences.append(text.decode() if isinstance(text, bytes) else str(text))
+            if len(sentences) >= limit:
+                return sentences
+    return sentences
+
+
+def main() -> None:
+    from .units import UnitExtractor
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("corpus", type=Path, help="a demo corpus directory (data/demo/<hash>)")
+    p.add_argument("out", type=Path, help="where to save the vocoder")
+    p.add_argument("--sentences", type=int, default=400, help="train sentences to speak")
+    p.add_argument("--voice", default="slt")
+    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--threads", type=int, default=None)
+    args = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    import json
+
+    manifest = json.loads((args.corpus / "manifest.json").read_text())
+    extractor = UnitExtractor.load(args.corpus / manifest.get("unit_extractor", "unit_extractor"))
+    sentences = corpus_sentences(args.corpus, "train", args.sentences)
+    vocoder = train_unit_mel_vocoder(extractor, sentences, voice=args.voice, steps=args.steps)
+    vocoder.save(args.out)
+    print(f"saved to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
