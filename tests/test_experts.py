@@ -156,7 +156,6 @@ def test_auto_dispatch_follows_the_compute_dtype(device, capability, autocast, d
 
 @pytest.mark.parametrize("device,capability,autocast,dtype,widths,reason", [
     ("cuda", (7, 5), BF16, FP32, ALIGNED, "compute capability >= 8.0"),
-    ("cuda", (9, 0), None, FP32, ALIGNED, "bf16/fp16"),
     ("cuda", (9, 0), BF16, FP32, MISALIGNED, "multiple of 16 bytes"),
     ("cpu", None, None, FP32, (16, 6), "multiple of 16 bytes"),  # 6 * 4 bytes
     ("mps", None, None, FP32, ALIGNED, "'mps'"),
@@ -169,6 +168,7 @@ def test_grouped_mm_where_it_cannot_run_names_the_reason(device, capability, aut
 
 def test_grouped_mm_dispatch_where_it_can_run():
     assert choose_dispatch("grouped_mm", "cuda", (9, 0), BF16, FP32, ALIGNED) == "grouped_mm"
+    assert choose_dispatch("grouped_mm", "cuda", (8, 0), None, FP32, ALIGNED) == "grouped_mm"  # asked for: fp32 too
     assert choose_dispatch("grouped_mm", "cpu", None, None, FP32, ALIGNED) == "grouped_mm"
     assert choose_dispatch("grouped_mm", "cpu", None, BF16, FP32, ALIGNED) == "grouped_mm"
     assert grouped_mm_unavailable("cpu", None, FP32, (16, 12)) is None
