@@ -253,3 +253,11 @@ def test_frozen_experts_still_pass_gradients_to_inputs():
     torch.testing.assert_close(x.grad, expected[1], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(weights.grad, expected[2], rtol=1e-4, atol=1e-5)
     assert all(p.grad is None for p in experts.parameters())
+
+
+def test_sort_by_expert_groups_the_slots_stably_and_counts_them():
+    indices = torch.tensor([[2, 0], [1, 2], [2, 1], [0, 3]])
+    order, token_index, counts = sort_by_expert(indices, 5)
+    assert order.tolist() == [1, 6, 2, 5, 0, 3, 4, 7]  # expert 0: slots 1, 6; expert 1: 2, 5; 2: 0, 3, 4; 3: 7
+    assert token_index.tolist() == [0, 3, 1, 2, 0, 1, 2, 3]
+    assert counts.tolist() == torch.bincount(indices.flatten(), minlength=5).tolist() == [2, 2, 3, 1, 0]
