@@ -8,6 +8,9 @@ the table shows each row's page faults per step.
 
     python experiments/bench_moe.py            # shapes S and M, 2 threads
     python experiments/bench_moe.py --quick    # smoke run: shape S, 512 tokens, 2 repetitions
+    python experiments/bench_moe.py --threads 1 --clock thread  # CPU time of the one compute thread: on a
+        # machine shared with other jobs, wall time at 2 threads mostly measures OpenMP threads waiting for
+        # descheduled partners
 
 Rows: dense SwiGLU of width top_k * I + shared width; our MoELayer (router + GroupedExperts + shared expert)
 with each expert dispatch and router; transformers' DeepseekV2Moe with its eager and grouped_mm experts.
@@ -134,6 +137,22 @@ def run_interleaved(rows: list[Row], reps: int, warmup: int = 1, retries: int = 
             row.times.append(wall)
             row.faults.append(faults)
             row.contended += not clean
+        if not quiet:
+            print(f"  rep {rep + 1}/{reps} done", file=sys.stderr, flush=True)
+
+
+def run_interleaved_thread_clock(rows: list[Row], reps: int, warmup: int = 1, quiet: bool = False) -> None:
+    """Like run_interleaved, timing each step by this thread's CPU time (with one torch thread, all of the
+    compute runs on it): nearly blind to other processes on a shared machine."""
+    for row in rows:
+        for _ in range(warmup):
+            row.step()
+    for rep in range(reps):
+        for row in rows:
+            faults, start = page_faults(), time.thread_time()
+            row.step()
+            row.times.append(time.thread_time() - start)
+            row.faults.append(page_faults() - faults)
         if not quiet:
             print(f"  rep {rep + 1}/{reps} done", file=sys.stderr, flush=True)
 
@@ -273,6 +292,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     parser.add_argument("--wait-budget", type=float, default=300.0,
                         help="seconds to wait in all for a quiet machine before re-running disturbed repetitions")
     parser.add_argument("--rows", default=None, help="only rows whose name contains one of these (comma-separated)")
+    parser.add_argument("--clock", choices=("wall", "thread"), default="wall",
+                        help="thread: CPU seconds of the calling thread (needs --threads 1), blind to other processes")
     parser.add_argument("--default-malloc", action="store_true",
                         help="leave glibc's malloc settings alone (see keep_freed_memory)")
     parser.add_argument("--quick", action="store_true", help="smoke run: shape S, 512 tokens, 2 repetitions")
@@ -281,6 +302,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
         args.tokens, args.seq_len, args.reps, args.retries = 512, 256, 2, 0
         args.shapes = args.shapes or "S"
     args.shapes = args.shapes or "S,M"
+    if args.clock == "thread" and args.threads != 1:
+        parser.error("--clock thread measures one thread's CPU time: use it with --threads 1")
     torch.set_num_threads(args.threads)
     kept = not args.default_malloc and keep_freed_memory()
     command = "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(sys.argv[1:] if argv is None else argv)])
@@ -291,11 +314,15 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
         hidden, experts, width, top_k, shared = SHAPES[shape]
         rows = build_rows(shape, args.tokens, args.seq_len, args.rows)
         reps = args.reps or (15 if shape == "S" else 9)
-        run_interleaved(rows, reps, retries=args.retries, wait_budget=args.wait_budget, quiet=args.quick)
+        if args.clock == "thread":
+            run_interleaved_thread_clock(rows, reps, quiet=args.quick)
+        else:
+            run_interleaved(rows, reps, retries=args.retries, wait_budget=args.wait_budget, quiet=args.quick)
         title = (f"shape {shape}: hidden {hidden}, {experts} experts x {width}, top-{top_k}, shared {shared}, "
                  f"{args.tokens} tokens")
         results[shape] = print_table(title, rows, rows[0].name,
-                                     note=f"ratios to the dense row; medians of {reps} interleaved repetitions")
+                                     note=f"ratios to the dense row; medians of {reps} interleaved repetitions"
+                                     + ("; CPU time of the compute thread" if args.clock == "thread" else "; wall time"))
     for shape, ratios in results.items():
         ours = {k: v for k, v in ratios.items() if k.startswith("MoST")}
         print(f"{shape}: " + ", ".join(f"{k.removeprefix('MoST MoELayer ')} {v:.3f}x" for k, v in ours.items()))

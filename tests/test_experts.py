@@ -156,7 +156,6 @@ def test_auto_dispatch_follows_the_compute_dtype(device, capability, autocast, d
 
 @pytest.mark.parametrize("device,capability,autocast,dtype,widths,reason", [
     ("cuda", (7, 5), BF16, FP32, ALIGNED, "compute capability >= 8.0"),
-    ("cuda", (9, 0), None, FP32, ALIGNED, "bf16/fp16"),
     ("cuda", (9, 0), BF16, FP32, MISALIGNED, "multiple of 16 bytes"),
     ("cpu", None, None, FP32, (16, 6), "multiple of 16 bytes"),  # 6 * 4 bytes
     ("mps", None, None, FP32, ALIGNED, "'mps'"),
@@ -169,6 +168,7 @@ def test_grouped_mm_where_it_cannot_run_names_the_reason(device, capability, aut
 
 def test_grouped_mm_dispatch_where_it_can_run():
     assert choose_dispatch("grouped_mm", "cuda", (9, 0), BF16, FP32, ALIGNED) == "grouped_mm"
+    assert choose_dispatch("grouped_mm", "cuda", (8, 0), None, FP32, ALIGNED) == "grouped_mm"  # asked for: fp32 too
     assert choose_dispatch("grouped_mm", "cpu", None, None, FP32, ALIGNED) == "grouped_mm"
     assert choose_dispatch("grouped_mm", "cpu", None, BF16, FP32, ALIGNED) == "grouped_mm"
     assert grouped_mm_unavailable("cpu", None, FP32, (16, 12)) is None
@@ -253,3 +253,11 @@ def test_frozen_experts_still_pass_gradients_to_inputs():
     torch.testing.assert_close(x.grad, expected[1], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(weights.grad, expected[2], rtol=1e-4, atol=1e-5)
     assert all(p.grad is None for p in experts.parameters())
+
+
+def test_sort_by_expert_groups_the_slots_stably_and_counts_them():
+    indices = torch.tensor([[2, 0], [1, 2], [2, 1], [0, 3]])
+    order, token_index, counts = sort_by_expert(indices, 5)
+    assert order.tolist() == [1, 6, 2, 5, 0, 3, 4, 7]  # expert 0: slots 1, 6; expert 1: 2, 5; 2: 0, 3, 4; 3: 7
+    assert token_index.tolist() == [0, 3, 1, 2, 0, 1, 2, 3]
+    assert counts.tolist() == torch.bincount(indices.flatten(), minlength=5).tolist() == [2, 2, 3, 1, 0]

@@ -15,6 +15,7 @@ import torch
 from conftest import FAST_OVERRIDES, REPO_ROOT
 from most_lightning.model import MoSTConfig, MoSTForCausalLM
 from most_lightning.model.experts import GroupedExperts
+from most_lightning.model.moe import MoELayer
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -62,11 +63,14 @@ def test_auto_dispatch_uses_the_fused_kernel_for_bf16_on_the_gpu():
 
 def test_bf16_mixed_with_fp32_weights_runs_the_grouped_kernel_without_host_sync(monkeypatch):
     """The real training case (precision bf16-mixed): fp32 weights, fp32 RMSNorm output, autocast bf16. The
-    experts must take grouped_mm (3 forward calls per MoE layer), and neither their forward nor their backward
-    may wait for the GPU."""
+    experts must take grouped_mm (3 forward calls per MoE layer), and on Hopper and newer (torch's fused grouped
+    kernel; older GPUs run its fallback, which reads the offsets on the host) neither the MoE layer's forward nor
+    its backward may wait for the GPU."""
     if torch.cuda.get_device_capability() < (8, 0):
         pytest.skip("grouped_mm needs compute capability >= 8.0")
     import torch.nn.functional as F
+
+    sync_mode = "error" if torch.cuda.get_device_capability() >= (9, 0) else "default"
 
     calls = []
     real = F.grouped_mm
@@ -77,7 +81,7 @@ def test_bf16_mixed_with_fp32_weights_runs_the_grouped_kernel_without_host_sync(
     indices = torch.stack([torch.randperm(8, device=CUDA)[:2] for _ in range(256)])
     weights = torch.rand(256, 2, device=CUDA)
     torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
+    torch.cuda.set_sync_debug_mode(sync_mode)
     try:
         with torch.autocast("cuda", dtype=torch.bfloat16):
             assert experts.resolved_dispatch(x) == "grouped_mm"
@@ -87,6 +91,20 @@ def test_bf16_mixed_with_fp32_weights_runs_the_grouped_kernel_without_host_sync(
         torch.cuda.set_sync_debug_mode("default")
     assert calls == [torch.bfloat16] * 3
     assert out.dtype == torch.bfloat16 and experts.gate_proj.grad.dtype == torch.float32
+
+    calls.clear()  # the whole MoE layer (router, experts, shared expert) without a host sync either
+    layer = MoELayer(MoSTConfig.from_preset("tiny", hidden_size=64, moe_intermediate_size=32)).to(CUDA)
+    hidden = torch.randn(2, 32, 64, device=CUDA, requires_grad=True)
+    modality = torch.randint(0, 2, (2, 32), device=CUDA)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode(sync_mode)
+    try:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out, routing = layer(hidden, modality)
+        (out.float().square().mean() + routing.aux_loss).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert calls == [torch.bfloat16] * 3
 
     calls.clear()  # the whole model under autocast: every MoE layer takes it
     model = tiny_model()  # hidden 64, experts 32 wide: aligned

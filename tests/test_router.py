@@ -150,3 +150,23 @@ def test_bad_router_settings_name_the_field():
     with pytest.raises(ConfigError, match="top_k=9 is larger than model.n_routed_experts=8"):
         MoSTConfig.from_preset("tiny", n_routed_experts=8, top_k=9)
     assert {"vanilla", "modality_aware", "aux_free", "modality_aware_aux_free"} <= set(ROUTERS)
+
+
+def test_router_stats_leave_masked_tokens_out():
+    """routing_stats against a count by hand, with padding masked out (no boolean indexing inside: no host sync)."""
+    from most_lightning.model.router import routing_stats
+
+    g = torch.Generator().manual_seed(0)
+    indices = torch.stack([torch.randperm(6, generator=g)[:2] for _ in range(10)]).view(2, 5, 2)
+    modality = torch.randint(0, 2, (2, 5), generator=g)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 0]], dtype=torch.bool)
+    stats = routing_stats(indices, modality, 6, mask)
+    counts, tokens = torch.zeros(2, 6), torch.zeros(2)
+    for b in range(2):
+        for t in range(5):
+            if mask[b, t]:
+                tokens[modality[b, t]] += 1
+                for e in indices[b, t]:
+                    counts[modality[b, t], e] += 1
+    torch.testing.assert_close(stats.tokens, tokens)
+    torch.testing.assert_close(stats.load, counts / tokens.clamp(min=1)[:, None])

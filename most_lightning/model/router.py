@@ -196,10 +196,13 @@ def routing_stats(indices: torch.Tensor, modality: torch.Tensor, n_experts: int,
     with torch.no_grad():
         modality = modality.reshape(-1).long()
         indices = indices.reshape(modality.numel(), -1)
-        keep = torch.ones_like(modality, dtype=torch.bool) if token_mask is None else token_mask.reshape(-1).bool()
-        slots = (modality[:, None] * n_experts + indices)[keep]
-        counts = torch.bincount(slots.reshape(-1), minlength=2 * n_experts).view(2, n_experts).float()
-        tokens = torch.bincount(modality[keep], minlength=2)[:2].float()
+        keep = (torch.ones_like(modality, dtype=torch.float) if token_mask is None
+                else token_mask.reshape(-1).float())
+        # index_add with 0/1 weights, not boolean indexing + bincount: no host sync on a GPU
+        slots = (modality[:, None] * n_experts + indices).reshape(-1)
+        counts = torch.zeros(2 * n_experts, device=keep.device).index_add_(
+            0, slots, keep.repeat_interleave(indices.shape[1])).view(2, n_experts)
+        tokens = torch.zeros(2, device=keep.device).index_add_(0, modality, keep)
         return RouterStats(load=counts / tokens.clamp(min=1)[:, None], tokens=tokens)
 
 
