@@ -25,7 +25,8 @@ def llama_logits(theirs, ours, vocab):
     ids = torch.randint(0, vocab, (2, 48), generator=torch.Generator().manual_seed(2))
     positions = torch.arange(20, 68).expand(2, -1)  # beyond original_max_position_embeddings=32: llama3 scaling
     with torch.no_grad():
-        return theirs(input_ids=ids, position_ids=positions).logits, ours.eval()(ids, position_ids=positions).logits
+        return (theirs(input_ids=ids, position_ids=positions).logits,
+                ours.eval()(ids, torch.zeros_like(ids), position_ids=positions).logits)
 
 
 MOE = dict(n_routed_experts=4, top_k=2, first_k_dense_replace=0)

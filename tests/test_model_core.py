@@ -121,6 +121,6 @@ def test_shared_expert_count_sets_the_fused_width(n_shared):
 def test_overlong_input_and_mismatched_marks_fail_clearly():
     model = tiny(max_position_embeddings=16)
     with pytest.raises(ValueError, match="exceeds model.max_position_embeddings=16"):
-        model(torch.zeros(1, 17, dtype=torch.long))
+        model(torch.zeros(1, 17, dtype=torch.long), torch.zeros(1, 17, dtype=torch.long))
     with pytest.raises(ValueError, match="modality marks"):
         model(torch.zeros(1, 5, dtype=torch.long), torch.zeros(1, 4, dtype=torch.long))
