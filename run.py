@@ -27,7 +27,7 @@ from most_lightning.experiments.provenance import job_config
 
 # paths.root_dir defaults to this folder, wherever run.py is started from
 os.environ.setdefault("MOST_LIGHTNING_ROOT", str(Path(__file__).resolve().parent))
-register_config_nodes()  # router/base (conf/router files build on it)
+register_config_nodes()  # router/base and lit/base, on which conf/router and conf/lit build
 
 
 # printed at the end of testing (everything is in metrics.json)

@@ -25,7 +25,8 @@ def llama_logits(theirs, ours, vocab):
     ids = torch.randint(0, vocab, (2, 48), generator=torch.Generator().manual_seed(2))
     positions = torch.arange(20, 68).expand(2, -1)  # beyond original_max_position_embeddings=32: llama3 scaling
     with torch.no_grad():
-        return theirs(input_ids=ids, position_ids=positions).logits, ours.eval()(ids, position_ids=positions).logits
+        return (theirs(input_ids=ids, position_ids=positions).logits,
+                ours.eval()(ids, torch.zeros_like(ids), position_ids=positions).logits)
 
 
 MOE = dict(n_routed_experts=4, top_k=2, first_k_dense_replace=0)
@@ -179,11 +180,8 @@ def test_export_without_shared_experts_writes_empty_ones_and_reloads_exactly(tmp
 
 def test_export_cli_from_a_lightning_checkpoint(tmp_path):
     """python -m most_lightning.model.checkpoint export <ckpt> <out>: the model of a Lightning checkpoint."""
-    import subprocess
-    import sys
-
-    from conftest import REPO_ROOT
     from most_lightning.lit import MoSTLitModule
+    from most_lightning.model.checkpoint.__main__ import main
 
     model_group = dict(preset="tiny", hidden_size=64, num_heads=2, intermediate_size=96, moe_intermediate_size=32,
                        kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, num_layers=2)
@@ -191,9 +189,7 @@ def test_export_cli_from_a_lightning_checkpoint(tmp_path):
     ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
     ckpt.parent.mkdir(parents=True)
     torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}, ckpt)
-    result = subprocess.run([sys.executable, "-m", "most_lightning.model.checkpoint", "export", str(tmp_path / "run"),
-                             str(tmp_path / "hf")], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert main(["export", str(tmp_path / "run"), str(tmp_path / "hf")]) == 0
     back, _ = load_pretrained(tmp_path / "hf", progress=False)
     for key, value in module.model.state_dict().items():
         assert torch.equal(back.state_dict()[key], value), key

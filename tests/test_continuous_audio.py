@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 from most_lightning.audio.hubert import HubertArch, HubertEncoder
 from most_lightning.audio.hubert_checkpoints import save_torchaudio_checkpoint
@@ -146,7 +145,7 @@ def continuous_module(tmp_path, vocab_size):
     path = tmp_path / "hubert.safetensors"
     save_torchaudio_checkpoint(source.model, source.arch, path)
     audio = {"mode": "continuous", "encoder": {"kind": "hubert", "checkpoint": str(path), "layer": "last"}}
-    router = OmegaConf.load("conf/router/modality_aware.yaml")
+    router = {"name": "modality_aware"}
     module = MoSTLitModule(model=TINY_MODEL, router=router, vocab_size=vocab_size, audio=audio,
                            scheduler={"total_steps": 10, "warmup_steps": 0})
     return module, {k: v.clone() for k, v in source.model.state_dict().items()}

@@ -8,14 +8,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 from lightning import Trainer
-from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
+from conftest import compose_run_config
 from most_lightning.lit import MoSTLitModule
 from most_lightning.lit.losses import IGNORE_INDEX, shifted_token_losses
 from most_lightning.model import RouterStats
 
-CONF = "conf"
 TINY_MODEL = dict(preset="tiny", hidden_size=32, num_heads=2, intermediate_size=64, moe_intermediate_size=16,
                   kv_lora_rank=8, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8)
 
@@ -85,7 +84,7 @@ def loader(*batches: dict) -> DataLoader:
 
 
 def make_module(vocab_size: int, router: str = "modality_aware") -> MoSTLitModule:
-    router_cfg = OmegaConf.load(f"{CONF}/router/{router}.yaml")
+    router_cfg = compose_run_config([f"router={router}"]).router  # conf/router/<router>.yaml as run.py composes it
     return MoSTLitModule(model=TINY_MODEL, router=router_cfg, vocab_size=vocab_size)
 
 

@@ -68,11 +68,12 @@ def test_packed_row_gradients_are_the_sum_of_the_examples_gradients(device):
         loss.backward()
         return [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in model.parameters()]
 
-    packed = model(row, segment_ids=segments[None], attention_mask=(segments > 0)[None]).logits[0, :sum(lengths)]
+    packed = model(row, torch.zeros_like(row), segment_ids=segments[None],
+                   attention_mask=(segments > 0)[None]).logits[0, :sum(lengths)]
     expected = grads((packed * probe).sum())
     at, alone = 0, None
     for example in examples:
-        g = grads((model(example[None]).logits[0] * probe[at:at + len(example)]).sum())
+        g = grads((model(example[None], torch.zeros_like(example[None])).logits[0] * probe[at:at + len(example)]).sum())
         alone = g if alone is None else [a + b for a, b in zip(alone, g)]
         at += len(example)
     for got, want in zip(expected, alone):

@@ -64,7 +64,8 @@ def test_unknown_router_is_one_line_with_the_names_and_how_to_register():
 
 
 def test_unknown_field_names_the_field_and_the_router_class():
-    with pytest.raises(ConfigError, match=r"router field\(s\) mask: not a setting of VanillaRouter .*bias|balance"):
+    with pytest.raises(ConfigError, match=r"router field\(s\) mask: not a setting of VanillaRouter "
+                                          r"\(most_lightning.model.router\); its settings are balance_loss_alpha, "):
         router_config({"name": "vanilla", "mask": "logits"})
     with pytest.raises(ConfigError, match=r"start_temprature: not a setting of AnnealedRouter"):
         router_config({"_target_": PLUGIN, "start_temprature": 3.0})
@@ -235,3 +236,19 @@ def test_bias_balances_a_skewed_gate():
             step()
         end = sum(step() for _ in range(50))  # the sign rule oscillates by one step: look at a window
         assert start.max() / start.mean() > 1.6 and end.max() / end.mean() < 1.2
+
+
+# ---- the Hydra side: conf/router files on the router/base node -----------------------------------------------------
+def test_router_files_and_command_line_fields_compose_without_plus():
+    from conftest import compose_run_config
+    from most_lightning.lit.model_config import build_router_config
+
+    cfg = compose_run_config(["router=modality_aware_aux_free", "router.bias_update_rate=0.01", "router.mask=logits"])
+    router = build_router_config(cfg.router)
+    assert type(router).__name__ == "ModalityAwareAuxFreeConfig"
+    assert (router.bias_update_rate, router.mask, router.balance_loss_alpha) == (0.01, "logits", 0.0)
+    cfg = compose_run_config([f"router._target_={PLUGIN}", "router.decay=0.5"])
+    assert build_router_config(cfg.router).name == PLUGIN and build_router_config(cfg.router).decay == 0.5
+    cfg = compose_run_config(["router=vanilla", "router.bias_update_rate=0.01"])
+    with pytest.raises(ConfigError, match="bias_update_rate: not a setting of VanillaRouter"):
+        build_router_config(cfg.router)

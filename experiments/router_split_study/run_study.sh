@@ -26,7 +26,7 @@ if [[ "${1:-}" == "summarize" ]]; then summarize; exit; fi
 
 mkdir -p "$STUDY/results"
 start=$(date +%s)
-python run.py -m "${COMMON[@]}" experiment=router_ablation seed=1,2,3 hydra.sweep.dir="$LOGS/router_ablation"
+python run.py -m "${COMMON[@]}" experiment=router_ablation router=vanilla,modality_aware seed=1,2,3 hydra.sweep.dir="$LOGS/router_ablation"
 t1=$(date +%s)
 python run.py -m "${COMMON[@]}" hparams_search=split_ratio_study seed=1 hydra.sweep.dir="$LOGS/split_sweep"
 t2=$(date +%s)
