@@ -88,7 +88,7 @@ def test_zero3_text_rank_and_unit_speech_rank_route_to_disjoint_experts(referenc
     experts only (modality-aware routing), and the ranks still gather the same parameters in the same order."""
     result, weights = run_ranks(tmp_path, 2, strategy="deepspeed_zero3", modalities="split")
     assert result["global_step"] == STEPS
-    worst = assert_same_weights(reference["split_units"], weights, atol=2e-5)
+    worst = assert_same_weights(reference["split_units"], weights, atol=5e-5)  # 1.3e-5 here; weights move >= 0.025
     print(f"deepspeed_zero3, text rank + unit speech rank: max |w - w_single| = {worst:.3g}")
 
 

@@ -429,7 +429,8 @@ class MoSTLitModule(LightningModule):
         from most_lightning.lit.strategies import offloads_optimizer
 
         optimizer = build_adamw(self, self.optimizer_settings, fused=not self._clips_under_mixed_precision(),
-                                cpu_offload=offloads_optimizer(getattr(self.trainer.strategy, "config", None)))
+                                cpu_offload=offloads_optimizer(getattr(getattr(self._trainer, "strategy", None),
+                                                                       "config", None)))
         sched = self.scheduler_settings
         total = sched.get("total_steps") or self.trainer.estimated_stepping_batches
         if total is None or total == float("inf"):
