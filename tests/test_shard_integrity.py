@@ -224,3 +224,19 @@ def test_skip_report_writes_tsv_and_sums(dm, tmp_path):
     assert lines[0].split("\t")[:5] == ["split", "shard", "key", "reason", "samples"]
     assert [line.split("\t")[:5] for line in lines[1:]] == [["train", str(shard), "*", "corrupt_shard", "50"]]
     assert sums == {"data/n_skipped": 50.0, "data/n_skipped/corrupt_shard": 50.0}
+
+
+def test_training_skips_survive_a_checkpoint(dm, tmp_path):
+    """skipped.tsv of a resumed run still lists the skips made before the checkpoint (and only once)."""
+    shard = write_with_manifest(tmp_path / "speech")
+    cut_at(shard, "mid_member")
+    before = MoSTDataModule(data_dir=dm.data_dir, corpus=TINY_RECIPE, progress=False, batch_size=4, max_length=None)
+    for batch in source_stream(dm, shard):
+        before.on_before_batch_transfer(batch, 0)
+    state = before.state_dict()
+    torch_state = __import__("json").loads(__import__("json").dumps(state))  # plain values, as in a checkpoint
+    after = MoSTDataModule(data_dir=dm.data_dir, corpus=TINY_RECIPE, progress=False, batch_size=4, max_length=None)
+    after.skip_ledger.append(("validation", "v.tar", "k", "empty_transcript", 1, ""))
+    after.load_state_dict(torch_state)
+    assert after.skip_counts() == {"corrupt_shard": 50, "empty_transcript": 1}
+    assert after._resume_state is None  # no stream position in this state: nothing to resume from
