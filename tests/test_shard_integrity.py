@@ -274,3 +274,18 @@ def test_test_loaders_count_a_bad_test_sample_once(dm, tmp_path):
     loaders = [*test_dm.test_dataloader(), test_dm.asr_generation_dataloader("test", mismatched=True)]
     assert sum(b["n_skipped"] for loader in loaders for b in loader) == 1
     assert test_dm.skip_counts() == {"empty_transcript": 1}
+
+
+def test_a_shard_deleted_after_start_counts_its_manifest_samples(dm, tmp_path):
+    folder = tmp_path / "speech"
+    folder.mkdir()
+    entries = []
+    for j in range(2):
+        shard = write_shard(folder / f"train-{j:05d}.tar", [dict(s, __key__=f"{s['__key__']}_{j}") for s in samples(10)])
+        entries.append({"path": shard.name, "samples": 10, "bytes": shard.stat().st_size})
+    (folder / "manifest.json").write_text(json.dumps({"splits": {"train": {"shards": entries}}}))
+    stream = SourceMixStream(parse_sources({"s": {"shards": str(folder / "*.tar"), "tasks": {"asr": 1}}}),
+                             dm.tokenizer, batch_size=4, mode="exact", verify_audio="none")
+    (folder / "train-00001.tar").unlink()  # gone between start-up and reading (a lost mount, a cleanup job)
+    keys, reasons, n_skipped = tally(list(stream))
+    assert len(keys) == 10 and reasons == {"corrupt_shard": 10} and n_skipped == 10
