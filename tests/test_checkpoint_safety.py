@@ -62,6 +62,18 @@ def test_crafted_local_checkpoint_is_refused_even_with_the_env_override(crafted,
 
     with pytest.raises(pickle.UnpicklingError):
         model_from_lightning(ckpt)
+    # the audio front end's and vocoder's loaders: HuBERT (fairseq layout), k-means centroids, unit HiFi-GAN
+    from most_lightning.audio.hifigan import load_unit_hifigan
+    from most_lightning.audio.hubert_checkpoints import HubertCheckpointError, read_hubert_checkpoint
+    from most_lightning.audio.quantizer import QuantizerFileError, _read_torch_centroids
+
+    with pytest.raises(HubertCheckpointError, match="weights_only"):
+        read_hubert_checkpoint(ckpt, format="fairseq")
+    with pytest.raises(QuantizerFileError, match="weights_only"):
+        _read_torch_centroids(str(ckpt))
+    (ckpt.parent / "config.json").write_text("{}")
+    with pytest.raises(pickle.UnpicklingError):
+        load_unit_hifigan(ckpt)
     assert not marker.exists()
 
 

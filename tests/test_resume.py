@@ -118,7 +118,7 @@ def test_kill_9_at_a_random_step_then_resume_matches_the_uninterrupted_run(tmp_p
     reference = {s["step"]: s["keys"] for s in _steps(tmp_path / "full.jsonl")}
     assert sorted(reference) == list(range(1, MAX_STEPS + 1))
 
-    kill_at = random.Random().randrange(3, MAX_STEPS - 2)  # any step: epochs are 6 batches, validations every 5
+    kill_at = random.Random().randrange(2, MAX_STEPS - 1)  # any step: epochs are 6 batches, validations every 5
     print(f"kill -9 after step {kill_at}")
     killed = _run(args("killed"), env, start_new_session=True)
     deadline = time.time() + 600
@@ -135,7 +135,9 @@ def test_kill_9_at_a_random_step_then_resume_matches_the_uninterrupted_run(tmp_p
     resumed = _run([f"ckpt_path={ckpt}"], env)  # the command a user types: no other override
     out = resumed.communicate(timeout=600)[0]
     assert resumed.returncode == 0, out[-3000:]
-    assert (run / "metrics.json").is_file()  # the killed run's directory gets its metrics
+    metrics = json.loads((run / "metrics.json").read_text())  # the killed run's directory gets its metrics
+    assert metrics["data/n_skipped"] == 0  # the skip sums (a clean corpus) and their list
+    assert (run / "skipped.tsv").read_text().splitlines() == ["split\tshard\tkey\treason\tsamples\tdetail"]
     assert not (tmp_path / "logs").exists() and len(list(tmp_path.iterdir())) == 4  # no new run directory
 
     lines = _steps(tmp_path / "killed.jsonl")

@@ -224,3 +224,68 @@ def test_skip_report_writes_tsv_and_sums(dm, tmp_path):
     assert lines[0].split("\t")[:5] == ["split", "shard", "key", "reason", "samples"]
     assert [line.split("\t")[:5] for line in lines[1:]] == [["train", str(shard), "*", "corrupt_shard", "50"]]
     assert sums == {"data/n_skipped": 50.0, "data/n_skipped/corrupt_shard": 50.0}
+
+
+def test_training_skips_survive_a_checkpoint(dm, tmp_path):
+    """skipped.tsv of a resumed run still lists the skips made before the checkpoint (and only once)."""
+    shard = write_with_manifest(tmp_path / "speech")
+    cut_at(shard, "mid_member")
+    before = MoSTDataModule(data_dir=dm.data_dir, corpus=TINY_RECIPE, progress=False, batch_size=4, max_length=None)
+    for batch in source_stream(dm, shard):
+        before.on_before_batch_transfer(batch, 0)
+    state = before.state_dict()
+    torch_state = __import__("json").loads(__import__("json").dumps(state))  # plain values, as in a checkpoint
+    after = MoSTDataModule(data_dir=dm.data_dir, corpus=TINY_RECIPE, progress=False, batch_size=4, max_length=None)
+    after.skip_ledger.append(("validation", "v.tar", "k", "empty_transcript", 1, ""))
+    after.load_state_dict(torch_state)
+    assert after.skip_counts() == {"corrupt_shard": 50, "empty_transcript": 1}
+    assert after._resume_state is None  # no stream position in this state: nothing to resume from
+
+
+def test_demo_stream_counts_a_bad_sample_once_per_epoch_although_it_rereads_the_shard(dm, tmp_path):
+    """The defect: the demo stream, reading a small shard set several times in one epoch, counted each re-read."""
+    good = samples(4)
+    bad = dict(good[0], __key__="u_empty", txt=b"   ")
+    shard = write_with_manifest(tmp_path / "speech", content=[bad, *good[1:]])
+    batches = list(demo_stream(dm, shard, 5, 3))  # 15 examples from 3 good samples: the shard is read 5 times
+    keys, reasons, n_skipped = tally(batches)
+    assert len(keys) == 15 and reasons == {"empty_transcript": 1} and n_skipped == 1
+    rows = [r[:4] for b in batches for r in b["skipped_rows"]]
+    assert rows == [(str(shard), "u_empty", "empty_transcript", 1)]
+    _, reasons, _ = tally(list(demo_stream(dm, shard, 5, 3)))  # the next epoch is a new pass: counted again
+    assert reasons == {"empty_transcript": 1}
+
+
+def test_test_loaders_count_a_bad_test_sample_once(dm, tmp_path):
+    """The ASR, mismatched-ASR and TTS+text test loaders read the same test records in one pass."""
+    import shutil
+
+    corpus = tmp_path / "corpus"
+    shutil.copytree(dm.corpus_dir, corpus)
+    manifest = json.loads((corpus / "manifest.json").read_text())
+    entry = manifest["speech"]["test"]["shards"][0]
+    shard = corpus / entry["path"]
+    content = read_shard(shard)
+    write_shard(shard, [dict(content[0], txt=b" "), *content[1:]])
+    data = shard.read_bytes()
+    entry.update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
+    (corpus / "manifest.json").write_text(json.dumps(manifest))
+    test_dm = MoSTDataModule(corpus_dir=str(corpus), batch_size=4, max_length=None)
+    loaders = [*test_dm.test_dataloader(), test_dm.asr_generation_dataloader("test", mismatched=True)]
+    assert sum(b["n_skipped"] for loader in loaders for b in loader) == 1
+    assert test_dm.skip_counts() == {"empty_transcript": 1}
+
+
+def test_a_shard_deleted_after_start_counts_its_manifest_samples(dm, tmp_path):
+    folder = tmp_path / "speech"
+    folder.mkdir()
+    entries = []
+    for j in range(2):
+        shard = write_shard(folder / f"train-{j:05d}.tar", [dict(s, __key__=f"{s['__key__']}_{j}") for s in samples(10)])
+        entries.append({"path": shard.name, "samples": 10, "bytes": shard.stat().st_size})
+    (folder / "manifest.json").write_text(json.dumps({"splits": {"train": {"shards": entries}}}))
+    stream = SourceMixStream(parse_sources({"s": {"shards": str(folder / "*.tar"), "tasks": {"asr": 1}}}),
+                             dm.tokenizer, batch_size=4, mode="exact", verify_audio="none")
+    (folder / "train-00001.tar").unlink()  # gone between start-up and reading (a lost mount, a cleanup job)
+    keys, reasons, n_skipped = tally(list(stream))
+    assert len(keys) == 10 and reasons == {"corrupt_shard": 10} and n_skipped == 10

@@ -405,8 +405,17 @@ class MoSTDataModule(LightningDataModule):
     def state_dict(self) -> dict[str, Any]:
         """Read heads of every rank's workers after the last batch that reached a training step (gathered from
         all ranks, so rank 0's checkpoint holds them all): read heads for named sources, (epoch, batches) per
-        worker for the demo stream."""
-        return self._position(gather=True)
+        worker for the demo stream; plus the training skips so far (skipped.tsv survives a resume)."""
+        state = self._position(gather=True)
+        rows = [list(r) for r in self.skip_ledger if r[0] == "train"]
+        _, world_size = self._rank_world()
+        if world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            parts: list[Any] = [None] * world_size
+            torch.distributed.all_gather_object(parts, rows)
+            rows = [r for part in parts for r in part]
+        if rows:
+            state["skipped"] = rows
+        return state
 
     def _position(self, gather: bool) -> dict[str, Any]:
         if self._stream_shape is None:
@@ -425,6 +434,10 @@ class MoSTDataModule(LightningDataModule):
         return {"world_size": world_size, "num_workers": max(num_workers, 1), "ranks": ranks}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        rows = state_dict.pop("skipped", [])
+        if rows and self._rank_world()[0] == 0:  # all ranks' rows, gathered: one copy is enough
+            self.skip_ledger = [tuple(r) for r in rows] + [r for r in self.skip_ledger if r[0] != "train"]
         if state_dict and self.resume_data_position:
             self._resume_state = state_dict
             self._consumed = {}

@@ -263,24 +263,16 @@ def decode_text_sample(sample: dict) -> TextRecord:
 
 
 # ---------------------------------------------------------------------------------------------- reading
-_NOTED_SHARDS: set[str] = set()  # size mismatches already logged by this process
-
-
 def iter_shard(shard: str, policy: BadSamplePolicy, verify: VerifyShards = "size",
                owns: Callable[[int], bool] | None = None) -> Iterator[dict]:
     """Whole raw samples of one .tar shard (data/shard_reader.py); a short, corrupt or unreadable shard goes
     through `policy` as one CorruptShardError with the number of samples lost (those `owns` says are this
     reader's). verify: 'size' (manifest size and count), 'sha256' (also the checksum) or 'none'."""
 
-    def on_corrupt(reason: str, n_lost: int, at_open: bool) -> None:
-        if at_open and policy.mode == "skip":  # a size mismatch: read on, the end of the read counts the loss
-            if shard not in _NOTED_SHARDS:
-                _NOTED_SHARDS.add(shard)
-                log.warning("shard %s: %s", shard, reason)
-            return
+    def on_corrupt(reason: str, n_lost: int) -> None:
         policy.handle(CorruptShardError(shard, reason, n_lost))
 
-    yield from read_shard_samples(shard, on_corrupt, verify, owns)
+    yield from read_shard_samples(shard, on_corrupt, verify, owns, stop_at_open=policy.mode == "raise")
 
 
 def iter_records(

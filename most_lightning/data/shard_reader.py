@@ -50,6 +50,7 @@ class ShardExpectation:
 # ---------------------------------------------------------------------------------------------- manifests
 _MANIFESTS: dict[tuple[str, float], dict[str, ShardExpectation]] = {}
 _CHECKSUMS: dict[tuple[str, int, float], str] = {}
+_NOTED: set[str] = set()  # shards whose size mismatch this process has logged
 
 
 def _entries(node: Any) -> Iterator[dict]:
@@ -187,12 +188,14 @@ def count_whole_samples(shard: str) -> int:
     return sum(1 for _ in _whole_samples(shard))
 
 
-def read_shard_samples(shard: str, on_corrupt: Callable[[str, int, bool], None], verify: VerifyShards = "size",
-                       owns: Callable[[int], bool] | None = None) -> Iterator[dict[str, Any]]:
+def read_shard_samples(shard: str, on_corrupt: Callable[[str, int], None], verify: VerifyShards = "size",
+                       owns: Callable[[int], bool] | None = None,
+                       stop_at_open: bool = False) -> Iterator[dict[str, Any]]:
     """Whole raw samples of `shard` ({'__key__', '__url__', member: bytes}); every problem goes to
-    `on_corrupt(reason, n_lost, at_open)`, which raises or counts (`at_open`: a size mismatch found before
-    reading, which 'skip' only notes: the read that follows counts what is lost). `owns(i)`: whether sample i of this shard is
-    this reader's (readers that stride over shards count only their own lost samples)."""
+    `on_corrupt(reason, n_lost)`, which raises or counts. `owns(i)`: whether sample i of this shard is this
+    reader's (readers that stride over shared shards count only their own lost samples). A size mismatch found
+    at open goes to on_corrupt at once with `stop_at_open` (the 'raise' policy); otherwise it is logged once and
+    the read that follows counts what is lost."""
     owns = owns or (lambda i: True)
     expected = expected_shard(shard) if verify != "none" else None
     where = f" (manifest {expected.manifest}: {expected.samples} samples" + \
@@ -206,15 +209,19 @@ def read_shard_samples(shard: str, on_corrupt: Callable[[str, int, bool], None],
     try:
         size = os.path.getsize(shard)
     except OSError as exn:
-        on_corrupt(f"cannot open it ({type(exn).__name__}: {exn}){where}", lost_from(0, 0), True)
+        on_corrupt(f"cannot open it ({type(exn).__name__}: {exn}){where}", lost_from(0, 0))
         return
     if expected is not None:
-        if expected.bytes is not None and size != expected.bytes:  # at_open: 'raise' stops before any sample
-            on_corrupt(f"{size} bytes, the manifest says {expected.bytes}{where}",
-                       lost_from(min(count_whole_samples(shard), expected.samples), 0), True)
+        if expected.bytes is not None and size != expected.bytes:
+            reason = f"{size} bytes, the manifest says {expected.bytes}{where}"
+            if stop_at_open:
+                on_corrupt(reason, lost_from(min(count_whole_samples(shard), expected.samples), 0))
+            elif shard not in _NOTED:
+                _NOTED.add(shard)
+                log.warning("shard %s: %s", shard, reason)
         if verify == "sha256" and expected.sha256 and shard_sha256(shard) != expected.sha256:
             on_corrupt(f"sha256 differs from the manifest's (data.verify=sha256){where}: whole shard dropped",
-                       lost_from(0, 0), False)
+                       lost_from(0, 0))
             return
     n = 0
     reader = _whole_samples(shard)
@@ -227,11 +234,11 @@ def read_shard_samples(shard: str, on_corrupt: Callable[[str, int, bool], None],
         n += 1
         yield {**group, "__url__": shard}
     if early is not None:
-        on_corrupt(f"truncated or not a tar ({early}); {n} whole sample(s) read{where}", lost_from(n, dropped), False)
+        on_corrupt(f"truncated or not a tar ({early}); {n} whole sample(s) read{where}", lost_from(n, dropped))
         return
     if expected is not None and expected.samples != n:
         if n < expected.samples:
-            on_corrupt(f"{n} samples, the manifest says {expected.samples}{where}", lost_from(n, 0), False)
+            on_corrupt(f"{n} samples, the manifest says {expected.samples}{where}", lost_from(n, 0))
         else:
             log.warning("shard %s has %d samples, more than its manifest's %d (%s): a stale manifest?", shard, n,
                         expected.samples, expected.manifest)

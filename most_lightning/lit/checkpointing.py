@@ -37,6 +37,11 @@ class ValidatedCheckpoint(ModelCheckpoint):
             super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         finally:
             self._between_validations = False
+        due = self._every_n_train_steps >= 1 and trainer.global_step % self._every_n_train_steps == 0
+        if due and self.save_last and self._last_global_step_saved != trainer.global_step and self._may_save(trainer):
+            # Lightning defers this save to the next validation while the monitored value is missing (before the
+            # first validation) or at an epoch end: a crash before then would find no last.ckpt
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
     def _save_topk_checkpoint(self, trainer, monitor_candidates) -> None:
         if self._between_validations and self.monitor is not None:
