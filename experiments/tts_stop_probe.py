@@ -40,7 +40,7 @@ def load_run(run_dir: Path, ckpt: str):
 
 
 @torch.no_grad()
-def free_running(model, tok, examples, max_new_tokens: int) -> dict:
+def free_running(model, tok, examples, max_new_tokens: int, no_repeat_ngram_size: int = 0) -> dict:
     """Greedy TTS from the prompts (as eval tts does): how many emit end-of-audio, and what the others loop on."""
     from most_lightning.eval.asr import generate_batch
     from most_lightning.eval.context import EvalContext
@@ -49,7 +49,7 @@ def free_running(model, tok, examples, max_new_tokens: int) -> dict:
     prompts = [ex.input_ids[: ex.labels.index(tok.bos_id)] for ex in examples]
     stopped, lengths, repeats, last_before_end, distinct = 0, [], [], [], []
     for start in range(0, len(prompts), 8):
-        new = generate_batch(ctx, prompts[start : start + 8], max_new_tokens)
+        new = generate_batch(ctx, prompts[start : start + 8], max_new_tokens, no_repeat_ngram_size=no_repeat_ngram_size)
         for row in new.tolist():
             if tok.eos_id in row:
                 row = row[: row.index(tok.eos_id)]
@@ -68,7 +68,7 @@ def free_running(model, tok, examples, max_new_tokens: int) -> dict:
 
 
 def probe(run_dir: Path, ckpt: str = "last", limit: int = 40, train_batches: int = 30, free_limit: int = 16,
-          max_new_tokens: int = 150) -> dict:
+          max_new_tokens: int = 150, no_repeat_ngram_size: int = 0) -> dict:
     from most_lightning.data.tasks import IGNORE_INDEX, TaskFormatter
     from most_lightning.data.samples import decode_speech_sample, iter_shard, BadSamplePolicy
     from most_lightning.audio.units import dedup_units
@@ -111,7 +111,7 @@ def probe(run_dir: Path, ckpt: str = "last", limit: int = 40, train_batches: int
         assert int(modality[0, pos]) == 1, "the end-of-audio predicting position has an audio input token"
     for h in hooks:
         h.remove()
-    free = free_running(model, tok, examples[:free_limit], max_new_tokens) if free_limit else {}
+    free = free_running(model, tok, examples[:free_limit], max_new_tokens, no_repeat_ngram_size) if free_limit else {}
     n = len(examples)
     layers = len(audio_share[0]) if audio_share else 0
     result = {
@@ -157,12 +157,14 @@ def main() -> None:
     p.add_argument("--train-batches", type=int, default=30)
     p.add_argument("--free-running", type=int, default=16, help="greedy TTS on this many test prompts")
     p.add_argument("--max-new-tokens", type=int, default=150)
+    p.add_argument("--no-repeat-ngram", type=int, default=0, help="free running: ban repeated n-grams (0 = off)")
     args = p.parse_args()
     torch.set_num_threads(1)
-    result = probe(args.run_dir, args.ckpt, args.limit, args.train_batches, args.free_running, args.max_new_tokens)
+    result = probe(args.run_dir, args.ckpt, args.limit, args.train_batches, args.free_running, args.max_new_tokens,
+                   args.no_repeat_ngram)
     text = json.dumps(result, indent=2)
     print(text)
-    (args.run_dir / "tts_stop_probe.json").write_text(text)
+    (args.run_dir / f"tts_stop_probe_{args.ckpt}_nrng{args.no_repeat_ngram}.json").write_text(text)
 
 
 if __name__ == "__main__":
