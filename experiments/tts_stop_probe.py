@@ -47,22 +47,29 @@ def free_running(model, tok, examples, max_new_tokens: int, no_repeat_ngram_size
 
     ctx = EvalContext(model=model, tokenizer=tok, batch_size=8, progress=False)
     prompts = [ex.input_ids[: ex.labels.index(tok.bos_id)] for ex in examples]
+    unit_ids = set(tok.unit_ids.tolist())
+    reference = [sum(t in unit_ids for t in ex.labels) for ex in examples]
+    in_window = 0
     stopped, lengths, repeats, last_before_end, distinct = 0, [], [], [], []
     for start in range(0, len(prompts), 8):
         new = generate_batch(ctx, prompts[start : start + 8], max_new_tokens, no_repeat_ngram_size=no_repeat_ngram_size)
         for row in new.tolist():
+            new_row = list(row)
             if tok.eos_id in row:
                 row = row[: row.index(tok.eos_id)]
             if tok.eoa_id in row:
                 stopped += 1
                 row = row[: row.index(tok.eoa_id)]
             units = tok.decode_units(row)
+            ref = reference[len(lengths)]
+            in_window += tok.eoa_id in new_row and abs(len(units) - ref) <= 0.3 * ref
             lengths.append(len(units))
             repeats.append(sum(a == b for a, b in zip(units, units[1:])) / max(len(units) - 1, 1))
             distinct.append(len(set(units[len(units) // 2 :])))
     n = len(prompts)
     return {"free_running_n": n, "free_running_stopped": stopped,
-            "free_running_mean_units": sum(lengths) / n,
+            "free_running_mean_units": sum(lengths) / n, "free_running_mean_units_reference": sum(reference) / n,
+            "free_running_stop_rate_within_30pct": in_window / n,
             "free_running_immediate_repeat_share": sum(repeats) / n,  # never in the (deduplicated) training units
             "free_running_distinct_units_in_second_half_mean": sum(distinct) / n}
 
