@@ -124,7 +124,8 @@ def probe(run_dir: Path, ckpt: str = "last", limit: int = 40, train_batches: int
     result = {
         "run": str(run_dir), "router": cfg.router.name, "n_examples": n,
         "end_position_input_modality": "audio (the last unit)",
-        "end_position_audio_group_share_per_layer": [round(sum(s[i] for s in audio_share) / n, 3) for i in range(layers)],
+        "end_position_audio_group_share_per_layer": [round(sum(s[i] for s in audio_share) / n, 3)
+                                                     for i in range(layers)],
         "p_end_at_end_position_mean": sum(p_end) / n,
         "p_end_at_end_position_median": sorted(p_end)[n // 2],
         "rank_of_end_at_end_position_median": sorted(ranks)[n // 2],

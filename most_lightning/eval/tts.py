@@ -141,7 +141,8 @@ class GeneratedSpeech:
     stopped: bool  # end-of-audio was generated
 
 
-def synthesize_units(ctx, texts: list[str], max_new_tokens: int, no_repeat_ngram_size: int = 0) -> list[GeneratedSpeech]:
+def synthesize_units(ctx, texts: list[str], max_new_tokens: int,
+                     no_repeat_ngram_size: int = 0) -> list[GeneratedSpeech]:
     """The model's (deduplicated) unit sequence for each text, greedy with the KV cache, and whether it emitted
     end-of-audio before max_new_tokens ran out."""
     tok = ctx.tokenizer
