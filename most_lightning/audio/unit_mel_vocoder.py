@@ -275,5 +275,5 @@ def fit_unit_mel_vocoder(pairs: Sequence[tuple[torch.Tensor, Sequence[int]]], co
         optimizer.step()
         schedule.step()
         if on_step is not None:
-            on_step(step, float(loss))
+            on_step(step, loss.item())
     return UnitMelVocoder(config, decoder.eval(), durations)
