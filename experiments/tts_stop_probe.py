@@ -40,35 +40,42 @@ def load_run(run_dir: Path, ckpt: str):
 
 
 @torch.no_grad()
-def free_running(model, tok, examples, max_new_tokens: int) -> dict:
+def free_running(model, tok, examples, max_new_tokens: int, no_repeat_ngram_size: int = 0) -> dict:
     """Greedy TTS from the prompts (as eval tts does): how many emit end-of-audio, and what the others loop on."""
     from most_lightning.eval.asr import generate_batch
     from most_lightning.eval.context import EvalContext
 
     ctx = EvalContext(model=model, tokenizer=tok, batch_size=8, progress=False)
     prompts = [ex.input_ids[: ex.labels.index(tok.bos_id)] for ex in examples]
+    unit_ids = set(tok.unit_ids.tolist())
+    reference = [sum(t in unit_ids for t in ex.labels) for ex in examples]
+    in_window = 0
     stopped, lengths, repeats, last_before_end, distinct = 0, [], [], [], []
     for start in range(0, len(prompts), 8):
-        new = generate_batch(ctx, prompts[start : start + 8], max_new_tokens)
+        new = generate_batch(ctx, prompts[start : start + 8], max_new_tokens, no_repeat_ngram_size=no_repeat_ngram_size)
         for row in new.tolist():
+            new_row = list(row)
             if tok.eos_id in row:
                 row = row[: row.index(tok.eos_id)]
             if tok.eoa_id in row:
                 stopped += 1
                 row = row[: row.index(tok.eoa_id)]
             units = tok.decode_units(row)
+            ref = reference[len(lengths)]
+            in_window += tok.eoa_id in new_row and abs(len(units) - ref) <= 0.3 * ref
             lengths.append(len(units))
             repeats.append(sum(a == b for a, b in zip(units, units[1:])) / max(len(units) - 1, 1))
             distinct.append(len(set(units[len(units) // 2 :])))
     n = len(prompts)
     return {"free_running_n": n, "free_running_stopped": stopped,
-            "free_running_mean_units": sum(lengths) / n,
+            "free_running_mean_units": sum(lengths) / n, "free_running_mean_units_reference": sum(reference) / n,
+            "free_running_stop_rate_within_30pct": in_window / n,
             "free_running_immediate_repeat_share": sum(repeats) / n,  # never in the (deduplicated) training units
             "free_running_distinct_units_in_second_half_mean": sum(distinct) / n}
 
 
 def probe(run_dir: Path, ckpt: str = "last", limit: int = 40, train_batches: int = 30, free_limit: int = 16,
-          max_new_tokens: int = 150) -> dict:
+          max_new_tokens: int = 150, no_repeat_ngram_size: int = 0) -> dict:
     from most_lightning.data.tasks import IGNORE_INDEX, TaskFormatter
     from most_lightning.data.samples import decode_speech_sample, iter_shard, BadSamplePolicy
     from most_lightning.audio.units import dedup_units
@@ -111,13 +118,14 @@ def probe(run_dir: Path, ckpt: str = "last", limit: int = 40, train_batches: int
         assert int(modality[0, pos]) == 1, "the end-of-audio predicting position has an audio input token"
     for h in hooks:
         h.remove()
-    free = free_running(model, tok, examples[:free_limit], max_new_tokens) if free_limit else {}
+    free = free_running(model, tok, examples[:free_limit], max_new_tokens, no_repeat_ngram_size) if free_limit else {}
     n = len(examples)
     layers = len(audio_share[0]) if audio_share else 0
     result = {
         "run": str(run_dir), "router": cfg.router.name, "n_examples": n,
         "end_position_input_modality": "audio (the last unit)",
-        "end_position_audio_group_share_per_layer": [round(sum(s[i] for s in audio_share) / n, 3) for i in range(layers)],
+        "end_position_audio_group_share_per_layer": [round(sum(s[i] for s in audio_share) / n, 3)
+                                                     for i in range(layers)],
         "p_end_at_end_position_mean": sum(p_end) / n,
         "p_end_at_end_position_median": sorted(p_end)[n // 2],
         "rank_of_end_at_end_position_median": sorted(ranks)[n // 2],
@@ -157,12 +165,14 @@ def main() -> None:
     p.add_argument("--train-batches", type=int, default=30)
     p.add_argument("--free-running", type=int, default=16, help="greedy TTS on this many test prompts")
     p.add_argument("--max-new-tokens", type=int, default=150)
+    p.add_argument("--no-repeat-ngram", type=int, default=0, help="free running: ban repeated n-grams (0 = off)")
     args = p.parse_args()
     torch.set_num_threads(1)
-    result = probe(args.run_dir, args.ckpt, args.limit, args.train_batches, args.free_running, args.max_new_tokens)
+    result = probe(args.run_dir, args.ckpt, args.limit, args.train_batches, args.free_running, args.max_new_tokens,
+                   args.no_repeat_ngram)
     text = json.dumps(result, indent=2)
     print(text)
-    (args.run_dir / "tts_stop_probe.json").write_text(text)
+    (args.run_dir / f"tts_stop_probe_{args.ckpt}_nrng{args.no_repeat_ngram}.json").write_text(text)
 
 
 if __name__ == "__main__":

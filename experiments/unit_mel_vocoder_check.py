@@ -36,6 +36,8 @@ def main() -> None:
     p.add_argument("--sentences", type=int, default=400)
     p.add_argument("--steps", type=int, default=1500)
     p.add_argument("--voice", default="slt")
+    p.add_argument("--channels", type=int, default=192, help="decoder width")
+    p.add_argument("--layers", type=int, default=6, help="decoder conv layers")
     p.add_argument("--test", type=int, default=20)
     p.add_argument("--dedup", action="store_true", help="also: deduplicated units + the duration table")
     p.add_argument("--audio-out", type=Path, default=Path("/tmp/unit_mel_check"))
@@ -49,8 +51,10 @@ def main() -> None:
         vocoder = UnitMelVocoder.load(args.vocoder)
     else:
         vocoder = train_unit_mel_vocoder(extractor, corpus_sentences(args.corpus, "train", args.sentences),
-                                         voice=args.voice, steps=args.steps)
-        result |= {"train_sentences": args.sentences, "steps": args.steps}
+                                         voice=args.voice, steps=args.steps, channels=args.channels,
+                                         layers=args.layers)
+        result |= {"train_sentences": args.sentences, "steps": args.steps, "channels": args.channels,
+                   "layers": args.layers}
         if args.save:
             vocoder.save(args.save)
     result["vocoder_seconds"] = round(time.perf_counter() - start, 1)

@@ -55,7 +55,7 @@ def train_unit_mel_vocoder(extractor, sentences: Sequence[str], voice: str = "sl
     log.info(f"unit_mel vocoder: {len(pairs)} utterances of voice {voice} in {time.perf_counter() - start:.0f} s")
 
     def report(step: int, loss: float) -> None:
-        if step % 250 == 0 or step == steps - 1:
+        if step % 50 == 0 or step == steps - 1:
             log.info(f"unit_mel vocoder: step {step}/{steps}, L1 {loss:.3f}, {time.perf_counter() - start:.0f} s")
 
     return fit_unit_mel_vocoder(pairs, config, steps=steps, batch_size=batch_size, seed=seed, on_step=report)

@@ -253,7 +253,8 @@ def fit_unit_mel_vocoder(pairs: Sequence[tuple[torch.Tensor, Sequence[int]]], co
         torch.manual_seed(seed)
         decoder = UnitMelDecoder(config)
     optimizer = torch.optim.AdamW(decoder.parameters(), lr=lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    cosine = lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))  # noqa: E731
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine)
     decoder.train()
     sub = config.sub_frames
     for step in range(steps):
@@ -274,5 +275,5 @@ def fit_unit_mel_vocoder(pairs: Sequence[tuple[torch.Tensor, Sequence[int]]], co
         optimizer.step()
         schedule.step()
         if on_step is not None:
-            on_step(step, float(loss))
+            on_step(step, loss.item())
     return UnitMelVocoder(config, decoder.eval(), durations)

@@ -79,16 +79,16 @@ def decode_text_rows(tokenizer, rows: torch.Tensor) -> list[str]:
 
 
 def generate_batch(ctx, prompts: list[list[int]], max_new_tokens: int, decoding: str = "greedy",
-                   beam_size: int = 4, length_penalty: float = 1.0) -> torch.Tensor:
+                   beam_size: int = 4, length_penalty: float = 1.0, no_repeat_ngram_size: int = 0) -> torch.Tensor:
     """Left-pad token prompts and generate (greedy or beam) with the KV cache; returns the new ids [B, N]."""
     from most_lightning.data.tasks import GenerationExample
 
     return generate_examples(ctx, [GenerationExample(p, "", "") for p in prompts], max_new_tokens, decoding,
-                             beam_size, length_penalty)
+                             beam_size, length_penalty, no_repeat_ngram_size)
 
 
 def generate_examples(ctx, examples: list, max_new_tokens: int, decoding: str = "greedy", beam_size: int = 4,
-                      length_penalty: float = 1.0) -> torch.Tensor:
+                      length_penalty: float = 1.0, no_repeat_ngram_size: int = 0) -> torch.Tensor:
     """Generation examples -> new ids [B, N]. Continuous-audio examples (MoST-C) get their frames spliced into
     the prompt embeddings by the model's audio input; unit prompts are embedded by the model."""
     from most_lightning.data.collate import collate_asr_generation
@@ -101,7 +101,9 @@ def generate_examples(ctx, examples: list, max_new_tokens: int, decoding: str = 
     embeds = ctx.prompt_embeds(batch) if hasattr(ctx, "prompt_embeds") else None
     common = dict(eos_id=tok.eos_id, pad_id=tok.pad_id, modality_of=tok.modality_of, inputs_embeds=embeds)
     if decoding == "greedy":
-        return greedy_generate(*args, **common)
+        return greedy_generate(*args, **common, no_repeat_ngram_size=no_repeat_ngram_size)
+    if no_repeat_ngram_size:
+        raise ValueError("no_repeat_ngram_size is implemented for greedy decoding only")
     if decoding == "beam":
         return beam_generate(*args, **common, beam_size=beam_size, length_penalty=length_penalty)
     raise ValueError(f"decoding={decoding!r}: allowed values are {ASR_DECODINGS}")

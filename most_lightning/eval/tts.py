@@ -141,7 +141,8 @@ class GeneratedSpeech:
     stopped: bool  # end-of-audio was generated
 
 
-def synthesize_units(ctx, texts: list[str], max_new_tokens: int) -> list[GeneratedSpeech]:
+def synthesize_units(ctx, texts: list[str], max_new_tokens: int,
+                     no_repeat_ngram_size: int = 0) -> list[GeneratedSpeech]:
     """The model's (deduplicated) unit sequence for each text, greedy with the KV cache, and whether it emitted
     end-of-audio before max_new_tokens ran out."""
     tok = ctx.tokenizer
@@ -152,7 +153,7 @@ def synthesize_units(ctx, texts: list[str], max_new_tokens: int) -> list[Generat
         budget = max_new_tokens
         if context is not None:  # never past the context: the rows that would need more "did not stop"
             budget = min(budget, context - max(map(len, chunk)))
-        new = generate_batch(ctx, list(chunk), budget)
+        new = generate_batch(ctx, list(chunk), budget, no_repeat_ngram_size=no_repeat_ngram_size)
         for row in new.tolist():
             if tok.eos_id in row:
                 row = row[: row.index(tok.eos_id)]
@@ -185,7 +186,8 @@ def _score(ctx, hyps: list[str], refs: list[str]) -> tuple[float, float]:
 def evaluate_tts(ctx, split: str = "test", limit: int | None = None, max_new_tokens: int = 300,
                  vocoders: Mapping[str, Mapping[str, Any]] | None = None,
                  recognizer: Mapping[str, Any] | str = "pocketsphinx", ground_truth: bool = True,
-                 resynthesis: bool = True, save_audio: int = 2, n_examples: int = 3) -> dict:
+                 resynthesis: bool = True, save_audio: int = 2, n_examples: int = 3,
+                 no_repeat_ngram_size: int = 0) -> dict:
     from most_lightning.audio.io import encode_audio
     from most_lightning.audio.units import dedup_units
 
@@ -201,7 +203,7 @@ def evaluate_tts(ctx, split: str = "test", limit: int | None = None, max_new_tok
         hyps = rec.transcribe([u.wave for u in utts])
         metrics["wer_ground_truth"], metrics["cer_ground_truth"] = _score(ctx, hyps, refs)
         examples["ground_truth"] = [{"reference": r, "hypothesis": h} for r, h in zip(refs, hyps)][:n_examples]
-    generated = synthesize_units(ctx, refs, max_new_tokens)
+    generated = synthesize_units(ctx, refs, max_new_tokens, no_repeat_ngram_size)
     metrics |= stop_metrics(generated, [len(dedup_units(u.units)) for u in utts])
     # did-not-stop sequences are never vocoded: they count as empty transcripts (all deletions)
     units = [g.units if g.stopped else [] for g in generated]
@@ -227,7 +229,8 @@ def evaluate_tts(ctx, split: str = "test", limit: int | None = None, max_new_tok
                 (audio_dir / f"{u.key}.{name}.resynth.flac").write_bytes(
                     encode_audio(resynth[i], vocoder_rate(vocoder)))
     return {"metrics": metrics, "examples": examples,
-            "settings": {"split": split, "limit": limit, "recognizer": recognizer, "vocoders": list(vocoders)}}
+            "settings": {"split": split, "limit": limit, "recognizer": recognizer, "vocoders": list(vocoders),
+                         "max_new_tokens": max_new_tokens, "no_repeat_ngram_size": no_repeat_ngram_size}}
 
 
 def resynthesize(vocoder, units: list[int]):

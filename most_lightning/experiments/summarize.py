@@ -252,8 +252,8 @@ def seeds_by_cell(runs: list[Run], cell_keys: list[str], seed_key: str) -> dict[
                       for c, s in sorted(cells.items(), key=str))
     for cell, seeds in cells.items():
         if len(set(map(str, seeds))) != len(seeds):
-            raise UnpairedSeedsError(f"{_cell_name(cell, cell_keys)} ran seed(s) more than once ({seeds}): the seed list "
-                                     f"({seed_key}) must give each cell each seed once. Cells: {shown}")
+            raise UnpairedSeedsError(f"{_cell_name(cell, cell_keys)} ran seed(s) more than once ({seeds}): the "
+                                     f"seed list ({seed_key}) must give each cell each seed once. Cells: {shown}")
     distinct = {tuple(sorted(map(str, s))) for s in cells.values()}
     if len(distinct) > 1:
         raise UnpairedSeedsError(f"the seed list does not divide into the study's cells: a paired comparison needs "

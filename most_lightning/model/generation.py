@@ -12,14 +12,18 @@ def greedy_generate(model, input_ids: torch.Tensor, modality: torch.Tensor,
                     attention_mask: torch.Tensor | None, max_new_tokens: int, *, eos_id: int,
                     pad_id: int | None = None,
                     modality_of: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                    inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+                    inputs_embeds: torch.Tensor | None = None, no_repeat_ngram_size: int = 0) -> torch.Tensor:
     """Return the new tokens [B, <= max_new_tokens]; a row that emitted eos is padded with pad_id after it.
 
     Prompts are LEFT-padded (attention_mask False on the padding). Positions count real tokens only, so a
     padded prompt is encoded exactly as the same prompt alone. ``modality_of`` marks each generated token
     (e.g. the tokenizer's unit tokens as audio); without it generated tokens are marked text.
     inputs_embeds [B, P, H]: the prompt's embeddings (e.g. with spliced audio frames) instead of its ids'.
+    no_repeat_ngram_size n > 0: a token that would repeat an n-gram already in the row's generated tokens is
+    never chosen (breaks the short cycles greedy decoding of a weak model falls into; 0 = off).
     """
+    if no_repeat_ngram_size < 0:
+        raise ValueError(f"no_repeat_ngram_size must be >= 0 (0 = off), got {no_repeat_ngram_size}")
     pad_id = eos_id if pad_id is None else pad_id
     batch = input_ids.shape[0]
     if attention_mask is None:
@@ -35,7 +39,10 @@ def greedy_generate(model, input_ids: torch.Tensor, modality: torch.Tensor,
         done = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
         generated = []
         for _ in range(max_new_tokens):
-            token = out.logits[:, -1].argmax(-1)
+            logits = out.logits[:, -1]
+            if no_repeat_ngram_size and generated:
+                logits = _ban_repeated_ngrams(logits, torch.stack(generated, dim=1), no_repeat_ngram_size)
+            token = logits.argmax(-1)
             generated.append(torch.where(done, torch.full_like(token, pad_id), token))
             done |= token == eos_id
             if bool(done.all()):
@@ -51,6 +58,19 @@ def greedy_generate(model, input_ids: torch.Tensor, modality: torch.Tensor,
         return torch.stack(generated, dim=1)
     finally:
         model.train(was_training)
+
+
+def _ban_repeated_ngrams(logits: torch.Tensor, generated: torch.Tensor, n: int) -> torch.Tensor:
+    """logits [B, V] with -inf on every token that would complete an n-gram already in generated [B, L]."""
+    if generated.shape[1] < n - 1 or n < 1:
+        return logits
+    logits = logits.clone()
+    for row, seq in enumerate(generated.tolist()):
+        prefix = tuple(seq[len(seq) - (n - 1):]) if n > 1 else ()
+        banned = {seq[i + n - 1] for i in range(len(seq) - n + 1) if tuple(seq[i : i + n - 1]) == prefix}
+        if banned:
+            logits[row, list(banned)] = float("-inf")
+    return logits
 
 
 def _reorder_cache(cache, index: torch.Tensor) -> None:
