@@ -95,7 +95,7 @@ def build_module(spec: dict):
     from most_lightning.lit import MoSTLitModule
 
     torch.manual_seed(0)
-    router = OmegaConf.to_container(OmegaConf.load(REPO / "conf" / "router" / "modality_aware.yaml"))
+    router = {"name": "modality_aware"}  # a registered router with its class's defaults (conf/router/modality_aware.yaml)
     audio = OmegaConf.to_container(OmegaConf.load(REPO / "conf" / "audio" / "continuous.yaml")) \
         if spec.get("continuous") else None
     module = MoSTLitModule(model=TINY_MODEL, router=router, vocab_size=VOCAB, audio=audio,

@@ -67,7 +67,8 @@ def _req(*args):
 
 @torch.no_grad()
 def _direct_logprob(model, ids: list[int], n_cont: int) -> float:
-    logp = torch.log_softmax(model(torch.tensor([ids])).logits[0].double(), -1)
+    ids_t = torch.tensor([ids])
+    logp = torch.log_softmax(model(ids_t, torch.zeros_like(ids_t)).logits[0].double(), -1)  # all text
     return float(sum(logp[i - 1, ids[i]] for i in range(len(ids) - n_cont, len(ids))))
 
 

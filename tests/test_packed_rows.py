@@ -38,7 +38,9 @@ def test_packed_row_computes_what_its_examples_compute_alone(attention, router, 
             examples.append((r, at, example.to(device), marks.to(device)))
             at += n
     ids, modality, segments = ids.to(device), modality.to(device), segments.to(device)
-    tol = dict(atol=1e-5, rtol=1e-5) if device == "cpu" else dict(atol=1e-4, rtol=1e-4)  # GPU kernels vary by shape
+    # fp32 matmuls over a different number of rows may block their sums differently (CPU and GPU kernels vary
+    # by shape): ~1e-5 apart here, far below the 1e-3 by which mixed examples differ (last assert)
+    tol = dict(atol=5e-5, rtol=5e-5) if device == "cpu" else dict(atol=1e-4, rtol=1e-4)
     with torch.no_grad():
         out = model(ids, modality, attention_mask=segments > 0, segment_ids=segments)
         balance_alone = []
