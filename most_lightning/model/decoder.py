@@ -90,6 +90,8 @@ class MoSTForCausalLM(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        # a router that uses the text/audio expert partition needs the marks: no silent "all text"
+        self._modality_required = config.has_moe and router_class(config.router.name).uses_partition
         self.reset_parameters()
 
     @torch.no_grad()
@@ -121,7 +123,7 @@ class MoSTForCausalLM(nn.Module):
         positions only: most_lightning.model.loss)."""
         batch, seq = input_ids.shape
         if modality is None:
-            if self.config.has_moe and router_class(self.config.router.name).uses_partition:
+            if self._modality_required:
                 raise ValueError(f"modality is required: router {self.config.router.name!r} routes each token to "
                                  "its modality's experts; pass modality [B, T] (0 text, 1 audio)")
             modality = torch.zeros_like(input_ids)
