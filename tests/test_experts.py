@@ -141,7 +141,7 @@ AUTO_CASES = [
     ("cuda", (9, 0), BF16, FP32, MISALIGNED, "loop"),
     ("cuda", (7, 5), BF16, FP32, ALIGNED, "loop"),  # pre-Ampere
     ("cuda", (7, 5), None, FP16, ALIGNED, "loop"),
-    ("cpu", None, None, FP32, ALIGNED, "loop"),  # the CPU default: faster there (experiments/bench_moe.py)
+    ("cpu", None, None, FP32, ALIGNED, "loop"),  # the CPU default: the oracle path
     ("cpu", None, BF16, FP32, ALIGNED, "loop"),
     ("cpu", None, None, BF16, ALIGNED, "loop"),
     ("mps", None, None, FP32, ALIGNED, "loop"),

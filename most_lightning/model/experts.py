@@ -10,7 +10,7 @@ of two dispatch paths runs the per-expert matmuls over the sorted rows:
 - ``"loop"``: a Python loop over the experts (rows split once by the expert counts, weights ``unbind``-ed
   once: indexing ``w[e]`` per expert would make every backward write a full-size zero gradient of the whole
   stack per expert, O(E^2) memory traffic). It needs the counts on the host. It is the test oracle of the
-  grouped path, and the CPU's default path, where grouped_mm runs one matmul per group anyway.
+  grouped path and the CPU's default path (docs/training_speed.md compares the two there).
 
 ``"auto"`` picks between them from the device and the compute dtype (autocast's when autocast is on):
 ``choose_dispatch``, a pure function, so every case is unit-tested without a GPU. The shared experts are
@@ -79,8 +79,8 @@ def choose_dispatch(requested: str, device_type: str, capability: tuple[int, int
 
     The compute dtype is ``autocast_dtype`` when autocast is on for the device (pass None when it is off), else
     the input's dtype. "auto": grouped_mm on CUDA GPUs of capability >= 8.0 whenever the compute dtype is
-    bf16/fp16 and the widths are aligned; the loop everywhere else (on the CPU it measured faster,
-    experiments/bench_moe.py). "grouped_mm" where it cannot run raises DispatchError with the reason."""
+    bf16/fp16 and the widths are aligned; the loop everywhere else (the tested oracle; on the CPU see
+    docs/training_speed.md for loop vs grouped_mm). "grouped_mm" where it cannot run raises DispatchError with the reason."""
     if requested not in DISPATCHES:
         raise DispatchError(f"model.expert_dispatch={requested!r}: allowed values are {list(DISPATCHES)}")
     dtype = autocast_dtype or input_dtype
