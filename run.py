@@ -125,7 +125,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         if module.asr_examples:
             write_json(output_dir / "asr_examples.json", module.asr_examples)
         log_info(f"metrics written to {output_dir / 'metrics.json'}")
-        print_run_summary(metrics, output_dir)
+        print_run_summary(metrics)
     return metrics
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Mapping
-from pathlib import Path
 
 # (metric, label, its text-prior baseline)
 ROWS = (
@@ -57,7 +56,7 @@ def summary_rows(metrics: Mapping[str, float]) -> list[tuple[str, str, str]]:
     return rows
 
 
-def print_run_summary(metrics: Mapping[str, float], output_dir: str | Path | None = None) -> None:
+def print_run_summary(metrics: Mapping[str, float]) -> None:
     """Print the table to the console (stdout) and log the verdict (console and run.log), once, at the end."""
     from rich import get_console
     from rich.table import Table
@@ -65,8 +64,7 @@ def print_run_summary(metrics: Mapping[str, float], output_dir: str | Path | Non
     rows = summary_rows(metrics)
     if not rows:
         return
-    title = "run summary" + (f" (every metric: {Path(output_dir).name}/metrics.json)" if output_dir else "")
-    table = Table(title=title, title_justify="left", header_style="bold")
+    table = Table(title="run summary", title_justify="left", header_style="bold")  # metrics.json has every metric
     table.add_column("metric")
     table.add_column("value", justify="right")
     table.add_column("text prior", justify="right")  # the same model on mismatched audio
