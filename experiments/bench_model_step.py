@@ -36,7 +36,8 @@ sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # this checkout's 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from bench_moe import Row, keep_freed_memory, malloc_note, page_faults, print_table, run_interleaved  # noqa: E402
+from bench_moe import (Row, keep_freed_memory, malloc_note, print_table, run_interleaved,  # noqa: E402
+                       run_interleaved_thread_clock)
 
 from most_lightning.lit.losses import fused_token_losses  # noqa: E402
 from most_lightning.lit.module import build_adamw  # noqa: E402
@@ -146,21 +147,6 @@ def memory_row(args, kind: str) -> dict[str, float]:
     rows[0].step()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return dict(row=rows[0].name, before_mb=before, step_peak_delta_mb=peak - before)
-
-
-def run_interleaved_thread_clock(rows: list[Row], reps: int, warmup: int = 1, quiet: bool = False) -> None:
-    """Like bench_moe.run_interleaved, timing each step by this thread's CPU time (torch runs on it alone)."""
-    for row in rows:
-        for _ in range(warmup):
-            row.step()
-    for rep in range(reps):
-        for row in rows:
-            faults, start = page_faults(), time.thread_time()
-            row.step()
-            row.times.append(time.thread_time() - start)
-            row.faults.append(page_faults() - faults)
-        if not quiet:
-            print(f"  rep {rep + 1}/{reps} done", file=sys.stderr, flush=True)
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:

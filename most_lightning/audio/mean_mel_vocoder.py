@@ -49,6 +49,24 @@ def check_unit_vocabulary(vocoder_units: int, model_units: int, what: str = "voc
             f"tokens: use a {what} fitted on this corpus' units (same unit extractor / k-means)")
 
 
+class LogMelToWave:
+    """log-mel frames [frames, n_mels] -> waveform: InverseMelScale, then Griffin-Lim from fixed random phases (the
+    same frames always give the same audio), peak-normalised to 0.9. Shared by the CPU vocoders."""
+
+    def __init__(self, sample_rate: int, n_fft: int, n_mels: int, win_length: int, hop_length: int, iters: int):
+        self.inverse_mel = torchaudio.transforms.InverseMelScale(n_fft // 2 + 1, n_mels, sample_rate)
+        self.griffin_lim = torchaudio.transforms.GriffinLim(n_fft, n_iter=iters, win_length=win_length,
+                                                            hop_length=hop_length, power=1.0)
+
+    @torch.no_grad()
+    def __call__(self, log_mel: torch.Tensor) -> torch.Tensor:
+        magnitude = self.inverse_mel(torch.exp(log_mel).T)  # [n_fft/2+1, frames]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            wave = self.griffin_lim(magnitude)
+        return wave / wave.abs().max().clamp(min=1e-4) * 0.9
+
+
 class MeanMelVocoder:
     def __init__(self, config: MeanMelConfig, mean_log_mel: torch.Tensor, mean_duration: torch.Tensor):
         if mean_log_mel.shape != (config.n_units, config.sub_frames, config.n_mels):
@@ -58,9 +76,7 @@ class MeanMelVocoder:
         c = config
         self.mel = torchaudio.transforms.MelSpectrogram(c.sample_rate, n_fft=c.n_fft, win_length=c.win_length,
                                                         hop_length=c.hop, n_mels=c.n_mels, power=1.0, center=True)
-        self.inverse_mel = torchaudio.transforms.InverseMelScale(c.n_fft // 2 + 1, c.n_mels, c.sample_rate)
-        self.griffin_lim = torchaudio.transforms.GriffinLim(c.n_fft, n_iter=c.griffin_lim_iters,
-                                                            win_length=c.win_length, hop_length=c.hop, power=1.0)
+        self.to_wave = LogMelToWave(c.sample_rate, c.n_fft, c.n_mels, c.win_length, c.hop, c.griffin_lim_iters)
 
     @property
     def n_units(self) -> int:
@@ -112,12 +128,7 @@ class MeanMelVocoder:
                                               f"knows {self.n_units} units")
         if deduplicated:
             u = u.repeat_interleave(self.mean_duration[u].round().clamp(min=1).long())
-        log_mel = self.mean_log_mel[u].reshape(-1, self.config.n_mels)  # [frames, n_mels]
-        magnitude = self.inverse_mel(torch.exp(log_mel).T)  # [n_fft/2+1, frames]
-        with torch.random.fork_rng(devices=[]):  # Griffin-Lim starts from random phases: same units, same audio
-            torch.manual_seed(0)
-            wave = self.griffin_lim(magnitude)
-        return wave / wave.abs().max().clamp(min=1e-4) * 0.9
+        return self.to_wave(self.mean_log_mel[u].reshape(-1, self.config.n_mels))  # [frames, n_mels]
 
     def save(self, directory: str | Path) -> None:
         d = Path(directory)

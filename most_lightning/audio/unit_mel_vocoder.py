@@ -27,7 +27,7 @@ import torchaudio
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .mean_mel_vocoder import UnitVocabularyMismatchError
+from .mean_mel_vocoder import LogMelToWave, UnitVocabularyMismatchError
 
 CONFIG_FILE, TENSORS_FILE = "unit_mel_vocoder.json", "unit_mel_vocoder.safetensors"
 LOG_FLOOR = 1e-5
@@ -151,9 +151,7 @@ class UnitMelVocoder:
     def __init__(self, config: UnitMelConfig, decoder: UnitMelDecoder, durations: DurationTable):
         self.config, self.decoder, self.durations = config, decoder.eval(), durations
         c = config
-        self.inverse_mel = torchaudio.transforms.InverseMelScale(c.n_fft // 2 + 1, c.n_mels, c.sample_rate)
-        self.griffin_lim = torchaudio.transforms.GriffinLim(c.n_fft, n_iter=c.griffin_lim_iters,
-                                                            win_length=c.win_length, hop_length=c.mel_hop, power=1.0)
+        self.to_wave = LogMelToWave(c.sample_rate, c.n_fft, c.n_mels, c.win_length, c.mel_hop, c.griffin_lim_iters)
 
     @property
     def n_units(self) -> int:
@@ -188,11 +186,7 @@ class UnitMelVocoder:
         log_mel = self.log_mel(units, deduplicated, durations)
         if log_mel.numel() == 0:
             return torch.zeros(0)
-        magnitude = self.inverse_mel(torch.exp(log_mel).T)
-        with torch.random.fork_rng(devices=[]):  # Griffin-Lim starts from random phases: same units, same audio
-            torch.manual_seed(0)
-            wave = self.griffin_lim(magnitude)
-        return wave / wave.abs().max().clamp(min=1e-4) * 0.9
+        return self.to_wave(log_mel)
 
     def save(self, directory: str | Path) -> None:
         d = Path(directory)
