@@ -42,7 +42,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     # before Lightning is even imported or any data is prepared.
     resume_from = resume_checkpoint(cfg)  # a URL or a missing checkpoint stops here, before any work
     check_settings(cfg)
-    strategy, batch_plan = strategy_for_run(cfg, resume_from)  # bad launch / precision / global batch: fails here too
+    strategy, batch_plan = strategy_for_run(cfg, resume_from)  # bad launch, precision or global batch fail here
 
     import lightning as L
     from lightning.pytorch.utilities import rank_zero_only
