@@ -77,9 +77,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     # not recursive: the router node's _target_ names the router class, which the module builds itself
     module = hydra.utils.instantiate(
         cfg.lit, model=cfg.model, router=cfg.router, vocab_size=tokenizer.vocab_size, audio=audio,
-        _convert_="partial", _recursive_=False
+        tokenizer=tokenizer, _convert_="partial", _recursive_=False
     )
-    module.tokenizer = tokenizer
     n_params = sum(p.numel() for p in module.model.parameters())
     log_info(f"model: {n_params / 1e6:.2f}M parameters, vocab {tokenizer.vocab_size}, "
                    f"router {module.model_config.router.name}")
@@ -110,8 +109,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         else:  # test only: the weights given by ckpt_path (or the freshly initialised model)
             ckpt = resume_from
         log_info(f"testing with {ckpt or 'the weights in memory'}")
-        loaders, mismatched = make_test_loaders(datamodule, cfg.get("test_asr_mismatched", False))
-        module.mismatched_test_loaders = mismatched
+        loaders = make_test_loaders(datamodule, cfg.get("test_asr_mismatched", False))
         # verbose=False: Lightning would print the same epoch-level table once per test loader
         trainer.test(module, dataloaders=loaders, ckpt_path=ckpt, verbose=False, weights_only=True)
         metrics |= scalar_metrics(trainer.callback_metrics)
@@ -187,15 +185,14 @@ def continue_killed_run(argv: list[str]) -> list[str]:
         raise SystemExit(f"error: {err}") from None
 
 
-def make_test_loaders(datamodule: Any, add_mismatched_asr: bool) -> tuple[list, set[int]]:
+def make_test_loaders(datamodule: Any, add_mismatched_asr: bool) -> list:
     """The datamodule's test loaders ([0] ASR generation, [1] teacher-forced TTS + text), plus, if asked, an ASR
-    loader whose audio comes from other sentences (the text-prior baseline); returns the mismatched indices."""
+    loader whose audio comes from other sentences (the text-prior baseline; its batches are flagged
+    ``mismatched``, which is how the module scores them apart)."""
     loaders = list(datamodule.test_dataloader())
-    mismatched = {0} if getattr(datamodule, "test_asr_mismatched", False) else set()
-    if add_mismatched_asr and not mismatched:
+    if add_mismatched_asr:
         loaders.append(datamodule.asr_generation_dataloader("test", mismatched=True, limit=datamodule.test_limit))
-        mismatched.add(len(loaders) - 1)
-    return loaders, mismatched
+    return loaders
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="run")

@@ -49,7 +49,7 @@ from most_lightning.data.samples import (  # noqa: E402
 )
 from most_lightning.data.tasks import TASKS, TaskFormatter  # noqa: E402
 from most_lightning.eval.asr import TranscriptErrorRates  # noqa: E402
-from most_lightning.lit.losses import shifted_token_losses  # noqa: E402
+from most_lightning.model.token_losses import shifted_token_losses  # noqa: E402
 from most_lightning.lit.schedule import linear_warmup_decay  # noqa: E402
 from most_lightning.model import MoSTConfig, MoSTForCausalLM, RouterConfig  # noqa: E402
 from most_lightning.text.tokenizer import MoSTTokenizer  # noqa: E402

@@ -39,7 +39,6 @@ from typing import Callable
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's package, not another install
 import torch  # noqa: E402
 
-from most_lightning.lit.losses import fused_token_losses  # noqa: E402
 from most_lightning.lit.module import build_adamw  # noqa: E402
 from most_lightning.model import MoSTConfig, MoSTForCausalLM  # noqa: E402
 from most_lightning.model.config import DEEPSEEK_V2_LITE  # noqa: E402
@@ -132,8 +131,7 @@ def build_row(kind: str, config: MoSTConfig, device: torch.device, data: dict) -
         optimizer = build_adamw(model, dict(lr=LR, betas=BETAS, eps=1e-8, weight_decay=WEIGHT_DECAY))
 
         def loss_fn():
-            out = model(ids, modality, compute_logits=False)
-            return fused_token_losses(out.hidden, model.lm_head.weight, labels, modality).mean() + out.aux_loss
+            return model(ids, modality, labels=labels, compute_logits=False).loss
 
     def step() -> float:
         with autocast:

@@ -4,9 +4,9 @@ transformers' DeepseekV2ForCausalLM is built from the same numbers (hidden, laye
 shared experts, vocab) and gets a copy of our weights, so both models route the tokens alike and do the same
 work. Rows are interleaved repetition by repetition in one process (timing helpers from bench_moe.py).
 
-Each side trains the way its users get it: ours through the LightningModule's path (fused LM-head loss from
-lit/losses.py, fused AdamW from lit/module.build_adamw), transformers with its defaults (labels= loss, its
-default attention implementation, torch AdamW with the same hyper-parameters). One extra row gives
+Each side trains the way its users get it: ours through the LightningModule's path (the model's fused LM-head
+loss, model/token_losses.py; fused AdamW from lit/module.build_adamw), transformers with its defaults (labels=
+loss, its default attention implementation, torch AdamW with the same hyper-parameters). One extra row gives
 transformers the fused AdamW too, to show how much of the gap is the optimizer.
 
     python experiments/bench_model_step.py                        # tiny preset, batch 8 x 256, 2 threads
@@ -39,7 +39,6 @@ import torch.nn.functional as F  # noqa: E402
 from bench_moe import (Row, keep_freed_memory, malloc_note, print_table, run_interleaved,  # noqa: E402
                        run_interleaved_thread_clock)
 
-from most_lightning.lit.losses import fused_token_losses  # noqa: E402
 from most_lightning.lit.module import build_adamw  # noqa: E402
 from most_lightning.model import MoSTConfig, MoSTForCausalLM  # noqa: E402
 from most_lightning.model.hf_compat import to_hf_deepseek_config, to_hf_state_dict  # noqa: E402
@@ -68,8 +67,7 @@ def their_optimizer(model: torch.nn.Module, fused: bool = False) -> torch.optim.
 def our_loss(model: MoSTForCausalLM, ids, labels, modality, fused: bool = True) -> torch.Tensor:
     """LM loss + router aux losses as MoSTLitModule.training_step computes them."""
     if fused:
-        out = model(ids, modality, compute_logits=False)
-        return fused_token_losses(out.hidden, model.lm_head.weight, labels, modality).mean() + out.aux_loss
+        return model(ids, modality, labels=labels, compute_logits=False).loss
     out = model(ids, modality)
     return F.cross_entropy(out.logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten()) + out.aux_loss
 

@@ -102,7 +102,7 @@ def build_module(spec: dict):
                            optimizer=dict(lr=float(spec.get("lr", 1e-2)), betas=[0.9, 0.95], eps=1e-8,
                                           weight_decay=float(spec.get("weight_decay", 0.0))),
                            scheduler=dict(warmup_steps=0, min_lr_ratio=1.0, total_steps=100))
-    module.fused_lm_loss = False  # one loss path for every strategy (ZeRO-3 cannot take the fused one)
+    module.model.fused_loss = False  # one loss path for every strategy (ZeRO-3 cannot take the fused one)
     return module
 
 

@@ -9,7 +9,7 @@ import logging
 import pytest
 import torch
 
-from most_lightning.lit.losses import IGNORE_INDEX, fused_token_losses
+from most_lightning.marks import IGNORE_INDEX
 from most_lightning.model import MoSTConfig, MoSTForCausalLM
 from most_lightning.model.checkpoint import export_hf, load_pretrained
 
@@ -98,8 +98,7 @@ def test_fp32_checkpoint_trains_under_bf16_autocast_and_matches_fp32(tmp_path):
     for _ in range(8):
         optimizer.zero_grad()
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            out = model(ids, modality, compute_logits=False)
-            loss = fused_token_losses(out.hidden, model.lm_head.weight, labels, modality).mean() + out.aux_loss
+            loss = model(ids, modality, labels=labels, compute_logits=False).loss
         loss.backward()
         assert all(p.grad is None or p.grad.dtype == torch.float32 for p in model.parameters())
         optimizer.step()

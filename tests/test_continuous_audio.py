@@ -10,10 +10,11 @@ import torch
 from most_lightning.audio.hubert import HubertArch, HubertEncoder
 from most_lightning.audio.hubert_checkpoints import save_torchaudio_checkpoint
 from most_lightning.data.collate import collate_asr_generation, collate_teacher_forced
-from most_lightning.data.continuous import AudioFrontendConfig, ContinuousASRFormatter
+from most_lightning.audio.frontend import AudioFrontendConfig, build_continuous_encoder, frame_counter
+from most_lightning.data.continuous import ContinuousASRFormatter
 from most_lightning.data.tasks import IGNORE_INDEX, TaskFormatter
 from most_lightning.lit import MoSTLitModule
-from most_lightning.lit.losses import shifted_token_losses
+from most_lightning.model.token_losses import shifted_token_losses
 from most_lightning.model.audio_input import ContinuousAudioInput
 
 TINY_MODEL = dict(preset="tiny", hidden_size=32, num_heads=2, intermediate_size=64, moe_intermediate_size=16,
@@ -140,14 +141,14 @@ def test_splice_refuses_slots_that_do_not_match_the_encoder(toy_tokenizer):
 
 
 # ---------------------------------------------------------------------------------------------- the module
-def continuous_module(tmp_path, vocab_size):
+def continuous_module(tmp_path, vocab_size, tokenizer=None):
     source = HubertEncoder.random("tiny", seed=7)
     path = tmp_path / "hubert.safetensors"
     save_torchaudio_checkpoint(source.model, source.arch, path)
     audio = {"mode": "continuous", "encoder": {"kind": "hubert", "checkpoint": str(path), "layer": "last"}}
     router = {"name": "modality_aware"}
     module = MoSTLitModule(model=TINY_MODEL, router=router, vocab_size=vocab_size, audio=audio,
-                           scheduler={"total_steps": 10, "warmup_steps": 0})
+                           scheduler={"total_steps": 10, "warmup_steps": 0}, tokenizer=tokenizer)
     return module, {k: v.clone() for k, v in source.model.state_dict().items()}
 
 
@@ -203,7 +204,7 @@ def test_fused_training_loss_sees_the_spliced_frames(tmp_path, toy_tokenizer, mo
     batch = collate_teacher_forced(examples, tok.pad_id, tok.modality_of)
     results = []
     for fused in (False, True):
-        module.fused_lm_loss = fused
+        module.model.fused_loss = fused
         module.zero_grad(set_to_none=True)
         loss = module.training_step(dict(batch), 0)
         loss.backward()
@@ -216,8 +217,7 @@ def test_fused_training_loss_sees_the_spliced_frames(tmp_path, toy_tokenizer, mo
 
 def test_module_transcribes_continuous_prompts(tmp_path, toy_tokenizer):
     tok = toy_tokenizer
-    module, _ = continuous_module(tmp_path, tok.vocab_size)
-    module.tokenizer = tok
+    module, _ = continuous_module(tmp_path, tok.vocab_size, tokenizer=tok)
     enc = module.audio_input.encoder
     fmt = ContinuousASRFormatter(TaskFormatter(tok), enc.n_frames, "drop")
     ws = waves(16000, 6000)
@@ -241,13 +241,10 @@ def test_audio_config_validation():
 
 def test_continuous_path_with_mfcc_frames(toy_tokenizer):
     """audio.encoder.kind=mfcc on the continuous preset: HuBERT-only keys are dropped, frame counts agree."""
-    from most_lightning.data.continuous import frame_counter
-    from most_lightning.model.audio_input import build_audio_input
-
     tok = toy_tokenizer
     cfg = AudioFrontendConfig.from_any({"mode": "continuous", "encoder": {"kind": "mfcc", "checkpoint": None,
                                                                           "layer": "last", "arch": "tiny"}})
-    audio_input = build_audio_input(cfg, hidden_size=16)
+    audio_input = ContinuousAudioInput(build_continuous_encoder(cfg), hidden_size=16)
     fmt = ContinuousASRFormatter(TaskFormatter(tok), frame_counter(cfg.encoder), "drop")
     ws = waves(16000, 7777)
     batch = collate_teacher_forced([fmt.asr(w, "abc", f"k{i}") for i, w in enumerate(ws)], tok.pad_id,

@@ -208,6 +208,7 @@ def test_test_loaders_generation_and_teacher_forced(data_root):
     assert {t for batch in tf for t in batch["task"]} == {"tts", "text"}
     # text-prior baseline: same references, every prompt carries the units of another sentence
     mism = [b for b in dm.asr_generation_dataloader("test", mismatched=True)]
+    assert all(b["mismatched"] is True for b in mism) and not any("mismatched" in b for b in batches)
     assert [t for b in mism for t in b["reference_text"]] == [r.transcript for r in records]
     by_units = {tuple(r.units): r.transcript for r in records}
     for b in mism:

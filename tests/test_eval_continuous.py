@@ -174,8 +174,7 @@ def test_eval_decoding_of_a_continuous_checkpoint_equals_the_module_transcribe(t
     from test_continuous_audio import continuous_module, waves
 
     tok = toy_tokenizer
-    module, _ = continuous_module(tmp_path, tok.vocab_size)
-    module.tokenizer = tok
+    module, _ = continuous_module(tmp_path, tok.vocab_size, tokenizer=tok)
     with torch.no_grad():  # audio that matters and sharp distributions, so the comparison is not vacuous
         module.audio_input.proj.weight.mul_(50)
         module.model.lm_head.weight.mul_(30)

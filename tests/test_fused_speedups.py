@@ -7,11 +7,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from most_lightning.lit.losses import IGNORE_INDEX, fused_token_losses, shifted_token_losses
 from most_lightning.lit.module import build_adamw
+from most_lightning.marks import IGNORE_INDEX
 from most_lightning.model import MoSTConfig, MoSTForCausalLM
 from most_lightning.model.attention import MultiHeadLatentAttention
 from most_lightning.model.rope import RotaryEmbedding
+from most_lightning.model.token_losses import fused_token_losses, shifted_token_losses
 
 
 def loss_inputs(seed: int = 0, batch: int = 3, seq: int = 11, hidden: int = 16, vocab: int = 37):
@@ -115,17 +116,17 @@ def test_model_without_logits_gives_the_lm_head_input():
 def test_training_step_same_loss_and_gradients_with_and_without_fusion(toy_tokenizer, monkeypatch):
     from test_lit_module import capture_logs, make_batch, make_module
 
-    import most_lightning.lit.module as lit_module
+    import most_lightning.model.decoder as decoder
 
     calls = []
-    monkeypatch.setattr(lit_module, "fused_token_losses",
+    monkeypatch.setattr(decoder, "fused_token_losses",
                         lambda *a, **kw: calls.append(1) or fused_token_losses(*a, **kw))
     batch = make_batch(toy_tokenizer)
     results = []
     for fused in (False, True):
         torch.manual_seed(0)
         module = make_module(toy_tokenizer.vocab_size)
-        module.fused_lm_loss = fused
+        module.model.fused_loss = fused
         logged = capture_logs(module, monkeypatch)
         loss = module.training_step(batch, 0)
         loss.backward()

@@ -12,8 +12,9 @@ from torch.utils.data import DataLoader
 
 from conftest import compose_run_config
 from most_lightning.lit import MoSTLitModule
-from most_lightning.lit.losses import IGNORE_INDEX, shifted_token_losses
-from most_lightning.model import RouterStats
+from most_lightning.marks import IGNORE_INDEX
+from most_lightning.model import MoSTOutput, RouterStats
+from most_lightning.model.token_losses import shifted_token_losses
 
 TINY_MODEL = dict(preset="tiny", hidden_size=32, num_heads=2, intermediate_size=64, moe_intermediate_size=16,
                   kv_lora_rank=8, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8)
@@ -63,19 +64,23 @@ def hand_nll(logits: torch.Tensor, labels: torch.Tensor) -> list[tuple[int, int,
 
 
 class StubModel(torch.nn.Module):
-    """Returns fixed logits and fixed router losses, so the LitModule's arithmetic can be checked exactly."""
+    """Returns fixed logits, their LM loss and fixed router losses, so the LitModule's arithmetic can be checked
+    exactly."""
 
     def __init__(self, logits: torch.Tensor):
         super().__init__()
         self.logits = logits
         self.scale = torch.nn.Parameter(torch.ones(()))
 
-    def forward(self, input_ids, modality, attention_mask=None):
+    def forward(self, input_ids, modality, attention_mask=None, labels=None, tasks=None, compute_logits=True):
         aux = {"balance": torch.tensor(0.3), "z": torch.tensor(0.2)}
         stats = RouterStats(load=torch.tensor([[2.0, 0.0, 0.0, 0.0], [0.0, 0.0, 1.0, 1.0]]),
                             tokens=torch.tensor([6.0, 4.0]))
-        return SimpleNamespace(logits=self.logits * self.scale, aux_loss=aux["balance"] + aux["z"],
-                               aux_losses=aux, router_stats=[stats])
+        logits = self.logits * self.scale
+        losses = shifted_token_losses(logits, labels, modality)
+        losses.tasks = tasks
+        return MoSTOutput(logits=logits, aux_loss=aux["balance"] + aux["z"], aux_losses=aux, router_stats=[stats],
+                          token_losses=losses)
 
 
 def loader(*batches: dict) -> DataLoader:
@@ -83,9 +88,9 @@ def loader(*batches: dict) -> DataLoader:
     return DataLoader(list(batches), batch_size=None)
 
 
-def make_module(vocab_size: int, router: str = "modality_aware") -> MoSTLitModule:
+def make_module(vocab_size: int, router: str = "modality_aware", tokenizer=None) -> MoSTLitModule:
     router_cfg = compose_run_config([f"router={router}"]).router  # conf/router/<router>.yaml as run.py composes it
-    return MoSTLitModule(model=TINY_MODEL, router=router_cfg, vocab_size=vocab_size)
+    return MoSTLitModule(model=TINY_MODEL, router=router_cfg, vocab_size=vocab_size, tokenizer=tokenizer)
 
 
 def capture_logs(module: MoSTLitModule, monkeypatch) -> dict:
@@ -172,9 +177,8 @@ def test_tts_unit_metrics_skip_audio_markers(toy_tokenizer):
             target = int(batch["labels"][b, t + 1])
             if target not in (IGNORE_INDEX, toy_tokenizer.boa_id, toy_tokenizer.eoa_id):
                 logits[b, t, target] = 20.0
-    module = make_module(vocab)
+    module = make_module(vocab, tokenizer=toy_tokenizer)
     module.model = StubModel(logits)
-    module.tokenizer = toy_tokenizer
     module._teacher_forced_update(batch, module.test_metrics, "test")
     assert float(module.test_metrics["tts_unit_acc"].compute()) == 1.0
     assert float(module.test_metrics["tts_unit_acc"].count) == 4  # the four unit tokens of the TTS response
@@ -190,8 +194,7 @@ def test_fit_validate_and_test_with_real_tiny_model(toy_tokenizer, tmp_path):
     gen_batch = dict(prompt_ids=prompt, prompt_mask=torch.tensor([[False] + [True] * 5, [True] * 6]),
                      prompt_modality=toy_tokenizer.modality_of(prompt), reference_text=["abc", "de"],
                      key=["u1", "u2"], n_skipped=0)
-    module = make_module(toy_tokenizer.vocab_size)
-    module.tokenizer = toy_tokenizer
+    module = make_module(toy_tokenizer.vocab_size, tokenizer=toy_tokenizer)
     module.evaluation_settings["asr_max_new_tokens"] = 4
     trainer = Trainer(accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False,
                       enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
@@ -202,9 +205,25 @@ def test_fit_validate_and_test_with_real_tiny_model(toy_tokenizer, tmp_path):
     assert "val/expert_load/audio_to_audio_group" in metrics
     assert float(metrics["val/expert_load/audio_to_audio_group"]) == pytest.approx(1.0)  # modality-aware
 
-    trainer.test(module, dataloaders=[loader(batch), loader(gen_batch)])
+    # a mismatched-audio batch says so itself (the datamodule's mismatched loader flags it)
+    trainer.test(module, dataloaders=[loader(batch), loader(gen_batch), loader(gen_batch | {"mismatched": True})])
     metrics = trainer.callback_metrics
     for key in ("test/asr_wer", "test/asr_cer", "test/tts_unit_nll", "test/tts_unit_acc", "test/text_nll",
-                "test/expert_load/load_max_over_mean_audio"):
+                "test/expert_load/load_max_over_mean_audio", "test/asr_mismatched_wer"):
         assert key in metrics and math.isfinite(float(metrics[key])), key
-    assert len(module.asr_examples["asr"]) == 2
+    assert float(metrics["test/asr_n_utterances"]) == float(metrics["test/asr_mismatched_n_utterances"]) == 2
+    assert len(module.asr_examples["asr"]) == len(module.asr_examples["asr_mismatched"]) == 2
+
+
+def test_the_tokenizer_comes_from_the_constructor_only(toy_tokenizer):
+    """No datamodule fallback: a module built without its tokenizer refuses TTS unit metrics (which need the
+    begin/end-of-audio markers) instead of silently counting the markers as units."""
+    batch = make_batch(toy_tokenizer)
+    module = make_module(toy_tokenizer.vocab_size)
+    module.trainer = SimpleNamespace(datamodule=SimpleNamespace(tokenizer=toy_tokenizer))
+    with torch.no_grad(), pytest.raises(RuntimeError, match=r"MoSTLitModule\(\.\.\., tokenizer="):
+        module._teacher_forced_update(batch, module.val_metrics, "val")
+    text_only = {**{k: v[2:] for k, v in batch.items() if k != "n_skipped"}, "n_skipped": 0}
+    with torch.no_grad():  # no TTS row: nothing needs the tokenizer
+        module._teacher_forced_update(text_only, module.val_metrics, "val")
+    assert float(module.val_metrics["nll_task_text"].count) > 0

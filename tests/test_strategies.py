@@ -187,20 +187,20 @@ def test_most_c_projection_adds_an_exact_zero_on_batches_without_audio():
 
     module = build_module({"continuous": True})
     batch = make_batch(0, 0, "text", module)
-    out, losses = module._training_losses(batch)
-    (losses.mean() + out.aux_loss).backward()
+    out = module(batch, compute_logits=False)
+    out.loss.backward()
     missing = [n for n, p in module.named_parameters() if p.requires_grad and p.grad is None]
     assert missing == []
     assert torch.equal(module.audio_input.proj.weight.grad, torch.zeros_like(module.audio_input.proj.weight))
     assert torch.equal(module.audio_input.proj.bias.grad, torch.zeros_like(module.audio_input.proj.bias))
     with torch.no_grad():  # the same loss as the plain path without the projection
         plain = module.model(batch["input_ids"], batch["modality"], attention_mask=batch["attention_mask"])
-        embeds = module.model.model.embed_tokens(batch["input_ids"])
+        embeds = module.model.embed(batch["input_ids"])
     assert torch.equal(module.audio_input.without_audio(embeds), embeds)
-    from most_lightning.lit.losses import shifted_token_losses
+    from most_lightning.model.token_losses import shifted_token_losses
 
     assert torch.equal(shifted_token_losses(plain.logits, batch["labels"], batch["modality"]).mean(),
-                       losses.mean().detach())
+                       out.lm_loss.detach())
 
 
 @pytest.mark.parametrize("router", ["modality_aware", "vanilla"])
@@ -214,9 +214,8 @@ def test_every_parameter_gets_a_gradient_on_a_speech_only_batch(router):
         module = MoSTLitModule(model=module.hparams.model, vocab_size=module.hparams.vocab_size,
                                router={"name": router},
                                audio=module.hparams.audio)
-        module.fused_lm_loss = False
-    out, losses = module._training_losses(make_batch(0, 1, "speech", module))
-    (losses.mean() + out.aux_loss).backward()
+        module.model.fused_loss = False
+    module(make_batch(0, 1, "speech", module), compute_logits=False).loss.backward()
     assert [n for n, p in module.named_parameters() if p.requires_grad and p.grad is None] == []
 
 

@@ -70,5 +70,13 @@ class TeacherForcedCollator:
 
 
 class GenerationCollator(TeacherForcedCollator):
+    """``mismatched``: the prompts carry other utterances' audio (the text-prior baseline); every batch says so
+    (``batch["mismatched"]``), so whoever scores it needs no other setting."""
+
+    def __init__(self, pad_id: int, modality_of: ModalityFn, mismatched: bool = False):
+        super().__init__(pad_id, modality_of)
+        self.mismatched = mismatched
+
     def __call__(self, examples: Sequence[GenerationExample]) -> dict[str, Any]:
-        return collate_asr_generation(examples, self.pad_id, self.modality_of)
+        batch = collate_asr_generation(examples, self.pad_id, self.modality_of)
+        return batch | {"mismatched": True} if self.mismatched else batch

@@ -120,7 +120,6 @@ class MoSTDataModule(LightningDataModule):
         val_tasks: Sequence[str] = TASKS,
         val_limit: int | None = None,
         test_limit: int | None = None,
-        test_asr_mismatched: bool = False,
         seed: int = 0,
         build_workers: int | None = None,
         progress: bool = True,
@@ -143,7 +142,6 @@ class MoSTDataModule(LightningDataModule):
         corpus_dir: an already prepared corpus (a directory with manifest.json) instead of the demo corpus.
         batches_per_epoch: batches per rank per training epoch; None = about one pass over the train speech.
         val_limit / test_limit: at most this many utterances (per task) from the split; None = all.
-        test_asr_mismatched: pair each test transcript with another sentence's audio in the ASR generation loader.
         on_bad_sample: 'skip' (count in batch['n_skipped']) or 'raise' (BadSampleError naming key and shard).
         max_length_policy: 'drop' (an over-long example is a bad sample) or 'truncate' (count in n_truncated).
         audio: the `audio` group (conf/audio): units from the corpus (default), or mode=continuous (MoST-C: ASR
@@ -180,7 +178,6 @@ class MoSTDataModule(LightningDataModule):
         self.verify_audio = verify_audio
         self.val_tasks = tuple(_plain(val_tasks))
         self.val_limit, self.test_limit = val_limit, test_limit
-        self.test_asr_mismatched = bool(test_asr_mismatched)
         self.seed = int(seed)
         self.build_workers, self.progress, self.pin_memory = build_workers, progress, pin_memory
         BadSamplePolicy(on_bad_sample)
@@ -550,13 +547,14 @@ class MoSTDataModule(LightningDataModule):
         examples = self.asr_generation_examples(split, mismatched, limit)
         return DataLoader(ListDataset(examples), batch_size=self.eval_batch_size, shuffle=False,
                           num_workers=self.num_workers, pin_memory=self.pin_memory,
-                          collate_fn=GenerationCollator(self.tokenizer.pad_id, self.tokenizer.modality_of))
+                          collate_fn=GenerationCollator(self.tokenizer.pad_id, self.tokenizer.modality_of,
+                                                        mismatched))
 
     def val_dataloader(self) -> DataLoader:
         return self.teacher_forced_dataloader("validation", self.val_tasks, self.val_limit)
 
     def test_dataloader(self) -> list[DataLoader]:
-        """[0]: ASR generation over the test split (mismatched audio if test_asr_mismatched); [1]: TTS + text
-        teacher-forced over the test split."""
-        return [self.asr_generation_dataloader("test", self.test_asr_mismatched, self.test_limit),
+        """[0]: ASR generation over the test split; [1]: TTS + text teacher-forced over the test split. The
+        mismatched-audio baseline is asr_generation_dataloader(mismatched=True) (run.py: test_asr_mismatched)."""
+        return [self.asr_generation_dataloader("test", False, self.test_limit),
                 self.teacher_forced_dataloader("test", ("tts", "text"), self.test_limit)]

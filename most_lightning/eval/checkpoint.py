@@ -31,7 +31,7 @@ def _flat(prefix: str, values: Mapping[str, Any] | None) -> dict[str, Any]:
 def _audio_fields(audio: Mapping | None) -> dict[str, Any]:
     """The `audio` group's fields that change what the model reads: the mode, and for a continuous model the
     encoder and the frame markers (a checkpoint without an `audio` record was trained on units)."""
-    from most_lightning.data.continuous import AudioFrontendConfig
+    from most_lightning.audio.frontend import AudioFrontendConfig
 
     cfg = AudioFrontendConfig.from_any(audio)
     if not cfg.continuous:
@@ -100,9 +100,11 @@ def _load_audio_input(path: Path, audio_cfg: Mapping | None, audio_state: dict[s
     """The MoST-C audio input of a continuous `audio` config with the checkpoint's weights (projection, and the
     frozen encoder when it has weights: the checkpoint's copy, i.e. exactly what the model was trained with);
     None for a units model."""
-    from most_lightning.model.audio_input import build_audio_input
+    from most_lightning.audio.frontend import build_continuous_encoder
+    from most_lightning.model.audio_input import ContinuousAudioInput
 
-    audio_input = build_audio_input(audio_cfg, hidden_size)
+    encoder = build_continuous_encoder(audio_cfg)
+    audio_input = None if encoder is None else ContinuousAudioInput(encoder, hidden_size)
     if audio_input is None:
         if audio_state:
             raise CheckpointMismatchError(f"{path} holds a continuous audio input (audio_input.* weights) but the eval "

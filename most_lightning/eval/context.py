@@ -38,7 +38,7 @@ class EvalContext:
             raise ValueError("these prompts carry continuous audio but the model has no audio input: evaluate with "
                              "the training run's audio=continuous")
         ids = batch["prompt_ids"].to(self.device)
-        return self.audio_input.splice(self.model.model.embed_tokens(ids), batch["audio_mask"].to(self.device),
+        return self.audio_input.splice(self.model.embed(ids), batch["audio_mask"].to(self.device),
                                        batch["audio_waves"].to(self.device), batch["audio_wave_lengths"],
                                        batch.get("key"))
 

@@ -28,7 +28,7 @@ import torch
 from most_lightning.audio.io import AudioDecodeError, read_audio
 from most_lightning.data.collate import collate_teacher_forced
 from most_lightning.data.tasks import IGNORE_INDEX, Example
-from most_lightning.lit.losses import shifted_token_losses
+from most_lightning.model.token_losses import shifted_token_losses
 
 log = logging.getLogger(__name__)
 

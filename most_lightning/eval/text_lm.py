@@ -9,7 +9,7 @@ import torch
 
 from most_lightning.data.collate import collate_teacher_forced
 from most_lightning.data.tasks import TaskFormatter
-from most_lightning.lit.losses import shifted_token_losses
+from most_lightning.model.token_losses import shifted_token_losses
 
 
 def held_out_sentences(ctx, split: str = "test", limit: int | None = None, text_file: str | None = None) -> list[str]:

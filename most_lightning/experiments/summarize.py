@@ -424,7 +424,7 @@ def plot_expert_load_of_run(path: Path, run: Run, stage: str = "test") -> bool:
     import torch
 
     from most_lightning.lit.callbacks import plot_expert_load
-    from most_lightning.lit.losses import MODALITY_NAMES
+    from most_lightning.marks import MODALITY_NAMES
 
     source = Path(run.run_dir or "") / f"expert_load_{stage}.csv"
     if not source.is_file():

@@ -10,7 +10,7 @@ from lightning import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 
 from most_lightning.lit.expert_load import ExpertLoadAccumulator
-from most_lightning.lit.losses import MODALITY_NAMES
+from most_lightning.marks import MODALITY_NAMES
 
 
 class ExpertLoadMonitor(Callback):

@@ -25,19 +25,20 @@ from lightning.pytorch.plugins.precision import MixedPrecision
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from most_lightning.audio.frontend import build_continuous_encoder
 from most_lightning.eval.asr import TranscriptErrorRates, decode_text_rows
 from most_lightning.lit.expert_load import ExpertLoadAccumulator
-from most_lightning.lit.losses import (MODALITY_NAMES, TASK_NAMES, TokenLosses, fused_token_losses,
-                                       shifted_token_losses)
 from most_lightning.lit.metrics import TokenMean
 from most_lightning.lit.model_config import audio_expert_ids, build_model_config, moe_layer_ids
 from most_lightning.lit.schedule import linear_warmup_decay
 from most_lightning.lit.settings import EVALUATION as DEFAULT_EVALUATION
 from most_lightning.lit.settings import OPTIMIZER as DEFAULT_OPTIMIZER
 from most_lightning.lit.settings import SCHEDULER as DEFAULT_SCHEDULER
+from most_lightning.marks import MODALITY_NAMES
 from most_lightning.model import MoSTForCausalLM
-from most_lightning.model.audio_input import build_audio_input
+from most_lightning.model.audio_input import ContinuousAudioInput
 from most_lightning.model.router import routers_after_optimizer_step
+from most_lightning.model.token_losses import TASK_NAMES, TokenLosses
 
 # Teacher-forced metrics shared by validation and test.
 _TEACHER_FORCED = (
@@ -64,14 +65,6 @@ def _count_skipped(value: Any) -> int:
     if isinstance(value, (list, tuple)):
         return sum(int(v) for v in value)
     return int(value)
-
-
-def _plain_weight(linear: nn.Linear) -> bool:
-    """The fused loss reads lm_head.weight outside lm_head's forward: only safe when the weight is an ordinary
-    whole tensor (not a ZeRO-3 partition or a sharded DTensor, which only their module's forward gathers)."""
-    weight = linear.weight
-    return type(weight) is nn.Parameter and not hasattr(weight, "ds_id") and weight.shape == (
-        linear.out_features, linear.in_features)
 
 
 def build_adamw(model: nn.Module, settings: Mapping[str, Any], fused: bool = True,
@@ -105,9 +98,6 @@ def build_adamw(model: nn.Module, settings: Mapping[str, Any], fused: bool = Tru
 
 
 class MoSTLitModule(LightningModule):
-    # Training loss through lit.losses.fused_token_losses (False: plain logits + cross entropy, same values).
-    fused_lm_loss = True
-
     def __init__(
         self,
         model: Mapping,
@@ -122,9 +112,10 @@ class MoSTLitModule(LightningModule):
     ) -> None:
         """model/router: the Hydra groups (see build_model_config); vocab_size: the tokenizer's.
         optimizer: AdamW lr/betas/eps/weight_decay; scheduler: warmup_steps, min_lr_ratio, total_steps (None =
-        the trainer's max_steps); evaluation: asr_max_new_tokens, n_asr_examples. tokenizer: used at test time
-        for generation (default: the datamodule's). audio: the `audio` group; mode=continuous adds the frozen
-        encoder + trainable projection of MoST-C (model/audio_input.py)."""
+        the trainer's max_steps); evaluation: asr_max_new_tokens, n_asr_examples. tokenizer: the run's tokenizer,
+        which validation and test need (the begin/end-of-audio markers of the TTS unit metrics, ASR decoding);
+        the module finds it nowhere else. audio: the `audio` group; mode=continuous adds the frozen encoder
+        (built here from the config) + trainable projection of MoST-C (model/audio_input.py)."""
         super().__init__()
         # model.init (pretrained import / upcycling): the checkpoint's config.json fixes the architecture
         from most_lightning.model.checkpoint import empty_model
@@ -144,8 +135,9 @@ class MoSTLitModule(LightningModule):
         else:
             self.model = MoSTForCausalLM(self.model_config)
         # MoST-C: frozen encoder + Linear(feat_dim -> hidden), kept outside the decoder (see audio_input.py)
-        self.audio_input = build_audio_input(audio, self.model_config.hidden_size,
-                                             self.model_config.initializer_range)
+        encoder = build_continuous_encoder(audio)
+        self.audio_input = None if encoder is None else ContinuousAudioInput(
+            encoder, self.model_config.hidden_size, self.model_config.initializer_range)
         self.optimizer_settings = {**DEFAULT_OPTIMIZER, **dict(optimizer or {})}
         self.scheduler_settings = {**DEFAULT_SCHEDULER, **dict(scheduler or {})}
         self.evaluation_settings = {**DEFAULT_EVALUATION, **dict(evaluation or {})}
@@ -169,9 +161,6 @@ class MoSTLitModule(LightningModule):
         self.n_skipped = {"train": 0, "val": 0, "test": 0}
         self.n_truncated = 0
         self.n_skipped_by_reason: dict[str, int] = {}  # train, running totals by kind (general data pipeline)
-        # indices of test dataloaders whose ASR prompts carry another utterance's audio (None = ask the batch
-        # or the datamodule)
-        self.mismatched_test_loaders: set[int] | None = None
 
     # ------------------------------------------------------------------ pretrained weights (model.init)
     def setup(self, stage: str) -> None:
@@ -189,78 +178,57 @@ class MoSTLitModule(LightningModule):
     # ------------------------------------------------------------------ plumbing
     @property
     def tokenizer(self) -> Any:
-        if self._tokenizer is not None:
-            return self._tokenizer
-        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        tokenizer = getattr(datamodule, "tokenizer", None)
-        if tokenizer is None:
-            raise RuntimeError(
-                "MoSTLitModule needs a tokenizer for generation: pass tokenizer=... or use a datamodule "
-                "that exposes .tokenizer"
-            )
-        return tokenizer
-
-    @tokenizer.setter
-    def tokenizer(self, value: Any) -> None:
-        self._tokenizer = value
+        """The tokenizer given to the constructor (tokenizer=...), the one source of it."""
+        if self._tokenizer is None:
+            raise RuntimeError("MoSTLitModule needs the run's tokenizer for validation and test (TTS unit metrics, "
+                               "ASR decoding): build it with MoSTLitModule(..., tokenizer=datamodule.tokenizer)")
+        return self._tokenizer
 
     def forward(self, batch: Mapping[str, Any], compute_logits: bool = True):
-        """The decoder on a batch (with MoST-C audio frames spliced into the embeddings when it carries them)."""
-        extra: dict[str, Any] = {} if compute_logits else {"compute_logits": False}
+        """The model on a batch, with its LM loss when the batch has labels (MoSTOutput); MoST-C audio frames are
+        spliced into the embeddings when the batch carries them. compute_logits=False: the loss only (the
+        model's chunked LM head on the supervised positions), no [B, T, vocab] logits."""
+        extra: dict[str, Any] = {}
         embeds = self._audio_embeds(batch, batch["input_ids"])
         if embeds is not None:
             extra["inputs_embeds"] = embeds
         if batch.get("segment_ids") is not None:  # packed rows: examples attend only within themselves
             extra["segment_ids"] = batch["segment_ids"]
-        return self.model(batch["input_ids"], batch["modality"], attention_mask=batch.get("attention_mask"), **extra)
+        return self.model(batch["input_ids"], batch["modality"], attention_mask=batch.get("attention_mask"),
+                          labels=batch.get("labels"), tasks=batch.get("task"), compute_logits=compute_logits,
+                          **extra)
 
     def _audio_embeds(self, batch: Mapping[str, Any], ids: torch.Tensor) -> torch.Tensor | None:
         """Token embeddings with continuous audio frames spliced in (MoST-C batches), else None."""
         if "audio_mask" not in batch:  # MoST-C on a batch without audio: the projection adds an exact zero
             if self.audio_input is None or not torch.is_grad_enabled():
                 return None
-            return self.audio_input.without_audio(self.model.model.embed_tokens(ids))
+            return self.audio_input.without_audio(self.model.embed(ids))
         if self.audio_input is None:
             raise ValueError("the batch carries continuous audio (audio_mask) but the module was built without "
                              "audio=continuous: give the datamodule and the module the same `audio` config")
-        return self.audio_input.splice(self.model.model.embed_tokens(ids), batch["audio_mask"], batch["audio_waves"],
+        return self.audio_input.splice(self.model.embed(ids), batch["audio_mask"], batch["audio_waves"],
                                        batch["audio_wave_lengths"], batch.get("key"))
 
     def _unit_target_mask(self, losses: TokenLosses) -> torch.Tensor:
         """Target tokens that are speech units (audio marks minus the begin/end-of-audio markers)."""
         mask = losses.modality_mask(1)
-        tokenizer = self._tokenizer or getattr(getattr(self._trainer, "datamodule", None), "tokenizer", None)
-        if tokenizer is not None:
-            for marker in (tokenizer.boa_id, tokenizer.eoa_id):
-                mask = mask & (losses.target_ids != marker)
+        for marker in (self.tokenizer.boa_id, self.tokenizer.eoa_id):
+            mask = mask & (losses.target_ids != marker)
         return mask
 
     # ------------------------------------------------------------------ training
-    def _training_losses(self, batch: Mapping[str, Any]) -> tuple[Any, TokenLosses]:
-        """Model output and per-token losses. A MoST model gets the fused LM-head loss: the LM head runs only on
-        supervised positions and the full [B, T, vocab] logits never exist (lit/losses.py)."""
-        if self.fused_lm_loss and isinstance(self.model, MoSTForCausalLM) and _plain_weight(self.model.lm_head):
-            out = self(batch, compute_logits=False)
-            return out, fused_token_losses(out.hidden, self.model.lm_head.weight, batch["labels"],
-                                           batch["modality"])
-        out = self(batch)
-        return out, shifted_token_losses(out.logits, batch["labels"], batch["modality"])
-
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
-        out, losses = self._training_losses(batch)
-        lm_loss = losses.mean()
-        loss = lm_loss + out.aux_loss
+        out = self(batch, compute_logits=False)
+        lm_loss = out.lm_loss
+        loss = lm_loss + out.aux_loss  # the model's loss parts, summed here (router losses come weighted)
 
         size = batch["input_ids"].shape[0]
         self.log("train/loss", lm_loss.detach(), on_step=True, on_epoch=False, prog_bar=True, batch_size=size)
         logged = {"train/aux_loss": out.aux_loss.detach()}
         logged |= {f"train/aux/{k}": v.detach() for k, v in out.aux_losses.items()}
-        for m, name in enumerate(MODALITY_NAMES):
-            mask = losses.modality_mask(m)
-            if bool((mask & losses.valid).any()):
-                logged[f"train/loss_{name}"] = losses.mean(mask).detach()
-        for task in sorted(set(batch["task"])):
-            logged[f"train/loss_task_{task}"] = losses.mean(losses.task_mask(batch["task"], task)).detach()
+        logged |= {f"train/loss_{name}": v.detach() for name, v in out.lm_loss_by_modality().items()}
+        logged |= {f"train/loss_task_{task}": v.detach() for task, v in out.lm_loss_by_task().items()}
         self.n_skipped["train"] += _count_skipped(batch.get("n_skipped"))
         logged["train/n_skipped"] = float(self.n_skipped["train"])
         for reason, n in (batch.get("n_skipped_by_reason") or {}).items():
@@ -268,7 +236,7 @@ class MoSTLitModule(LightningModule):
         logged |= {f"train/n_skipped/{r}": float(n) for r, n in self.n_skipped_by_reason.items()}
         self.n_truncated += _count_skipped(batch.get("n_truncated"))
         logged["train/n_truncated"] = float(self.n_truncated)
-        logged["train/n_tokens"] = losses.n_tokens.float()
+        logged["train/n_tokens"] = out.token_losses.n_tokens.float()
         self.log_dict(logged, on_step=True, on_epoch=False, batch_size=size)
 
         self._track_expert_load(out.router_stats)
@@ -306,13 +274,15 @@ class MoSTLitModule(LightningModule):
     # ------------------------------------------------------------------ teacher-forced evaluation
     def _teacher_forced_update(self, batch: Mapping[str, Any], metrics: nn.ModuleDict, split: str) -> None:
         out = self(batch)
-        losses = shifted_token_losses(out.logits, batch["labels"], batch["modality"])
+        losses = out.token_losses
         metrics["nll"].update(*losses.sum_and_count())
         for m, name in enumerate(MODALITY_NAMES):
             metrics[f"nll_{name}"].update(*losses.sum_and_count(losses.modality_mask(m)))
         for task in TASK_NAMES:
             metrics[f"nll_task_{task}"].update(*losses.sum_and_count(losses.task_mask(batch["task"], task)))
-        units = self._unit_target_mask(losses) & losses.task_mask(batch["task"], "tts") & losses.valid
+        units = losses.task_mask(batch["task"], "tts") & losses.valid
+        if "tts" in batch["task"]:  # the unit tokens of the TTS responses (telling markers apart needs the tokenizer)
+            units = units & self._unit_target_mask(losses)
         metrics["tts_unit_nll"].update(*losses.sum_and_count(units))
         metrics["tts_unit_acc"].update((losses.correct & units).sum(), units.sum())
         self.expert_load[split].update(out.router_stats)
@@ -349,20 +319,10 @@ class MoSTLitModule(LightningModule):
 
     def test_step(self, batch: Mapping[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
         if "prompt_ids" in batch:
-            name = "asr_mismatched" if self._is_mismatched(batch, dataloader_idx) else "asr"
-            self._asr_generation_update(batch, name)
+            # mismatched-audio ASR batches say so themselves (the datamodule's mismatched loader flags them)
+            self._asr_generation_update(batch, "asr_mismatched" if batch.get("mismatched") else "asr")
         else:
             self._teacher_forced_update(batch, self.test_metrics, "test")
-
-    def _is_mismatched(self, batch: Mapping[str, Any], dataloader_idx: int) -> bool:
-        """Mismatched-audio ASR loaders: flagged in the batch, named by index (run.py sets
-        mismatched_test_loaders), or else the datamodule's test_asr_mismatched switch."""
-        if "mismatched" in batch:
-            return bool(batch["mismatched"])
-        if self.mismatched_test_loaders is not None:
-            return dataloader_idx in self.mismatched_test_loaders
-        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
-        return bool(getattr(datamodule, "test_asr_mismatched", False))
 
     @torch.no_grad()
     def transcribe(self, batch: Mapping[str, Any]) -> list[str]:

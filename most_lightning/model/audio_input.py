@@ -7,12 +7,12 @@ the same parameters whatever modalities its batch holds (a parameter without a g
 ZeRO's collectives: a mismatch on gloo, a hang on NCCL).
 
 Lives beside the decoder, not inside `MoSTForCausalLM`, so the decoder's `reset_parameters` (or an import of
-pretrained LM weights) can never touch the loaded encoder weights -- a defect of the reference code.
+pretrained LM weights) can never touch the loaded encoder weights -- a defect of the reference code. The
+encoder comes built (most_lightning.audio.frontend.build_continuous_encoder): the model reads no audio config.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -70,14 +70,3 @@ class ContinuousAudioInput(nn.Module):
         projected = self.proj(frames).to(token_embeds.dtype)
         return token_embeds.masked_scatter(audio_mask[..., None].expand_as(token_embeds), projected)
 
-
-def build_audio_input(audio: Mapping | None, hidden_size: int, init_std: float = 0.02) -> ContinuousAudioInput | None:
-    """The `audio` group -> a ContinuousAudioInput for mode=continuous, else None."""
-    from most_lightning.audio.features import build_encoder
-    from most_lightning.data.continuous import AudioFrontendConfig
-
-    cfg = AudioFrontendConfig.from_any(audio)
-    if not cfg.continuous:
-        return None
-    encoder_cfg = {"kind": "hubert", **cfg.encoder}
-    return ContinuousAudioInput(build_encoder(encoder_cfg), hidden_size, init_std)

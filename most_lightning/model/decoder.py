@@ -6,6 +6,7 @@ weights map one to one. Only the MoE feed-forward layers read the modality marks
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -19,16 +20,52 @@ from most_lightning.model.norm import RMSNorm
 from most_lightning.model.packing import PackedRows, segment_positions, several_per_row
 from most_lightning.model.rope import RotaryEmbedding
 from most_lightning.model.router import Router, RouterStats, router_class
+from most_lightning.model.token_losses import TokenLosses, fused_token_losses, shifted_token_losses
 
 
 @dataclass
 class MoSTOutput:
+    """What one forward returns. With labels, the loss parts: ``lm_loss`` (token mean over the supervised
+    positions), its breakdowns ``lm_loss_by_modality()`` / ``lm_loss_by_task()``, the per-token ``token_losses``
+    (sums and counts for metrics accumulated over batches), and the routers' ``aux_losses`` (already weighted);
+    ``loss`` is the optimised total, lm_loss + aux_loss."""
+
     logits: torch.Tensor | None  # None when forward(compute_logits=False)
     aux_loss: torch.Tensor
     aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)
     router_stats: list[RouterStats] = field(default_factory=list)
     past_key_values: KVCache | None = None
     hidden: torch.Tensor | None = None  # final-norm hidden states [B, T, H], the LM head's input
+    token_losses: TokenLosses | None = None  # only when labels were given
+
+    def _lm(self) -> TokenLosses:
+        if self.token_losses is None:
+            raise ValueError("no LM loss: call the model with labels=[B, T] (-100 = not supervised)")
+        return self.token_losses
+
+    @property
+    def lm_loss(self) -> torch.Tensor:
+        return self._lm().mean()
+
+    @property
+    def loss(self) -> torch.Tensor:
+        return self.lm_loss + self.aux_loss
+
+    def lm_loss_by_modality(self) -> dict[str, torch.Tensor]:
+        """{text, audio: token-mean NLL} by the modality of the target token (modalities without targets left out)."""
+        return self._lm().by_modality()
+
+    def lm_loss_by_task(self) -> dict[str, torch.Tensor]:
+        """{task: token-mean NLL} for the tasks of the rows (forward(tasks=...))."""
+        return self._lm().by_task()
+
+
+def _plain_weight(linear: nn.Linear) -> bool:
+    """The fused loss reads lm_head.weight outside lm_head's forward: only safe when the weight is an ordinary
+    whole tensor (not a ZeRO-3 partition or a sharded DTensor, which only their module's forward gathers)."""
+    weight = linear.weight
+    return type(weight) is nn.Parameter and not hasattr(weight, "ds_id") and weight.shape == (
+        linear.out_features, linear.in_features)
 
 
 class DecoderLayer(nn.Module):
@@ -83,6 +120,10 @@ def _attention_mask(attention_mask: torch.Tensor | None, q_len: int, past: int) 
 
 
 class MoSTForCausalLM(nn.Module):
+    # forward(labels=..., compute_logits=False) takes the fused chunked LM-head loss (False: logits + cross
+    # entropy, the same values; model/token_losses.py)
+    fused_loss = True
+
     def __init__(self, config: MoSTConfig):
         super().__init__()
         self.config = config
@@ -109,18 +150,25 @@ class MoSTForCausalLM(nn.Module):
             elif isinstance(module, RMSNorm):
                 module.weight.fill_(1.0)
 
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings [B, T, H] of input_ids: the input to splice other frames into (inputs_embeds)."""
+        return self.model.embed_tokens(input_ids)
+
     def forward(self, input_ids: torch.Tensor, modality: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
                 past_key_values: KVCache | None = None, use_cache: bool = False,
                 inputs_embeds: torch.Tensor | None = None, compute_logits: bool = True,
-                segment_ids: torch.Tensor | None = None) -> MoSTOutput:
+                segment_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                tasks: Sequence[str] | None = None) -> MoSTOutput:
         """input_ids/modality/position_ids [B, T]; attention_mask [B, past + T] bool (True = real token).
         segment_ids [B, T]: packed rows (data.batching=pack), numbering the examples of a row (0 = padding):
         each token attends only within its example, positions restart at every example and the balance loss
         takes every example as a sequence (no cache).
         inputs_embeds [B, T, H]: used instead of embedding input_ids (e.g. with spliced audio frames).
-        compute_logits=False skips the LM head (the fused training loss applies it itself, to the supervised
-        positions only: most_lightning.model.loss)."""
+        labels [B, T] (aligned with input_ids, -100 = not supervised): the output carries the LM loss and its
+        breakdowns (MoSTOutput); tasks: the task of each row, for lm_loss_by_task.
+        compute_logits=False skips the whole-sequence LM head; with labels the loss then runs the LM head on the
+        supervised positions only, chunk by chunk (model/loss.py)."""
         batch, seq = input_ids.shape
         if modality is None:
             if self._modality_required:
@@ -163,9 +211,29 @@ class MoSTForCausalLM(nn.Module):
                     aux_losses[name] = aux_losses.get(name, 0) + value
         hidden = self.model.norm(hidden)
         logits = self.lm_head(hidden) if compute_logits else None
+        token_losses = None
+        if labels is not None:
+            logits, token_losses = self._lm_losses(hidden, logits, labels, modality, tasks)
         aux_loss = sum(aux_losses.values()) if aux_losses else hidden.new_zeros(())
-        return MoSTOutput(logits=logits, aux_loss=aux_loss, aux_losses=aux_losses, router_stats=stats,
-                          past_key_values=past_key_values if use_cache else None, hidden=hidden)
+        return MoSTOutput(logits=logits if compute_logits else None, aux_loss=aux_loss, aux_losses=aux_losses,
+                          router_stats=stats, past_key_values=past_key_values if use_cache else None, hidden=hidden,
+                          token_losses=token_losses)
+
+    def _lm_losses(self, hidden: torch.Tensor, logits: torch.Tensor | None, labels: torch.Tensor,
+                   modality: torch.Tensor, tasks: Sequence[str] | None) -> tuple[torch.Tensor | None, TokenLosses]:
+        """(logits, per-token LM loss). Without logits, the fused loss when the LM-head weight can be read
+        whole here, else the LM head on every position."""
+        if labels.shape != hidden.shape[:2]:
+            raise ValueError(f"labels {tuple(labels.shape)} must match input_ids {tuple(hidden.shape[:2])}")
+        if tasks is not None and len(tasks) != labels.shape[0]:
+            raise ValueError(f"tasks names {len(tasks)} rows but the batch has {labels.shape[0]}")
+        if logits is None and self.fused_loss and _plain_weight(self.lm_head):
+            losses = fused_token_losses(hidden, self.lm_head.weight, labels, modality)
+        else:
+            logits = self.lm_head(hidden) if logits is None else logits
+            losses = shifted_token_losses(logits, labels, modality)
+        losses.tasks = None if tasks is None else list(tasks)
+        return logits, losses
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -5,7 +5,7 @@
 and when gradients are needed, the chunk's softmax minus the one-hot target turned at once into its share of
 d/d hidden and d/d weight). The matmul work is the same as lm_head + cross_entropy (3 matmuls); the saving is
 memory and one cache-sized pass per chunk instead of several over the whole [M, V] array. The training loss
-(most_lightning.lit.losses.fused_token_losses) calls it with the rows whose next label is supervised.
+(model/token_losses.py: fused_token_losses) calls it with the rows whose next label is supervised.
 """
 
 from __future__ import annotations

@@ -4,9 +4,10 @@ Labels are aligned with input_ids (contract): position t's logits predict labels
 Everything is computed once as per-token NLL and then summed over masks, so every breakdown is an exact
 token-weighted slice of the same loss (the slices of one partition add back up to the total).
 
-``fused_token_losses`` is the training path: it takes the final hidden states and the LM-head weight instead
-of logits, runs the LM head only on the supervised positions, chunk by chunk, and computes the gradients in
-the same pass, so the [tokens, vocab] logits and their gradient never exist whole (most_lightning/model/loss.py).
+``fused_token_losses`` is the training path of ``MoSTForCausalLM(labels=..., compute_logits=False)``: it takes
+the final hidden states and the LM-head weight instead of logits, runs the LM head only on the supervised
+positions, chunk by chunk, and computes the gradients in the same pass, so the [tokens, vocab] logits and their
+gradient never exist whole (model/loss.py).
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from most_lightning.marks import IGNORE_INDEX, MODALITY_NAMES
 from most_lightning.model.loss import linear_cross_entropy
-from most_lightning.marks import IGNORE_INDEX, MODALITY_NAMES  # noqa: F401 (re-exported)
 
 TASK_NAMES = ("asr", "tts", "text")
 
@@ -35,6 +36,7 @@ class TokenLosses:
     # Fused path only: the differentiable sum of nll over the valid tokens. There ``nll`` itself is detached, so
     # only mean() without a mask carries gradients (the masked means are logged breakdowns).
     total: torch.Tensor | None = None
+    tasks: Sequence[str] | None = None  # the task of each row, when the caller gave them (by_task)
 
     @property
     def n_tokens(self) -> torch.Tensor:
@@ -57,6 +59,21 @@ class TokenLosses:
     def task_mask(self, tasks: Sequence[str], task: str) -> torch.Tensor:
         rows = torch.tensor([t == task for t in tasks], device=self.nll.device)
         return rows[:, None].expand_as(self.valid)
+
+    def by_modality(self) -> dict[str, torch.Tensor]:
+        """Token-mean NLL by the modality of the target token, for each modality that has a supervised target."""
+        means = {}
+        for mark, name in enumerate(MODALITY_NAMES):
+            mask = self.modality_mask(mark)
+            if bool((mask & self.valid).any()):
+                means[name] = self.mean(mask)
+        return means
+
+    def by_task(self) -> dict[str, torch.Tensor]:
+        """Token-mean NLL by task, for each task among the rows (0 for a task whose rows supervise nothing)."""
+        if self.tasks is None:
+            raise ValueError("the loss by task needs the task of each row: pass tasks=[...] with the labels")
+        return {task: self.mean(self.task_mask(self.tasks, task)) for task in sorted(set(self.tasks))}
 
 
 def shifted_token_losses(
