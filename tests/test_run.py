@@ -44,8 +44,10 @@ def test_train_test_writes_metrics_and_returns_the_optimized_metric(cfg_fast):
     with open_dict(cfg_fast):  # the held-out ASR WER curve of experiment=demo_long
         cfg_fast.callbacks.asr_wer_curve = {"_target_": "most_lightning.lit.asr_curve.ASRWERCurve", "limit": 4}
     metrics = train(cfg_fast)
-    for name in ("val/asr_wer", "val/asr_mismatched_wer"):
+    # test_asr_mismatched (default true): the text-prior baseline at validation and at test
+    for name in ("val/asr_wer", "val/asr_mismatched_wer", "test/asr_mismatched_wer"):
         assert 0 <= metrics[name] and math.isfinite(metrics[name]), name
+    assert metrics["test/asr_mismatched_n_utterances"] == metrics["test/asr_n_utterances"] > 0
     run_dir = Path(cfg_fast.paths.output_dir)
     on_disk = read_metrics(run_dir)
     assert on_disk["test/asr_wer"] == pytest.approx(metrics["test/asr_wer"])
