@@ -1,4 +1,4 @@
-"""Lightning side of MoST: the LitModule, its losses/metrics and callbacks.
+"""Lightning side of MoST: the LitModule (it sums and logs the loss parts the model returns), metrics and callbacks.
 
 Exports load lazily so that light helpers (e.g. model_config, used to reject a bad config at start-up)
 do not pay for importing Lightning.
