@@ -204,3 +204,44 @@ def test_too_few_units_for_the_phone_inventory_is_named(tmp_path):
     recipe = DemoCorpusRecipe(**MICRO, unit_model="phone_classifier", n_units=8)
     with pytest.raises(ValueError, match=r"phones but the corpus recipe has n_units=8: set data.corpus.n_units >= "):
         build_demo_corpus(recipe, tmp_path, num_workers=1, progress=False)
+
+
+def test_a_corpus_reuses_the_unit_extractor_of_its_front_end_corpus(tmp_path):
+    front_end = dict(n_train=24, n_val=2, n_test=2, n_text=0, min_words=11, max_words=20, shard_size=12)
+    recipe = DemoCorpusRecipe(**MICRO, max_words=10, unit_model="phone_classifier", n_units=64,
+                              mfcc={"cmvn": "utterance"}, phone_classifier={"hidden": 64},
+                              unit_extractor_from=front_end)
+    source = recipe.front_end_recipe()
+    # the unit settings are the consumer's; the sentence selection is the front end's
+    assert (source.n_units, source.mfcc, source.phone_classifier, source.min_words) == (64, {"cmvn": "utterance"},
+                                                                                       {"hidden": 64}, 11)
+    corpus = build_demo_corpus(recipe, tmp_path, num_workers=1, progress=False)
+    source_dir = tmp_path / "demo" / source.hash()
+    assert load_manifest(source_dir)["recipe"] == source.canonical()  # built (and cached) on the way
+    extractor, own = UnitExtractor.load(source_dir / "unit_extractor"), UnitExtractor.load(corpus / "unit_extractor")
+    m = load_manifest(corpus)
+    for sample in read_shard(corpus / m["speech"]["test"]["shards"][0]["path"]):
+        wave, _ = read_audio(sample["flac"])  # this corpus's test audio, through the front end's extractor
+        units = np.load(io.BytesIO(sample["units.npy"]), allow_pickle=False)
+        assert np.array_equal(units, extractor(wave)) and np.array_equal(units, own(wave))
+    assert recipe.hash() != DemoCorpusRecipe(**MICRO, max_words=10, unit_model="phone_classifier", n_units=64,
+                                             mfcc={"cmvn": "utterance"}, phone_classifier={"hidden": 64}).hash()
+
+
+def test_a_front_end_corpus_that_heard_the_held_out_sentences_is_refused(tmp_path):
+    # same seed and sentence range: the front end's test sentences are this corpus's test sentences
+    recipe = DemoCorpusRecipe(**MICRO, unit_model="phone_classifier", n_units=64,
+                              unit_extractor_from={"n_train": 24, "n_text": 0})
+    with pytest.raises(ValueError, match=r"front-end corpus speaks \d+ of this corpus's test/validation sentences"):
+        build_demo_corpus(recipe, tmp_path, num_workers=1, progress=False)
+    assert not (tmp_path / "demo" / recipe.front_end_recipe().hash()).exists()
+
+
+def test_front_end_fields_are_checked():
+    with pytest.raises(ValueError, match=r"not settable fields \['n_units'\]"):
+        DemoCorpusRecipe(unit_extractor_from={"n_units": 8})
+    with pytest.raises(ValueError, match=r"not settable fields \['bogus'\]"):
+        DemoCorpusRecipe(unit_extractor_from={"bogus": 1})
+    with pytest.raises(ValueError, match="unit_extractor_from and unit_quantizer both give the units"):
+        DemoCorpusRecipe(unit_encoder={"kind": "mfcc"}, unit_quantizer="km.npy", unit_extractor_from={"seed": 1})
+    assert "unit_extractor_from" not in DemoCorpusRecipe().canonical()  # older corpora keep their hash

@@ -90,6 +90,11 @@ class DemoCorpusRecipe:
     # flite's phone alignments of the train audio (one unit per phone, ids < n_units; audio/phone_classifier.py)
     unit_model: str = "kmeans"
     phone_classifier: dict[str, Any] = field(default_factory=dict)  # PhoneClassifierQuantizer.fit overrides
+    # reuse the unit extractor of another demo corpus (built once and cached like any corpus) instead of fitting
+    # one on this corpus's train audio: DemoCorpusRecipe fields of that "front-end corpus", e.g. {n_train: 3000,
+    # min_words: 11, max_words: 20}; the unit settings (unit_model, n_units, mfcc, ...) are this recipe's. Its
+    # sentences must not include this corpus's test or validation sentences (checked at build time).
+    unit_extractor_from: dict[str, Any] = field(default_factory=dict)
     kmeans_max_frames: int = 200_000  # frames sampled from train audio to fit k-means
     text_vocab_size: int = 2000  # BPE vocabulary (BOS/EOS included) before the audio tokens
     shard_size: int = 250  # utterances per speech shard (and 4x that many sentences per text shard)
@@ -114,6 +119,12 @@ class DemoCorpusRecipe:
         if self.unit_model == "phone_classifier" and self.unit_quantizer is not None:
             raise ValueError("DemoCorpusRecipe.unit_quantizer (a k-means file) cannot be used with "
                              "unit_model=phone_classifier, which is fitted on the train audio")
+        self.unit_extractor_from = _plain_dict(self.unit_extractor_from)
+        if self.unit_extractor_from:
+            if self.unit_quantizer is not None:
+                raise ValueError("DemoCorpusRecipe.unit_extractor_from and unit_quantizer both give the units: "
+                                 "set one of them")
+            self.front_end_recipe()  # validate the fields now, not at build time
         if self.unit_quantizer is not None and not self.unit_encoder:
             raise ValueError("DemoCorpusRecipe.unit_quantizer needs unit_encoder (the MFCC k-means is always fitted)")
         for name in ("n_train", "n_val", "n_test"):
@@ -137,6 +148,19 @@ class DemoCorpusRecipe:
             return value
         return cls(**{str(k): v for k, v in dict(value).items() if k != "_target_"})
 
+    def front_end_recipe(self) -> "DemoCorpusRecipe | None":
+        """The recipe of the corpus whose unit extractor this one reuses (unit_extractor_from), or None."""
+        if not self.unit_extractor_from:
+            return None
+        unknown = set(self.unit_extractor_from) - {f.name for f in dataclasses.fields(self)}
+        shared = set(FRONT_END_FIELDS) & set(self.unit_extractor_from)
+        if unknown or shared or "unit_extractor_from" in self.unit_extractor_from:
+            raise ValueError(f"DemoCorpusRecipe.unit_extractor_from: unknown or not settable fields "
+                             f"{sorted(unknown | shared | ({'unit_extractor_from'} & set(self.unit_extractor_from)))}"
+                             f" (the unit settings {list(FRONT_END_FIELDS)} are this recipe's)")
+        own = {name: getattr(self, name) for name in FRONT_END_FIELDS}
+        return DemoCorpusRecipe(**{**own, **self.unit_extractor_from})
+
     def phone_classifier_settings(self) -> dict[str, Any]:
         return {**PHONE_CLASSIFIER_DEFAULTS, **self.phone_classifier}
 
@@ -153,7 +177,7 @@ class DemoCorpusRecipe:
             self.f0_scale)
         d["mfcc"] = dataclasses.asdict(self.mfcc_config())  # defaults count: changing them changes the corpus
         d.pop("wordnet_dir")  # where the text lives does not change the corpus
-        for key in ("unit_encoder", "unit_quantizer"):  # absent when unused: MFCC corpora keep their hash
+        for key in ("unit_encoder", "unit_quantizer", "unit_extractor_from"):  # absent when unused: old hashes stay
             if not d[key]:
                 d.pop(key)
         if d["unit_model"] == "kmeans":  # the same for corpora built before the field existed
@@ -166,6 +190,16 @@ class DemoCorpusRecipe:
     def hash(self) -> str:
         blob = json.dumps(self.canonical(), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
+
+
+# the fields that decide how audio becomes units: a front-end corpus (unit_extractor_from) takes them from the corpus
+# that reuses its extractor, so the two always agree
+FRONT_END_FIELDS = ("voices", "duration_stretch", "f0_scale", "n_units", "mfcc", "unit_encoder", "unit_model",
+                    "phone_classifier", "kmeans_max_frames", "wordnet_dir")
+
+
+def _plain_dict(value: Any) -> dict[str, Any]:
+    return {str(k): (_plain_dict(v) if hasattr(v, "items") else v) for k, v in dict(value or {}).items()}
 
 
 def corpus_dir_for(recipe: DemoCorpusRecipe, data_dir: str | os.PathLike) -> Path:
@@ -378,9 +412,11 @@ def build_demo_corpus(
             for j, chunk in enumerate(chunks(utts, recipe.shard_size)):
                 jobs.append((split, chunk, recipe.encoder_config(), str(work / f"{split}-{j:05d}.tar")))
         n_utts = sum(len(j[1]) for j in jobs)
+        front_end = _front_end_corpus(recipe, sentences, data_dir, num_workers, progress)
         with _progress(progress) as bar, single_threaded():
             _run_synthesis(jobs, num_workers, bar, n_utts)
-            extractor = _fit_extractor(recipe, [Path(j[3]) for j in jobs if j[0] == "train"], bar)
+            extractor = UnitExtractor.load(front_end / "unit_extractor") if front_end else \
+                _fit_extractor(recipe, [Path(j[3]) for j in jobs if j[0] == "train"], bar)
             extractor.save(corpus_dir / "unit_extractor")
             speech = _write_speech_shards(corpus_dir, jobs, extractor, bar)
         text = _write_text_shards(corpus_dir, sentences["text"], recipe.shard_size * 4)
@@ -399,6 +435,25 @@ def build_demo_corpus(
         shutil.rmtree(work, ignore_errors=True)
         log.info("built demo corpus %s in %.1f s", corpus_dir, time.time() - start)
         return corpus_dir
+
+
+def _front_end_corpus(recipe: DemoCorpusRecipe, sentences: dict[str, list[str]], data_dir, num_workers: int,
+                      progress: bool) -> Path | None:
+    """The directory of the corpus whose unit extractor `recipe` reuses (built first if it is not cached), after
+    checking that it never heard this corpus's held-out sentences; None when the recipe fits its own."""
+    source = recipe.front_end_recipe()
+    if source is None:
+        return None
+    held_out = {normalize_transcript(s) for split in ("test", "validation") for s in sentences[split]}
+    heard = {normalize_transcript(s) for split in SPEECH_SPLITS for s in select_sentences(source)[split]}
+    overlap = held_out & heard
+    if overlap:
+        raise ValueError(f"unit_extractor_from: the front-end corpus speaks {len(overlap)} of this corpus's test/"
+                         f"validation sentences (e.g. {sorted(overlap)[0]!r}); give it other sentences (e.g. "
+                         f"min_words above this corpus's max_words={recipe.max_words}) or another seed")
+    source_dir = build_demo_corpus(source, data_dir, num_workers=num_workers, progress=progress)
+    log.info("units from the unit extractor of the front-end corpus %s", source_dir)
+    return source_dir
 
 
 def _fit_extractor(recipe: DemoCorpusRecipe, train_work: list[Path], progress) -> UnitExtractor:
