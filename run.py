@@ -191,9 +191,10 @@ def make_test_loaders(datamodule: Any, add_mismatched_asr: bool) -> tuple[list, 
     """The datamodule's test loaders ([0] ASR generation, [1] teacher-forced TTS + text), plus, if asked, an ASR
     loader whose audio comes from other sentences (the text-prior baseline); returns the mismatched indices."""
     loaders = list(datamodule.test_dataloader())
-    mismatched = {0} if getattr(datamodule, "test_asr_mismatched", False) else set()
+    evaluation = datamodule.evaluation  # EvalSettings
+    mismatched = {0} if evaluation.test_asr_mismatched else set()
     if add_mismatched_asr and not mismatched:
-        loaders.append(datamodule.asr_generation_dataloader("test", mismatched=True, limit=datamodule.test_limit))
+        loaders.append(datamodule.asr_generation_dataloader("test", mismatched=True, limit=evaluation.test_limit))
         mismatched.add(len(loaders) - 1)
     return loaders, mismatched
 

@@ -35,7 +35,7 @@ def data_root(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def dm(data_root):
-    dm = MoSTDataModule(data_dir=str(data_root), corpus=TINY_RECIPE, progress=False, batch_size=4, max_length=None)
+    dm = MoSTDataModule.from_settings(data_dir=str(data_root), corpus=TINY_RECIPE, progress=False, batch_size=4, max_length=None)
     dm.setup("fit")
     return dm
 
@@ -154,7 +154,7 @@ def test_exact_pass_is_disjoint_and_complete_for_any_ranks_x_workers(dm, synthet
 
 
 def test_exact_pass_through_real_dataloader_workers(dm, synthetic):
-    dm2 = MoSTDataModule(data_dir=str(dm.data_dir), corpus=TINY_RECIPE, progress=False, batch_size=4,
+    dm2 = MoSTDataModule.from_settings(data_dir=str(dm.data_dir), corpus=TINY_RECIPE, progress=False, batch_size=4,
                          max_length=None, verify_audio="none", num_workers=2)
     keys = [k for b in dm2.exact_pass_dataloader({"s": {"shards": str(synthetic / "speech-*.tar"),
                                                         "tasks": {"speech_lm": 1}}}) for k in b["key"]]
@@ -275,7 +275,7 @@ def test_datamodule_state_follows_consumed_batches_across_workers(data_root, syn
     kw = dict(data_dir=str(data_root), corpus=TINY_RECIPE, progress=False, batch_size=3, max_length=None,
               verify_audio="none", sources=src, shard_sampling="split", batches_per_epoch=8, shuffle_buffer=4,
               num_workers=2)
-    first = MoSTDataModule(**kw)
+    first = MoSTDataModule.from_settings(**kw)
     seen_before = []
     for i, b in enumerate(first.train_dataloader()):
         seen_before += b["key"]
@@ -284,7 +284,7 @@ def test_datamodule_state_follows_consumed_batches_across_workers(data_root, syn
             break
     state = first.state_dict()
     assert state["num_workers"] == 2 and state["ranks"]["0"]["0"]["batches"] == 3 and state["ranks"]["0"]["1"]["batches"] == 2
-    second = MoSTDataModule(**kw)
+    second = MoSTDataModule.from_settings(**kw)
     second.load_state_dict(json.loads(json.dumps(state)))  # survives a plain (weights_only) checkpoint
     loader = second.train_dataloader()
     rest_of_epoch = [k for b in loader for k in b["key"]]

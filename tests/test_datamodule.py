@@ -34,7 +34,7 @@ def data_root(tmp_path_factory):
 def make_dm(data_root, **kw) -> MoSTDataModule:
     kw.setdefault("batch_size", 4)
     kw.setdefault("max_length", None)
-    dm = MoSTDataModule(data_dir=str(data_root), corpus=TINY_RECIPE, progress=False, **kw)
+    dm = MoSTDataModule.from_settings(data_dir=str(data_root), corpus=TINY_RECIPE, progress=False, **kw)
     dm.prepare_data()
     dm.setup("fit")
     return dm
@@ -128,9 +128,9 @@ def test_mixing_weights_are_respected(data_root):
     only_asr = make_dm(data_root, batches_per_epoch=5, task_weights={"asr": 1.0, "tts": 0.0, "text": 0})
     assert {t for b in only_asr.train_dataloader() for t in b["task"]} == {"asr"}
     with pytest.raises(ValueError, match="unknown: \\['chat'\\]"):
-        MoSTDataModule(data_dir=str(data_root / "unused"), task_weights={"asr": 1, "chat": 1})
+        MoSTDataModule.from_settings(data_dir=str(data_root / "unused"), task_weights={"asr": 1, "chat": 1})
     with pytest.raises(ValueError, match="positive weight"):
-        MoSTDataModule(data_dir=str(data_root / "unused"), task_weights={"asr": 0})
+        MoSTDataModule.from_settings(data_dir=str(data_root / "unused"), task_weights={"asr": 0})
 
 
 def test_rank_and_worker_shards_are_disjoint(data_root):
@@ -325,26 +325,26 @@ def test_eval_loaders_apply_the_bad_sample_policy(data_root, good_samples, tmp_p
     write_shard(val_shard, [bad_variant(samples[0], "empty_transcript"), *samples[1:],
                             bad_variant(samples[1], "garbage_audio")])
     refresh_manifest(corpus, val_shard)  # a re-prepared shard: its manifest entry matches (data.verify checks it)
-    skip = MoSTDataModule(corpus_dir=str(corpus), batch_size=4, max_length=None)
+    skip = MoSTDataModule.from_settings(corpus_dir=str(corpus), batch_size=4, max_length=None)
     batches = list(skip.val_dataloader())
     assert sum(b["n_skipped"] for b in batches) == 2
     assert sum(len(b["task"]) for b in batches) == 3 * (len(samples) - 1)
-    strict = MoSTDataModule(corpus_dir=str(corpus), batch_size=4, max_length=None, on_bad_sample="raise")
+    strict = MoSTDataModule.from_settings(corpus_dir=str(corpus), batch_size=4, max_length=None, on_bad_sample="raise")
     with pytest.raises(EmptyTranscriptError, match=samples[0]["__key__"]):
         strict.val_dataloader()
 
 
 def test_hydra_instantiates_it_from_plain_config(data_root):
     cfg = OmegaConf.create({
-        "_target_": "most_lightning.data.MoSTDataModule", "data_dir": str(data_root),
+        "_target_": "most_lightning.data.MoSTDataModule.from_settings", "data_dir": str(data_root),
         "corpus": {k: v for k, v in TINY_RECIPE.canonical().items() if k != "version"} | {"voices": list(TINY_RECIPE.voices)},
         "task_weights": {"asr": 0.4, "tts": 0.4, "text": 0.2}, "val_tasks": ["asr", "text"], "batch_size": 2,
         "max_length": None, "progress": False})
     dm = instantiate(cfg)
     assert dm.corpus_dir == make_dm(data_root).corpus_dir  # same recipe -> same cache entry
-    assert dm.tokenizer.n_units == TINY_RECIPE.n_units and dm.val_tasks == ("asr", "text")
+    assert dm.tokenizer.n_units == TINY_RECIPE.n_units and dm.evaluation.val_tasks == ("asr", "text")
     with pytest.raises(FileNotFoundError, match="manifest.json"):
-        MoSTDataModule(corpus_dir=str(data_root / "nowhere")).prepare_data()
+        MoSTDataModule.from_settings(corpus_dir=str(data_root / "nowhere")).prepare_data()
 
 
 @pytest.mark.slow

@@ -29,7 +29,7 @@ def data_root(tmp_path_factory):
 
 
 def demo_dm(data_root, **kw) -> MoSTDataModule:
-    dm = MoSTDataModule(data_dir=str(data_root), corpus=TINY_RECIPE, progress=False, batch_size=3, max_length=None,
+    dm = MoSTDataModule.from_settings(data_dir=str(data_root), corpus=TINY_RECIPE, progress=False, batch_size=3, max_length=None,
                         **kw)
     dm.setup("fit")
     return dm
