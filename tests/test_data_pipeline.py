@@ -35,7 +35,8 @@ def data_root(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def dm(data_root):
-    dm = MoSTDataModule.from_settings(data_dir=str(data_root), corpus=TINY_RECIPE, progress=False, batch_size=4, max_length=None)
+    dm = MoSTDataModule.from_settings(data_dir=str(data_root), corpus=TINY_RECIPE, progress=False, batch_size=4,
+                                      max_length=None)
     dm.setup("fit")
     return dm
 
@@ -155,7 +156,7 @@ def test_exact_pass_is_disjoint_and_complete_for_any_ranks_x_workers(dm, synthet
 
 def test_exact_pass_through_real_dataloader_workers(dm, synthetic):
     dm2 = MoSTDataModule.from_settings(data_dir=str(dm.data_dir), corpus=TINY_RECIPE, progress=False, batch_size=4,
-                         max_length=None, verify_audio="none", num_workers=2)
+                                       max_length=None, verify_audio="none", num_workers=2)
     keys = [k for b in dm2.exact_pass_dataloader({"s": {"shards": str(synthetic / "speech-*.tar"),
                                                         "tasks": {"speech_lm": 1}}}) for k in b["key"]]
     assert sorted(keys) == sorted(speech_keys(synthetic))

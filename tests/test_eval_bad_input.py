@@ -31,7 +31,7 @@ def _ctx(root, shard, policy, tmp_path):
     from most_lightning.model import MoSTConfig, MoSTForCausalLM
 
     dm = MoSTDataModule.from_settings(data_dir=str(root), corpus=TINY_RECIPE, progress=False, max_length=None,
-                        on_bad_sample=policy, verify_audio="full")
+                                      on_bad_sample=policy, verify_audio="full")
     dm.shards = lambda split, _orig=dm.shards: [shard] if split == "test" else _orig(split)
     torch.manual_seed(0)
     cfg = MoSTConfig.from_preset("tiny", vocab_size=dm.tokenizer.vocab_size, hidden_size=32, num_layers=2,

@@ -26,7 +26,8 @@ CUT_SAMPLE = 50  # the cuts below fall in or right before this sample
 def dm(tmp_path_factory):
     root = tmp_path_factory.getbasetemp() / "most_data_corpus"  # the data tests' shared tiny corpus
     build_tiny_corpus(root)
-    dm = MoSTDataModule.from_settings(data_dir=str(root), corpus=TINY_RECIPE, progress=False, batch_size=4, max_length=None)
+    dm = MoSTDataModule.from_settings(data_dir=str(root), corpus=TINY_RECIPE, progress=False, batch_size=4,
+                                      max_length=None)
     dm.setup("fit")
     return dm
 
@@ -189,7 +190,8 @@ def test_demo_corpus_manifest_is_checked(dm, tmp_path):
 def test_skip_report_writes_tsv_and_sums(dm, tmp_path):
     shard = write_with_manifest(tmp_path / "speech")
     cut_at(shard, "mid_member")
-    fresh = MoSTDataModule.from_settings(data_dir=dm.data_dir, corpus=TINY_RECIPE, progress=False, batch_size=4, max_length=None)
+    fresh = MoSTDataModule.from_settings(data_dir=dm.data_dir, corpus=TINY_RECIPE, progress=False, batch_size=4,
+                                         max_length=None)
     for batch in source_stream(dm, shard):
         fresh.on_before_batch_transfer(batch, 0)  # what Lightning calls before each training step
         assert "skipped_rows" not in batch
@@ -204,12 +206,14 @@ def test_training_skips_survive_a_checkpoint(dm, tmp_path):
     """skipped.tsv of a resumed run still lists the skips made before the checkpoint (and only once)."""
     shard = write_with_manifest(tmp_path / "speech")
     cut_at(shard, "mid_member")
-    before = MoSTDataModule.from_settings(data_dir=dm.data_dir, corpus=TINY_RECIPE, progress=False, batch_size=4, max_length=None)
+    before = MoSTDataModule.from_settings(data_dir=dm.data_dir, corpus=TINY_RECIPE, progress=False, batch_size=4,
+                                          max_length=None)
     for batch in source_stream(dm, shard):
         before.on_before_batch_transfer(batch, 0)
     state = before.state_dict()
     torch_state = __import__("json").loads(__import__("json").dumps(state))  # plain values, as in a checkpoint
-    after = MoSTDataModule.from_settings(data_dir=dm.data_dir, corpus=TINY_RECIPE, progress=False, batch_size=4, max_length=None)
+    after = MoSTDataModule.from_settings(data_dir=dm.data_dir, corpus=TINY_RECIPE, progress=False, batch_size=4,
+                                         max_length=None)
     after.skip_ledger.append(("validation", "v.tar", "k", "empty_transcript", 1, ""))
     after.load_state_dict(torch_state)
     assert after.skip_counts() == {"corrupt_shard": 50, "empty_transcript": 1}

@@ -1,7 +1,7 @@
 """The DataModule's settings as a few typed groups, and the flat `data` yaml group (conf/data) split into them.
 
-    dm = MoSTDataModule.from_settings(dataset=DatasetSettings(corpus_dir="/data/ls"), loader=LoaderSettings(batch_size=8))
-    dm = MoSTDataModule.from_settings(corpus_dir="/data/ls", batch_size=8)     # the flat yaml keys, as Hydra passes
+    dm = MoSTDataModule(dataset=DatasetSettings(corpus_dir="/data/ls"), loader=LoaderSettings(batch_size=8))
+    dm = MoSTDataModule.from_settings(corpus_dir="/data/ls", batch_size=8)   # the flat yaml keys, as Hydra passes
 
 Every key of the flat group belongs to exactly one group (its field of the same name), so `data.batch_size=8` on
 the command line keeps working while the constructor takes six objects. An unknown key is refused, naming it.

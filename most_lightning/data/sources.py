@@ -76,7 +76,8 @@ def parse_sources(config: Mapping[str, Any], root: str | os.PathLike | None = No
         kinds = {TASK_KIND[t] for t in tasks}
         if len(kinds) > 1:
             raise ValueError(f"data.sources.{name}.tasks mixes record kinds {sorted(kinds)} ({tasks}); a shard set "
-                             "holds one kind: speech (asr, tts, speech_lm), text (text) or chat (text_chat, speech_chat)")
+                             "holds one kind: speech (asr, tts, speech_lm), text (text) or chat (text_chat, "
+                             "speech_chat)")
         positive = tuple((str(t), float(w)) for t, w in tasks.items() if float(w) > 0)
         if not positive:
             continue  # a source switched off for this stage

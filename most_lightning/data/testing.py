@@ -77,8 +77,8 @@ def ddp_stream_probe(rank: int, world_size: int, init_file: str, data_dir: str, 
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     try:
-        dm = MoSTDataModule.from_settings(data_dir=data_dir, corpus=TINY_RECIPE, batch_size=3, max_length=None, progress=False,
-                            num_workers=num_workers)
+        dm = MoSTDataModule.from_settings(data_dir=data_dir, corpus=TINY_RECIPE, batch_size=3, max_length=None,
+                                          progress=False, num_workers=num_workers)
         dm.prepare_data()
         dm.setup("fit")
         batches = list(dm.train_dataloader())
@@ -157,9 +157,9 @@ def ddp_sources_probe(rank: int, world_size: int, init_file: str, data_dir: str,
     try:
         for name, (sources, mode) in runs.items():
             dm = MoSTDataModule.from_settings(data_dir=data_dir, corpus=TINY_RECIPE, batch_size=3, max_length=None,
-                                progress=False, num_workers=num_workers, verify_audio="none", sources=sources,
-                                shard_sampling="resampled" if mode == "exact" else mode, batches_per_epoch=7,
-                                shuffle_buffer=5)
+                                              progress=False, num_workers=num_workers, verify_audio="none",
+                                              sources=sources, shard_sampling="resampled" if mode == "exact" else mode,
+                                              batches_per_epoch=7, shuffle_buffer=5)
             loader = dm.exact_pass_dataloader(sources) if mode == "exact" else dm.train_dataloader()
             keys, n_batches = [], 0
             for batch in loader:
