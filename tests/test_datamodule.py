@@ -456,3 +456,10 @@ def test_unknown_settings_are_refused_naming_the_key(data_root):
         check_data_config({"_target_": "most_lightning.data.MoSTDataModule.from_settings", "shuffle_bufer": 3})
     dm = MoSTDataModule(loader=LoaderSettings(batch_size=8), stream={"task_weights": {"asr": 1.0}})
     assert dm.loader.batch_size == dm.loader.eval_batch_size == 8 and dm.stream.task_weights == {"asr": 1.0}
+
+
+def test_a_data_position_of_the_removed_demo_stream_is_refused(data_root):
+    dm = make_dm(data_root)
+    dm.load_state_dict({"world_size": 1, "num_workers": 1, "ranks": {"0": {"0": {"epoch": 0, "batches": 3}}}})
+    with pytest.raises(ValueError, match="old demo stream.*resume_data_position=false"):
+        next(iter(dm.train_dataloader()))

@@ -275,7 +275,11 @@ class SourceMixStream(IterableDataset):
                 f"{self.resume_state.get('num_workers')} worker(s), this run has {self.world_size} x {n_workers}; "
                 "resume with the same data.num_workers and devices, or set data.resume_data_position=false to "
                 "restart the data stream (samples may then repeat)")
-        return self.resume_state.get("ranks", {}).get(str(self.rank), {}).get(str(worker))
+        state = self.resume_state.get("ranks", {}).get(str(self.rank), {}).get(str(worker))
+        if state and "sources" not in state:  # {epoch, batches}: written by the per-epoch demo stream, now removed
+            raise ValueError(f"the saved data position {state} is the old demo stream's, which this stream cannot "
+                             "continue; set data.resume_data_position=false to restart the data stream")
+        return state
 
     def _batches_done_on_rank(self) -> int:
         workers = (self.resume_state or {}).get("ranks", {}).get(str(self.rank), {})

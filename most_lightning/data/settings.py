@@ -86,7 +86,7 @@ class LoaderSettings:
 @dataclass(frozen=True)
 class StreamSettings:
     """The training stream (data/pipeline.py): what it mixes, how shards are read, and where a resumed run starts.
-    sources null = the corpus's train split mixed by task_weights (DataModule.sources_config)."""
+    sources null = the corpus's train split mixed by task_weights (MoSTDataModule.source_specs)."""
     sources: dict[str, Any] | None = None
     task_weights: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_TASK_WEIGHTS))
     shard_sampling: str = "split"  # split | resampled
