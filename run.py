@@ -191,7 +191,8 @@ def make_test_loaders(datamodule: Any, add_mismatched_asr: bool) -> list:
     ``mismatched``, which is how the module scores them apart)."""
     loaders = list(datamodule.test_dataloader())
     if add_mismatched_asr:
-        loaders.append(datamodule.asr_generation_dataloader("test", mismatched=True, limit=datamodule.test_limit))
+        loaders.append(datamodule.asr_generation_dataloader("test", mismatched=True,
+                                                              limit=datamodule.evaluation.test_limit))
     return loaders
 
 

@@ -108,7 +108,7 @@ def corpus_wer(model, records, fmt, tok, device, max_new_tokens, chunk=100) -> f
 
 def load_shards(a):
     """(tokenizer, train records, validation records, text sentences) from the demo corpus shards."""
-    dm = MoSTDataModule(data_dir=a.data_dir, corpus=json.loads(a.corpus), verify_audio="none")
+    dm = MoSTDataModule.from_settings(data_dir=a.data_dir, corpus=json.loads(a.corpus), verify_audio="none")
     train, _ = dm.speech_records("train", a.n_train)
     val, _ = dm.speech_records("validation", a.n_eval)
     texts = [r.text for r in iter_records(dm.shards("text"), decode_text_sample, BadSamplePolicy())]
@@ -137,7 +137,7 @@ def load_records(a):
 def export(a) -> None:
     """Per utterance: the stored units, k-means 500 over per-utterance-CMVN MFCC, a frame phone classifier over the
     same features (both fitted on train), and flite's phone string (the oracle); plus transcripts and text."""
-    dm = MoSTDataModule(data_dir=a.data_dir, corpus=json.loads(a.corpus), verify_audio="none")
+    dm = MoSTDataModule.from_settings(data_dir=a.data_dir, corpus=json.loads(a.corpus), verify_audio="none")
     encoder = MFCCEncoder(MFCCConfig(cmvn="utterance"))
     out, feats, alignments = {"splits": {}}, {}, {}
     decode = lambda s: decode_speech_sample(s, dm.tokenizer.n_units, False, keep_audio=True)  # noqa: E731

@@ -35,10 +35,10 @@ from most_lightning.model import MoSTConfig, MoSTForCausalLM  # noqa: E402
 
 
 def batch_stream(data_dir: str, batching: str, batch_size: int, max_tokens: int, max_length: int):
-    dm = MoSTDataModule(data_dir=data_dir, corpus=DemoCorpusRecipe(**DEMO), batch_size=batch_size,
-                        max_length=max_length, sources=STAGE1, shard_sampling="resampled", batches_per_epoch=10**9,
-                        shuffle_buffer=200, verify_audio="header", seed=0, batching=batching, max_tokens=max_tokens,
-                        progress=True)
+    dm = MoSTDataModule.from_settings(data_dir=data_dir, corpus=DemoCorpusRecipe(**DEMO), batch_size=batch_size,
+                                      max_length=max_length, sources=STAGE1, shard_sampling="resampled",
+                                      batches_per_epoch=10**9, shuffle_buffer=200, verify_audio="header", seed=0,
+                                      batching=batching, max_tokens=max_tokens, progress=True)
     dm.prepare_data()
     dm.setup("fit")
     return dm.tokenizer.vocab_size, iter(dm.source_stream(rank=0, world_size=1))

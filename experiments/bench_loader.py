@@ -42,9 +42,10 @@ MODELS = {  # name -> preset overrides; "small" is ~4x tiny's width x depth work
 
 
 def make_loader_stream(data_dir: str, verify_audio: str, batch_size: int, seed: int):
-    dm = MoSTDataModule(data_dir=data_dir, corpus=DemoCorpusRecipe(**DEMO), batch_size=batch_size, max_length=1024,
-                        sources=STAGE1, shard_sampling="resampled", batches_per_epoch=10**9, shuffle_buffer=200,
-                        verify_audio=verify_audio, seed=seed, progress=True)
+    dm = MoSTDataModule.from_settings(data_dir=data_dir, corpus=DemoCorpusRecipe(**DEMO), batch_size=batch_size,
+                                      max_length=1024, sources=STAGE1, shard_sampling="resampled",
+                                      batches_per_epoch=10**9, shuffle_buffer=200, verify_audio=verify_audio,
+                                      seed=seed, progress=True)
     dm.prepare_data()
     dm.setup("fit")
     return dm, iter(dm.source_stream(rank=0, world_size=1))

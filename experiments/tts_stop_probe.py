@@ -91,7 +91,7 @@ def probe(run_dir: Path, ckpt: str = "last", limit: int = 40, train_batches: int
     for shard in dm.shards("test"):
         for sample in iter_shard(shard, policy):
             rec = decode_speech_sample(sample, tok.n_units, dedup=False)
-            units = dedup_units(rec.units) if dm.dedup_units else list(rec.units)
+            units = dedup_units(rec.units) if dm.quality.dedup_units else list(rec.units)
             examples.append(fmt.tts(rec.transcript, units, rec.key))
             if len(examples) >= limit:
                 break

@@ -188,10 +188,11 @@ def test_data_tokenizer_options_fail_naming_the_key_or_the_file(tmp_path, shared
     from most_lightning.data import MoSTDataModule
     from most_lightning.data.testing import TINY_RECIPE, build_tiny_corpus
 
-    with pytest.raises(ValueError, match=r"data.tokenizer: unknown keys \['from_bsae'\]"):
-        MoSTDataModule(data_dir=str(shared_data_dir), corpus=TINY_RECIPE, tokenizer={"from_bsae": str(tmp_path)})
+    with pytest.raises(ValueError, match=r"data.tokenizer: unknown key\(s\) \['from_bsae'\]"):
+        MoSTDataModule.from_settings(data_dir=str(shared_data_dir), corpus=TINY_RECIPE,
+                                     tokenizer={"from_bsae": str(tmp_path)})
     build_tiny_corpus(shared_data_dir)
-    dm = MoSTDataModule(data_dir=str(shared_data_dir), corpus=TINY_RECIPE, progress=False,
-                        tokenizer={"from_base": str(tmp_path / "no_ckpt")})
+    dm = MoSTDataModule.from_settings(data_dir=str(shared_data_dir), corpus=TINY_RECIPE, progress=False,
+                                      tokenizer={"from_base": str(tmp_path / "no_ckpt")})
     with pytest.raises(CheckpointError, match="no_ckpt: no tokenizer.json"):
         _ = dm.tokenizer

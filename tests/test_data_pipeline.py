@@ -35,7 +35,8 @@ def data_root(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def dm(data_root):
-    dm = MoSTDataModule(data_dir=str(data_root), corpus=TINY_RECIPE, progress=False, batch_size=4, max_length=None)
+    dm = MoSTDataModule.from_settings(data_dir=str(data_root), corpus=TINY_RECIPE, progress=False, batch_size=4,
+                                      max_length=None)
     dm.setup("fit")
     return dm
 
@@ -154,8 +155,8 @@ def test_exact_pass_is_disjoint_and_complete_for_any_ranks_x_workers(dm, synthet
 
 
 def test_exact_pass_through_real_dataloader_workers(dm, synthetic):
-    dm2 = MoSTDataModule(data_dir=str(dm.data_dir), corpus=TINY_RECIPE, progress=False, batch_size=4,
-                         max_length=None, verify_audio="none", num_workers=2)
+    dm2 = MoSTDataModule.from_settings(data_dir=str(dm.data_dir), corpus=TINY_RECIPE, progress=False, batch_size=4,
+                                       max_length=None, verify_audio="none", num_workers=2)
     keys = [k for b in dm2.exact_pass_dataloader({"s": {"shards": str(synthetic / "speech-*.tar"),
                                                         "tasks": {"speech_lm": 1}}}) for k in b["key"]]
     assert sorted(keys) == sorted(speech_keys(synthetic))
@@ -241,7 +242,9 @@ def read_order(stream, source_name, n_pass=0):
 
 
 @pytest.mark.parametrize("buffer", [0, 8])
-def test_resume_neither_repeats_nor_skips_more_than_a_shuffle_buffer(dm, synthetic, buffer):
+def test_resume_continues_the_uninterrupted_stream_exactly(dm, synthetic, buffer):
+    """The saved head is where the current shuffle block began: the block is read again (at most `buffer`
+    samples) and what it handed out is passed over, so nothing repeats and nothing is lost."""
     src = {"s": {"shards": str(synthetic / "speech-*.tar"), "tasks": {"speech_lm": 1}}}
     kw = dict(mode="split", batches_per_epoch=100, shuffle_buffer=buffer, batch_size=4, seed=5)
     reference = [k for b in make_stream(dm, src, **kw) for k in b["key"]]
@@ -256,16 +259,12 @@ def test_resume_neither_repeats_nor_skips_more_than_a_shuffle_buffer(dm, synthet
     assert before == reference[:28]  # same seed, same stream
     saved = {"world_size": 1, "num_workers": 1, "ranks": {"0": {"0": state["state"]}}}
     head = state["state"]["sources"]["s"]
-    assert head["pass"] == 0 and 28 <= head["index"] <= 28 + buffer
+    assert head["pass"] == 0 and 28 - max(buffer, 1) <= head["index"] <= 28  # the block's start
     after = [k for b in make_stream(dm, src, resume_state=saved, **kw) for k in b["key"]][:40]  # stays in pass 0
     order = read_order(before_stream, "s")
     assert len(order) == 90
-    assert not set(before) & set(after) and len(set(after)) == len(after)  # nothing repeated
-    assert set(after) <= set(order[head["index"]:])  # resumed at the read head
-    skipped = set(order[:head["index"]]) - set(before)
-    assert len(skipped) <= buffer  # at most the shuffle buffer's contents are lost
-    if buffer == 0:
-        assert after == reference[28:68]  # without a buffer the resumed stream IS the uninterrupted one
+    assert after == reference[28:68]  # the resumed stream IS the uninterrupted one
+    assert set(before) | set(after) <= set(order[:68 + buffer])
     with pytest.raises(ValueError, match="1 rank.*x 1 worker.*2 x 1.*resume_data_position=false"):
         next(iter(make_stream(dm, src, resume_state=saved, world_size=2, **kw)))
 
@@ -275,7 +274,7 @@ def test_datamodule_state_follows_consumed_batches_across_workers(data_root, syn
     kw = dict(data_dir=str(data_root), corpus=TINY_RECIPE, progress=False, batch_size=3, max_length=None,
               verify_audio="none", sources=src, shard_sampling="split", batches_per_epoch=8, shuffle_buffer=4,
               num_workers=2)
-    first = MoSTDataModule(**kw)
+    first = MoSTDataModule.from_settings(**kw)
     seen_before = []
     for i, b in enumerate(first.train_dataloader()):
         seen_before += b["key"]
@@ -284,7 +283,7 @@ def test_datamodule_state_follows_consumed_batches_across_workers(data_root, syn
             break
     state = first.state_dict()
     assert state["num_workers"] == 2 and state["ranks"]["0"]["0"]["batches"] == 3 and state["ranks"]["0"]["1"]["batches"] == 2
-    second = MoSTDataModule(**kw)
+    second = MoSTDataModule.from_settings(**kw)
     second.load_state_dict(json.loads(json.dumps(state)))  # survives a plain (weights_only) checkpoint
     loader = second.train_dataloader()
     rest_of_epoch = [k for b in loader for k in b["key"]]

@@ -16,7 +16,8 @@ from most_lightning.data.datamodule import MoSTDataModule, derangement
 from most_lightning.data.samples import (CorruptShardError, EmptyTranscriptError, InvalidUnitsError,
                                          MissingMemberError, OverlongSampleError, UndecodableAudioError,
                                          WrongSampleRateError)
-from most_lightning.data.streams import MixedTaskStream, assign_shards
+from most_lightning.data.pipeline import SourceMixStream
+from most_lightning.data.sources import corpus_sources
 from most_lightning.data.tasks import IGNORE_INDEX
 from most_lightning.data.testing import TINY_RECIPE, bad_variant, build_tiny_corpus, read_shard, write_shard
 
@@ -34,17 +35,18 @@ def data_root(tmp_path_factory):
 def make_dm(data_root, **kw) -> MoSTDataModule:
     kw.setdefault("batch_size", 4)
     kw.setdefault("max_length", None)
-    dm = MoSTDataModule(data_dir=str(data_root), corpus=TINY_RECIPE, progress=False, **kw)
+    dm = MoSTDataModule.from_settings(data_dir=str(data_root), corpus=TINY_RECIPE, progress=False, **kw)
     dm.prepare_data()
     dm.setup("fit")
     return dm
 
 
-def stream(dm: MoSTDataModule, shards, **kw) -> MixedTaskStream:
-    args = dict(speech_shards=shards, text_shards=dm.shards("text"), tokenizer=dm.tokenizer, batch_size=2,
-                batches_per_epoch=1, task_weights={"asr": 1.0}, shuffle_buffer=0)
+def stream(dm: MoSTDataModule, shards, task_weights=None, shard_sampling="split", **kw) -> SourceMixStream:
+    """The training stream over `shards` as the speech source and the corpus's text shards (the default sources)."""
+    args = dict(batch_size=2, batches_per_epoch=1, shuffle_buffer=0)
     args.update(kw)
-    return MixedTaskStream(**args)
+    specs = corpus_sources(shards, dm.shards("text"), task_weights or {"asr": 1.0})
+    return SourceMixStream(specs, dm.tokenizer, mode=shard_sampling, **args)
 
 
 def all_keys(dm, split):
@@ -84,7 +86,7 @@ MIXTURE = {"asr": 0.4, "tts": 0.4, "text": 0.2}
 
 
 @pytest.mark.parametrize("batching", ["pack", "bucket"])
-def test_demo_stream_batches_by_data_batching(data_root, batching):
+def test_training_stream_batches_by_data_batching(data_root, batching):
     """Batching does not change which examples the stream draws: their order is that of batch_size=1 batches."""
     dm = make_dm(data_root)
     one_by_one = [(b["key"][0], tuple(b["input_ids"][0][b["attention_mask"][0]].tolist()))
@@ -110,7 +112,7 @@ def test_demo_stream_batches_by_data_batching(data_root, batching):
         assert len(set(drawn)) == len(drawn) and set(drawn) <= set(one_by_one[:len(drawn) + 8])
 
 
-def test_demo_stream_rejects_impossible_batching_at_construction(data_root):
+def test_training_stream_rejects_impossible_batching_at_construction(data_root):
     dm = make_dm(data_root)
     with pytest.raises(ValueError, match="needs data.max_tokens"):
         stream(dm, dm.shards("train"), batching="pack", max_length=256)
@@ -128,24 +130,19 @@ def test_mixing_weights_are_respected(data_root):
     only_asr = make_dm(data_root, batches_per_epoch=5, task_weights={"asr": 1.0, "tts": 0.0, "text": 0})
     assert {t for b in only_asr.train_dataloader() for t in b["task"]} == {"asr"}
     with pytest.raises(ValueError, match="unknown: \\['chat'\\]"):
-        MoSTDataModule(data_dir=str(data_root / "unused"), task_weights={"asr": 1, "chat": 1})
+        MoSTDataModule.from_settings(data_dir=str(data_root / "unused"), task_weights={"asr": 1, "chat": 1})
     with pytest.raises(ValueError, match="positive weight"):
-        MoSTDataModule(data_dir=str(data_root / "unused"), task_weights={"asr": 0})
+        MoSTDataModule.from_settings(data_dir=str(data_root / "unused"), task_weights={"asr": 0})
 
 
 def test_rank_and_worker_shards_are_disjoint(data_root):
     dm = make_dm(data_root)
     shards = dm.shards("train")
     assert len(shards) == 5
-    parts = [assign_shards(shards, r, 2, w, 2) for r in range(2) for w in range(2)]
-    assert all(stride == 1 for _, stride, _ in parts)
-    assert sorted(s for p, _, _ in parts for s in p) == sorted(shards)
-    # fewer shards than ranks x workers: every worker reads all shards and keeps its own samples
-    assert [assign_shards(shards, r, 2, w, 3)[1:] for r in range(2) for w in range(3)] == [(6, i) for i in range(6)]
     # whole streams: each rank only ever sees its own shards, and the two ranks never share a key
     seen = {}
     for rank in range(2):
-        ds = dm.train_dataset(rank=rank, world_size=2)
+        ds = dm.source_stream(rank=rank, world_size=2)
         loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2)
         keys = [k for b in loader for k in b["key"]]
         seen[rank] = {k for k in keys if not k.startswith("text")}
@@ -155,8 +152,7 @@ def test_rank_and_worker_shards_are_disjoint(data_root):
     assert not seen[0] & seen[1]
     assert not seen["text0"] & seen["text1"]  # 3 text shards < 4 slots: split by sample, still disjoint
     # resampled shards work for any shard count
-    res = dm.train_dataset(rank=1, world_size=8)
-    res.shard_sampling = "resampled"
+    res = dm.source_stream(mode="resampled", rank=1, world_size=8)
     assert len(list(torch.utils.data.DataLoader(res, batch_size=None, num_workers=2))) == len(res)
 
 
@@ -168,17 +164,76 @@ def test_epochs_reshuffle_and_workers_share_the_batch_count(data_root):
     assert len(first) == len(second) == 20 and first != second
 
 
-@pytest.mark.parametrize("num_workers", [0, 1])
-def test_a_resumed_run_sees_the_data_of_its_epoch(data_root, num_workers):
-    """The loader built for a run resumed at epoch 2 gives the batches the uninterrupted run got in epoch 2, with
-    and without (persistent) workers."""
-    dm = make_dm(data_root, num_workers=num_workers, batches_per_epoch=3)
-    uninterrupted = dm.train_dataloader()
-    epochs = [[k for b in uninterrupted for k in b["key"]] for _ in range(3)]
-    dm.trainer = SimpleNamespace(current_epoch=2, global_rank=0, world_size=1)  # restored before the loader is built
-    resumed = dm.train_dataloader()
-    assert [k for b in resumed for k in b["key"]] == epochs[2] != epochs[1]
-    assert [k for b in resumed for k in b["key"]] == [k for b in uninterrupted for k in b["key"]]  # epoch 3
+def test_the_demo_corpus_trains_through_its_default_sources(data_root):
+    """data.sources null: the train speech shards (asr, tts) and the text shards (text), weighted by task_weights."""
+    dm = make_dm(data_root, task_weights={"asr": 0.5, "tts": 0.0, "text": 0.25})
+    specs = dm.source_specs()
+    assert [(s.name, s.shards, s.tasks) for s in specs] == [
+        ("speech", tuple(dm.shards("train")), (("asr", 0.5),)), ("text", tuple(dm.shards("text")), (("text", 0.25),))]
+    assert {t for b in dm.train_dataloader() for t in b["task"]} == {"asr", "text"}
+    with pytest.raises(ValueError, match="no text shards"):
+        corpus_sources(dm.shards("train"), [], {"text": 1.0})
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_demo_corpus_resumes_bit_exactly_at_its_data_position(data_root, num_workers):
+    """After restoring the state of a checkpoint taken mid-epoch, the next batches are the uninterrupted run's,
+    tensor for tensor, into the next epoch (default shuffle buffer; 2 workers: the resumed epoch starts at worker 1)."""
+    def batches(dm, n):
+        out, loader = [], dm.train_dataloader()
+        while len(out) < n:
+            for b in loader:
+                dm.on_before_batch_transfer(b, 0)  # what Lightning does right before each training step
+                out.append(b)
+                if len(out) == n:
+                    break
+        return out
+
+    kw = dict(num_workers=num_workers, batch_size=3, batches_per_epoch=5)
+    reference = batches(make_dm(data_root, **kw), 9)
+    first = make_dm(data_root, **kw)
+    before = batches(first, 3)
+    state = json.loads(json.dumps(first.state_dict()))  # what a checkpoint stores: plain values
+    resumed = make_dm(data_root, **kw)
+    resumed.load_state_dict(state)
+    loader = resumed.train_dataloader()
+    after = [b for b in loader] + [b for b in loader][:4]  # the rest of epoch 1 (2 batches), then epoch 2
+    assert [b["key"] for b in before] == [b["key"] for b in reference[:3]]
+    assert len(after) == 6
+    for got, want in zip(after, reference[3:]):
+        assert got["key"] == want["key"] and got["task"] == want["task"]
+        for name in ("input_ids", "labels", "modality", "attention_mask"):
+            assert torch.equal(got[name], want[name]), name
+
+
+def test_continuous_audio_batches_come_from_the_training_stream(data_root):
+    """MoST-C (audio=continuous): ASR rows carry frame slots and their waveform; TTS and text rows are unchanged."""
+    from most_lightning.data.continuous import frame_counter
+
+    audio = {"mode": "continuous", "encoder": {"kind": "hubert", "checkpoint": None, "format": "auto", "layer": "last",
+                                               "arch": "tiny", "seed": 0}}
+    dm = make_dm(data_root, audio=audio, batches_per_epoch=4)
+    frames = frame_counter(dm.audio.encoder)
+    tasks = collections.Counter()
+    for b in dm.train_dataloader():
+        if "asr" not in b["task"]:
+            assert "audio_mask" not in b
+            continue
+        assert b["audio_mask"].shape == b["input_ids"].shape
+        for row, task in enumerate(b["task"]):
+            tasks[task] += 1
+            slots = int(b["audio_mask"][row].sum())
+            n_samples = int(b["audio_wave_lengths"][row])
+            if task == "asr":
+                assert n_samples > 0 and slots == frames(n_samples)
+                assert (b["labels"][row][b["audio_mask"][row]] == IGNORE_INDEX).all()
+                assert (b["modality"][row][b["audio_mask"][row]] == 1).all()
+            else:
+                assert slots == 0 and n_samples == 0
+    assert tasks["asr"] > 0 and tasks["tts"] + tasks["text"] > 0
+    with pytest.raises(ValueError, match="continuous audio"):
+        make_dm(data_root, audio=audio, batching="pack", max_tokens=512, max_length=256).train_dataloader()
+
 
 
 def test_validation_is_one_exact_pass_over_all_tasks(data_root):
@@ -287,7 +342,7 @@ def test_corrupt_shards_raise_or_are_counted(data_root, good_samples, tmp_path):
     batch = next(iter(stream(dm, [str(garbage), str(truncated), str(good)], batch_size=len(good_samples) + 1,
                              on_bad_sample="skip", shard_sampling="split", seed=3)))
     assert batch["n_skipped"] >= 2 and len(batch["key"]) == len(good_samples) + 1
-    with pytest.raises(RuntimeError, match="no usable sample"):
+    with pytest.raises(RuntimeError, match="gave no sample"):
         next(iter(stream(dm, [str(garbage)], on_bad_sample="skip")))
 
 
@@ -326,26 +381,26 @@ def test_eval_loaders_apply_the_bad_sample_policy(data_root, good_samples, tmp_p
     write_shard(val_shard, [bad_variant(samples[0], "empty_transcript"), *samples[1:],
                             bad_variant(samples[1], "garbage_audio")])
     refresh_manifest(corpus, val_shard)  # a re-prepared shard: its manifest entry matches (data.verify checks it)
-    skip = MoSTDataModule(corpus_dir=str(corpus), batch_size=4, max_length=None)
+    skip = MoSTDataModule.from_settings(corpus_dir=str(corpus), batch_size=4, max_length=None)
     batches = list(skip.val_dataloader())
     assert sum(b["n_skipped"] for b in batches) == 2
     assert sum(len(b["task"]) for b in batches) == 3 * (len(samples) - 1)
-    strict = MoSTDataModule(corpus_dir=str(corpus), batch_size=4, max_length=None, on_bad_sample="raise")
+    strict = MoSTDataModule.from_settings(corpus_dir=str(corpus), batch_size=4, max_length=None, on_bad_sample="raise")
     with pytest.raises(EmptyTranscriptError, match=samples[0]["__key__"]):
         strict.val_dataloader()
 
 
 def test_hydra_instantiates_it_from_plain_config(data_root):
     cfg = OmegaConf.create({
-        "_target_": "most_lightning.data.MoSTDataModule", "data_dir": str(data_root),
+        "_target_": "most_lightning.data.MoSTDataModule.from_settings", "data_dir": str(data_root),
         "corpus": {k: v for k, v in TINY_RECIPE.canonical().items() if k != "version"} | {"voices": list(TINY_RECIPE.voices)},
         "task_weights": {"asr": 0.4, "tts": 0.4, "text": 0.2}, "val_tasks": ["asr", "text"], "batch_size": 2,
         "max_length": None, "progress": False})
     dm = instantiate(cfg)
     assert dm.corpus_dir == make_dm(data_root).corpus_dir  # same recipe -> same cache entry
-    assert dm.tokenizer.n_units == TINY_RECIPE.n_units and dm.val_tasks == ("asr", "text")
+    assert dm.tokenizer.n_units == TINY_RECIPE.n_units and dm.evaluation.val_tasks == ("asr", "text")
     with pytest.raises(FileNotFoundError, match="manifest.json"):
-        MoSTDataModule(corpus_dir=str(data_root / "nowhere")).prepare_data()
+        MoSTDataModule.from_settings(corpus_dir=str(data_root / "nowhere")).prepare_data()
 
 
 @pytest.mark.slow
@@ -359,3 +414,53 @@ def test_two_processes_get_equal_batch_counts_and_disjoint_speech(data_root, tmp
     assert ranks[0]["batches"] == ranks[1]["batches"] > 0  # equal counts: DDP cannot hang on an uneven end
     speech = [{k for k in r["keys"] if not k.startswith("text")} for r in ranks]
     assert speech[0] and speech[1] and not speech[0] & speech[1]
+
+
+def test_demo_corpus_training_counts_bad_samples_by_kind(data_root, good_samples, tmp_path):
+    """A train shard of the corpus with bad samples: the default stream skips each once per pass, by kind."""
+    dm = make_dm(data_root)
+    corpus = tmp_path / "corpus"
+    shutil.copytree(dm.corpus_dir, corpus)
+    manifest = json.loads((corpus / "manifest.json").read_text())
+    shard = corpus / manifest["speech"]["train"]["shards"][0]["path"]
+    samples = read_shard(shard)
+    kinds = ["empty_transcript", "garbage_audio", "missing_units"]
+    write_shard(shard, [bad_variant(s, kind) for s, kind in zip(samples, kinds)] + samples[len(kinds):])
+    refresh_manifest(corpus, shard)
+    n_good = manifest["speech"]["train"]["utterances"] - len(kinds)
+    # one epoch of batches of 1 = exactly one pass over the good train samples
+    train = MoSTDataModule.from_settings(corpus_dir=str(corpus), batch_size=1, max_length=None, shuffle_buffer=0,
+                                         task_weights={"asr": 1.0}, batches_per_epoch=n_good)
+    train.setup("fit")
+    by_kind, total, keys = collections.Counter(), 0, []
+    for batch in train.train_dataloader():
+        by_kind.update(batch["n_skipped_by_reason"])
+        total += batch["n_skipped"]
+        keys += batch["key"]
+        train.on_before_batch_transfer(batch, 0)
+    assert len(set(keys)) == n_good
+    assert by_kind == {"empty_transcript": 1, "undecodable_audio": 1, "missing_member": 1} and total == 3
+    assert train.skip_counts() == dict(by_kind)
+    assert sorted(row[2] for row in train.skip_ledger) == sorted(
+        f"{s['__key__']}_{kind}" for s, kind in zip(samples, kinds))
+
+
+def test_unknown_settings_are_refused_naming_the_key(data_root):
+    from most_lightning.data.settings import LoaderSettings
+    from most_lightning.data.settings_check import DataConfigError, check_data_config
+
+    with pytest.raises(ValueError, match=r"data\.batch_sise: unknown data setting"):
+        MoSTDataModule.from_settings(data_dir=str(data_root), batch_sise=8)
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['batch_sise'\] for LoaderSettings"):
+        MoSTDataModule(loader={"batch_sise": 8})
+    with pytest.raises(DataConfigError, match=r"data\.shuffle_bufer"):
+        check_data_config({"_target_": "most_lightning.data.MoSTDataModule.from_settings", "shuffle_bufer": 3})
+    dm = MoSTDataModule(loader=LoaderSettings(batch_size=8), stream={"task_weights": {"asr": 1.0}})
+    assert dm.loader.batch_size == dm.loader.eval_batch_size == 8 and dm.stream.task_weights == {"asr": 1.0}
+
+
+def test_a_data_position_of_the_removed_demo_stream_is_refused(data_root):
+    dm = make_dm(data_root)
+    dm.load_state_dict({"world_size": 1, "num_workers": 1, "ranks": {"0": {"0": {"epoch": 0, "batches": 3}}}})
+    with pytest.raises(ValueError, match="old demo stream.*resume_data_position=false"):
+        next(iter(dm.train_dataloader()))

@@ -20,7 +20,7 @@ BROKEN = ("garbage_audio", "empty_transcript", "missing_transcript", "missing_un
 def broken_test_split(tmp_path_factory):
     root = tmp_path_factory.getbasetemp() / "most_data_corpus"
     build_tiny_corpus(root)
-    dm = MoSTDataModule(data_dir=str(root), corpus=TINY_RECIPE, progress=False, max_length=None)
+    dm = MoSTDataModule.from_settings(data_dir=str(root), corpus=TINY_RECIPE, progress=False, max_length=None)
     good = [s for shard in dm.shards("test") for s in read_shard(shard)]
     shard = write_shard(tmp_path_factory.mktemp("broken") / "test-broken.tar",
                         [*(bad_variant(good[0], k) for k in BROKEN), *good])
@@ -30,8 +30,8 @@ def broken_test_split(tmp_path_factory):
 def _ctx(root, shard, policy, tmp_path):
     from most_lightning.model import MoSTConfig, MoSTForCausalLM
 
-    dm = MoSTDataModule(data_dir=str(root), corpus=TINY_RECIPE, progress=False, max_length=None,
-                        on_bad_sample=policy, verify_audio="full")
+    dm = MoSTDataModule.from_settings(data_dir=str(root), corpus=TINY_RECIPE, progress=False, max_length=None,
+                                      on_bad_sample=policy, verify_audio="full")
     dm.shards = lambda split, _orig=dm.shards: [shard] if split == "test" else _orig(split)
     torch.manual_seed(0)
     cfg = MoSTConfig.from_preset("tiny", vocab_size=dm.tokenizer.vocab_size, hidden_size=32, num_layers=2,

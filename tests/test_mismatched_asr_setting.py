@@ -31,7 +31,7 @@ def test_run_py_adds_the_mismatched_test_loader_only_when_asked(add):
     from run import make_test_loaders
 
     calls = []
-    datamodule = SimpleNamespace(test_limit=7, test_dataloader=lambda: ["asr", "tts+text"],
+    datamodule = SimpleNamespace(evaluation=SimpleNamespace(test_limit=7), test_dataloader=lambda: ["asr", "tts+text"],
                                  asr_generation_dataloader=lambda *a, **kw: calls.append((a, kw)) or "mismatched")
     loaders = make_test_loaders(datamodule, add)
     assert loaders == ["asr", "tts+text", "mismatched"] if add else ["asr", "tts+text"]

@@ -579,7 +579,7 @@ def test_any_prepared_corpus_serves_as_an_eval_split(tmp_path, tmp_path_factory,
     write_librispeech(tmp_path / "in", "test-clean", clips)
     out = tmp_path / "prepared"
     m = prep("librispeech", tmp_path / "in" / "LibriSpeech", "--out", out, "--units", corpus / "unit_extractor")
-    dm = MoSTDataModule(data_dir=str(corpus.parent.parent), corpus=TINY_RECIPE, progress=False)
+    dm = MoSTDataModule.from_settings(data_dir=str(corpus.parent.parent), corpus=TINY_RECIPE, progress=False)
     records, n_skipped = dm.speech_records(str(out / "*.tar"))
     written = {s["__key__"]: s for s in samples_of(out, m)}
     assert n_skipped == 0 and sorted(r.key for r in records) == sorted(written)

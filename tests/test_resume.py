@@ -1,4 +1,4 @@
-"""Exact resume: the demo stream's data position, and `python run.py ckpt_path=<run>/checkpoints/last.ckpt` after a
+"""Exact resume: the demo corpus's data position, and `python run.py ckpt_path=<run>/checkpoints/last.ckpt` after a
 kill -9 at a random step continues in the same run directory with the uninterrupted run's batches and weights."""
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ def data_root(tmp_path_factory):
 
 
 def demo_dm(data_root, **kw) -> MoSTDataModule:
-    dm = MoSTDataModule(data_dir=str(data_root), corpus=TINY_RECIPE, progress=False, batch_size=3, max_length=None,
-                        **kw)
+    dm = MoSTDataModule.from_settings(data_dir=str(data_root), corpus=TINY_RECIPE, progress=False, batch_size=3,
+                                      max_length=None, **kw)
     dm.setup("fit")
     return dm
 
@@ -48,7 +48,7 @@ def epoch_batches(dm, consume: int | None = None) -> list[dict]:
 
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_demo_stream_resumes_at_its_data_position(data_root, num_workers):
-    """The defect: the demo stream had no data position, so a resumed run restarted its epoch at the first batch."""
+    """The demo corpus trains through its default sources, whose data position a resumed run restarts at."""
     reference = epoch_batches(demo_dm(data_root, num_workers=num_workers))
     k = 3  # odd: with 2 workers the resumed epoch must start at worker 1 (rotated)
     first = demo_dm(data_root, num_workers=num_workers)

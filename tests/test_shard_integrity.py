@@ -1,5 +1,5 @@
-"""Shard integrity: short or corrupt shards are reported as `corrupt_shard` with the samples lost, on both training
-streams and at every cut position; skip counts per kind, once per sample per pass, in skipped.tsv and metrics."""
+"""Shard integrity: short or corrupt shards are reported as `corrupt_shard` with the samples lost, on the training
+stream and the exact pass and at every cut position; skip counts per kind, once per sample per pass, in skipped.tsv and metrics."""
 
 from __future__ import annotations
 
@@ -16,7 +16,6 @@ from most_lightning.data.datamodule import MoSTDataModule
 from most_lightning.data.pipeline import SourceMixStream
 from most_lightning.data.samples import CorruptShardError
 from most_lightning.data.sources import parse_sources
-from most_lightning.data.streams import MixedTaskStream
 from most_lightning.data.testing import TINY_RECIPE, build_tiny_corpus, read_shard, units_npy, write_shard
 
 N = 100  # samples in the test shard
@@ -27,7 +26,8 @@ CUT_SAMPLE = 50  # the cuts below fall in or right before this sample
 def dm(tmp_path_factory):
     root = tmp_path_factory.getbasetemp() / "most_data_corpus"  # the data tests' shared tiny corpus
     build_tiny_corpus(root)
-    dm = MoSTDataModule(data_dir=str(root), corpus=TINY_RECIPE, progress=False, batch_size=4, max_length=None)
+    dm = MoSTDataModule.from_settings(data_dir=str(root), corpus=TINY_RECIPE, progress=False, batch_size=4,
+                                      max_length=None)
     dm.setup("fit")
     return dm
 
@@ -80,12 +80,6 @@ def cut_at(shard: Path, where: str) -> int:
 CUTS = ["mid_member", "header_boundary", "inside_sample_boundary", "block_512", "empty"]
 
 
-def demo_stream(dm, shard, batches: int, batch_size: int, **kw) -> MixedTaskStream:
-    return MixedTaskStream(speech_shards=[str(shard)], text_shards=[], tokenizer=dm.tokenizer, batch_size=batch_size,
-                           batches_per_epoch=batches, task_weights={"asr": 1.0}, shuffle_buffer=0,
-                           verify_audio="none", **kw)
-
-
 def source_stream(dm, shard, mode="exact", **kw) -> SourceMixStream:
     kw.setdefault("batches_per_epoch", None if mode == "exact" else 3)
     return SourceMixStream(parse_sources({"speech": {"shards": str(shard), "tasks": {"asr": 1.0}}}), dm.tokenizer,
@@ -119,25 +113,6 @@ def test_cut_shard_general_pipeline_counts_lost_samples(dm, tmp_path, where):
     assert reasons == {"corrupt_shard": N - n} and n_skipped == N - n
     with pytest.raises(CorruptShardError, match=rf"{shard.name}.*{N - n} sample\(s\) lost"):
         list(source_stream(dm, shard, on_bad_sample="raise"))
-
-
-@pytest.mark.parametrize("where", CUTS)
-def test_cut_shard_demo_stream_counts_lost_samples_once_per_pass(dm, tmp_path, where):
-    shard = write_with_manifest(tmp_path / "speech")
-    n = cut_at(shard, where)
-    with pytest.raises(CorruptShardError, match=rf"{shard.name}.*{N - n} sample\(s\) lost"):
-        list(demo_stream(dm, shard, 1, max(n, 1), on_bad_sample="raise"))
-    if n == 0:  # nothing usable: a clear error after the count, never a hang
-        with pytest.raises(RuntimeError, match="no usable sample.*100 bad sample"):
-            list(demo_stream(dm, shard, 1, 4))
-        return
-    # batch 2 reads past the cut, then the shard again (a new round of the same epoch): counted once
-    batches = list(demo_stream(dm, shard, 3, n))
-    keys, reasons, n_skipped = tally(batches)
-    assert keys[:n] == [f"u{i:03d}" for i in range(n)] and set(keys) == {f"u{i:03d}" for i in range(n)}
-    assert reasons == {"corrupt_shard": N - n} and n_skipped == N - n
-    rows = [r for b in batches for r in b["skipped_rows"]]
-    assert [(r[0], r[1], r[2], r[3]) for r in rows] == [(str(shard), "*", "corrupt_shard", N - n)]
 
 
 def test_resampled_source_counts_a_cut_shard_once_per_pass(dm, tmp_path):
@@ -215,7 +190,8 @@ def test_demo_corpus_manifest_is_checked(dm, tmp_path):
 def test_skip_report_writes_tsv_and_sums(dm, tmp_path):
     shard = write_with_manifest(tmp_path / "speech")
     cut_at(shard, "mid_member")
-    fresh = MoSTDataModule(data_dir=dm.data_dir, corpus=TINY_RECIPE, progress=False, batch_size=4, max_length=None)
+    fresh = MoSTDataModule.from_settings(data_dir=dm.data_dir, corpus=TINY_RECIPE, progress=False, batch_size=4,
+                                         max_length=None)
     for batch in source_stream(dm, shard):
         fresh.on_before_batch_transfer(batch, 0)  # what Lightning calls before each training step
         assert "skipped_rows" not in batch
@@ -230,30 +206,18 @@ def test_training_skips_survive_a_checkpoint(dm, tmp_path):
     """skipped.tsv of a resumed run still lists the skips made before the checkpoint (and only once)."""
     shard = write_with_manifest(tmp_path / "speech")
     cut_at(shard, "mid_member")
-    before = MoSTDataModule(data_dir=dm.data_dir, corpus=TINY_RECIPE, progress=False, batch_size=4, max_length=None)
+    before = MoSTDataModule.from_settings(data_dir=dm.data_dir, corpus=TINY_RECIPE, progress=False, batch_size=4,
+                                          max_length=None)
     for batch in source_stream(dm, shard):
         before.on_before_batch_transfer(batch, 0)
     state = before.state_dict()
     torch_state = __import__("json").loads(__import__("json").dumps(state))  # plain values, as in a checkpoint
-    after = MoSTDataModule(data_dir=dm.data_dir, corpus=TINY_RECIPE, progress=False, batch_size=4, max_length=None)
+    after = MoSTDataModule.from_settings(data_dir=dm.data_dir, corpus=TINY_RECIPE, progress=False, batch_size=4,
+                                         max_length=None)
     after.skip_ledger.append(("validation", "v.tar", "k", "empty_transcript", 1, ""))
     after.load_state_dict(torch_state)
     assert after.skip_counts() == {"corrupt_shard": 50, "empty_transcript": 1}
     assert after._resume_state is None  # no stream position in this state: nothing to resume from
-
-
-def test_demo_stream_counts_a_bad_sample_once_per_epoch_although_it_rereads_the_shard(dm, tmp_path):
-    """The defect: the demo stream, reading a small shard set several times in one epoch, counted each re-read."""
-    good = samples(4)
-    bad = dict(good[0], __key__="u_empty", txt=b"   ")
-    shard = write_with_manifest(tmp_path / "speech", content=[bad, *good[1:]])
-    batches = list(demo_stream(dm, shard, 5, 3))  # 15 examples from 3 good samples: the shard is read 5 times
-    keys, reasons, n_skipped = tally(batches)
-    assert len(keys) == 15 and reasons == {"empty_transcript": 1} and n_skipped == 1
-    rows = [r[:4] for b in batches for r in b["skipped_rows"]]
-    assert rows == [(str(shard), "u_empty", "empty_transcript", 1)]
-    _, reasons, _ = tally(list(demo_stream(dm, shard, 5, 3)))  # the next epoch is a new pass: counted again
-    assert reasons == {"empty_transcript": 1}
 
 
 def test_test_loaders_count_a_bad_test_sample_once(dm, tmp_path):
@@ -270,7 +234,7 @@ def test_test_loaders_count_a_bad_test_sample_once(dm, tmp_path):
     data = shard.read_bytes()
     entry.update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
     (corpus / "manifest.json").write_text(json.dumps(manifest))
-    test_dm = MoSTDataModule(corpus_dir=str(corpus), batch_size=4, max_length=None)
+    test_dm = MoSTDataModule.from_settings(corpus_dir=str(corpus), batch_size=4, max_length=None)
     loaders = [*test_dm.test_dataloader(), test_dm.asr_generation_dataloader("test", mismatched=True)]
     assert sum(b["n_skipped"] for loader in loaders for b in loader) == 1
     assert test_dm.skip_counts() == {"empty_transcript": 1}

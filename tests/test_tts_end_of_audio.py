@@ -22,8 +22,8 @@ def data_root(tmp_path_factory):
                                       dict(batching="pack", max_length=256, max_tokens=512)])
 def test_every_tts_training_example_supervises_end_of_audio(data_root, batching):
     kw = dict(max_length=None) | batching
-    dm = MoSTDataModule(data_dir=str(data_root), corpus=TINY_RECIPE, progress=False, batch_size=4,
-                        task_weights={"tts": 1.0}, **kw)
+    dm = MoSTDataModule.from_settings(data_dir=str(data_root), corpus=TINY_RECIPE, progress=False, batch_size=4,
+                                      task_weights={"tts": 1.0}, **kw)
     dm.prepare_data()
     dm.setup("fit")
     tok = dm.tokenizer

@@ -1,18 +1,18 @@
 """MoSTDataModule: corpus -> tokenizer -> streamed, mixed, padded batches of the interface contract.
 
-    dm = MoSTDataModule(data_dir="data", corpus={"n_train": 1000}, batch_size=16)
+    dm = MoSTDataModule.from_settings(data_dir="data", corpus={"n_train": 1000}, batch_size=16)  # flat yaml keys
+    dm = MoSTDataModule(dataset=DatasetSettings(...), loader=LoaderSettings(batch_size=16))     # typed groups
     dm.tokenizer.vocab_size        # builds/loads the corpus on first use; needed before the model exists
     trainer.fit(model, datamodule=dm)
 
-Training streams WebDataset shards (endless, explicit rank/worker shard assignment, a fixed number of batches per
-epoch, batched by `batching`: fixed, bucket or pack).
+Training has one stream, SourceMixStream (data/pipeline.py), over named sources (docs/data_pipeline.md): the
+user's `sources`, or by default the corpus's train speech (ASR/TTS) and text shards mixed by `task_weights`. It
+is endless, reads explicitly assigned shards per rank and worker, yields a fixed number of batches per epoch,
+batches by `batching` (fixed, bucket or pack), counts bad samples by kind, and its data position is saved in
+Lightning checkpoints (`state_dict`) and restored on resume. With continuous audio (MoST-C) its ASR examples carry
+waveforms and frame slots.
 Validation and test read their (small) splits into memory and are map-style, so a single device makes one
 exact pass and Lightning's DistributedSampler splits them under DDP (padding the last rank with repeats).
-
-With `sources` (named shard sets, each with task weights; docs/data_pipeline.md) training uses the general
-SourceMixStream instead: resampled or split shards, named sources, and a data position that is saved in
-Lightning checkpoints (`state_dict`) and restored on resume. The corpus (demo recipe or corpus_dir) still
-provides the tokenizer and the validation/test splits.
 """
 
 from __future__ import annotations
@@ -31,17 +31,17 @@ from torch.utils.data import DataLoader, Dataset
 from ..text.tokenizer import MoSTTokenizer
 from .collate import GenerationCollator, TeacherForcedCollator
 from .continuous import AudioFrontendConfig, ContinuousASRFormatter, frame_counter
-from .demo_chat_set import DemoChatRecipe, build_demo_chat, resolve_demo_chat, uses_demo_chat
-from .demo_corpus import DemoCorpusRecipe, build_demo_corpus, corpus_dir_for, load_manifest
-from .samples import (BadSamplePolicy, OverlongSampleError, SpeechRecord, decode_speech_sample,
-                      iter_records)
-from .shard_reader import VERIFY_SHARDS
-from .pipeline import SourceMixStream
-from .sources import SourceSpec, parse_sources, resolve_shards
-from .streams import EpochAwareLoader, MixedTaskStream, ResumableLoader
+from .demo_chat_set import build_demo_chat, resolve_demo_chat, uses_demo_chat
+from .demo_corpus import build_demo_corpus, corpus_dir_for, load_manifest
+from .pipeline import ResumableLoader, SourceMixStream
+from .samples import BadSamplePolicy, OverlongSampleError, SpeechRecord, decode_speech_sample, iter_records
+from .settings import (DEFAULT_TASK_WEIGHTS, DatasetSettings, EvalSettings, LoaderSettings, QualitySettings,
+                       StreamSettings, build_settings, plain, settings_from)
+from .sources import SourceSpec, corpus_sources, parse_sources, resolve_shards
 from .tasks import TASKS, Example, GenerationExample, TaskFormatter
 
-DEFAULT_TASK_WEIGHTS = {"asr": 0.4, "tts": 0.4, "text": 0.2}  # stage-1 mix of the reference
+__all__ = ["DEFAULT_TASK_WEIGHTS", "MoSTDataModule", "derangement"]
+SOURCES_BATCHES_PER_EPOCH = 1000  # named sources have no natural pass length
 
 
 class ListDataset(Dataset):
@@ -87,123 +87,35 @@ def mismatch_donors(records: Sequence[SpeechRecord], seed: int) -> list[int]:
     return out
 
 
-def _plain(value: Any) -> Any:
-    """DictConfig/ListConfig (from Hydra) -> dict/list; leaves other values alone."""
-    try:
-        from omegaconf import DictConfig, ListConfig, OmegaConf
-
-        if isinstance(value, (DictConfig, ListConfig)):
-            return OmegaConf.to_container(value, resolve=True)
-    except ImportError:  # pragma: no cover
-        pass
-    return value
-
-
 class MoSTDataModule(LightningDataModule):
     def __init__(
         self,
-        data_dir: str = "data",
-        corpus: DemoCorpusRecipe | Mapping | None = None,
-        corpus_dir: str | None = None,
-        batch_size: int = 16,
-        eval_batch_size: int | None = None,
-        num_workers: int = 0,
-        task_weights: Mapping[str, float] | None = None,
-        max_length: int | None = 1024,
-        max_length_policy: str = "drop",
-        on_bad_sample: str = "skip",
-        shuffle_buffer: int = 500,
-        shard_sampling: str = "split",
-        batches_per_epoch: int | None = None,
-        dedup_units: bool = True,
-        verify_audio: str = "header",
-        val_tasks: Sequence[str] = TASKS,
-        val_limit: int | None = None,
-        test_limit: int | None = None,
-        seed: int = 0,
-        build_workers: int | None = None,
-        progress: bool = True,
-        pin_memory: bool = False,
-        audio: Mapping | None = None,
-        sources: Mapping[str, Any] | None = None,
-        batching: str = "fixed",
-        max_tokens: int | None = None,
-        bucket_pool: int = 256,
-        few_shards: str = "stride",
-        shuffle_shards: bool = True,
-        resume_data_position: bool = True,
-        demo_chat: DemoChatRecipe | Mapping | None = None,
-        tokenizer: Mapping | None = None,
-        verify: str = "size",
+        dataset: DatasetSettings | Mapping | None = None,
+        loader: LoaderSettings | Mapping | None = None,
+        stream: StreamSettings | Mapping | None = None,
+        quality: QualitySettings | Mapping | None = None,
+        evaluation: EvalSettings | Mapping | None = None,
+        audio: AudioFrontendConfig | Mapping | None = None,
     ):
-        """
-        data_dir: cache root; the demo corpus goes to <data_dir>/demo/<recipe-hash>.
-        corpus: DemoCorpusRecipe or its fields as a dict (ignored when corpus_dir is given).
-        corpus_dir: an already prepared corpus (a directory with manifest.json) instead of the demo corpus.
-        batches_per_epoch: batches per rank per training epoch; None = about one pass over the train speech.
-        val_limit / test_limit: at most this many utterances (per task) from the split; None = all.
-        on_bad_sample: 'skip' (count in batch['n_skipped']) or 'raise' (BadSampleError naming key and shard).
-        max_length_policy: 'drop' (an over-long example is a bad sample) or 'truncate' (count in n_truncated).
-        audio: the `audio` group (conf/audio): units from the corpus (default), or mode=continuous (MoST-C: ASR
-            prompts carry waveforms and frame slots, see data/continuous.py).
-        sources: {name: {shards: paths/globs/dir (relative to the corpus dir), tasks: {task: weight}}}: train on
-            these instead of the corpus' train split with task_weights (see most_lightning.data.sources).
-        shard_sampling ('split' | 'resampled'), batching ('fixed' | 'bucket' | 'pack'), max_tokens, bucket_pool,
-            few_shards ('stride' | 'error'), shuffle_shards: see most_lightning.data.pipeline (sources only).
-        resume_data_position: restore the training stream position from a checkpoint (sources only).
-        demo_chat: recipe of the demo chat set that a source with `shards: demo_chat` reads; built on first use
-            into <data_dir>/demo_chat/<hash> with the corpus's unit extractor (see data/demo_chat_set.py).
-        tokenizer: {from_base: <dir with tokenizer.json>, bos_token, eos_token}: tokenise with a pretrained base's
-            tokenizer extended by the unit and audio tokens (most_tokenizer_from_base) instead of the corpus's BPE;
-            from_base null = the corpus tokenizer.
-        verify: shards listed in a manifest.json are checked against it when opened: 'size' (bytes and sample
-            count, the default), 'sha256' (also the full checksum, once per shard and process) or 'none'; a short
-            or corrupt shard is a `corrupt_shard` bad input counting the samples lost (data/shard_reader.py).
-        """
+        """Each group is its settings dataclass (data/settings.py) or a mapping of its fields (unknown keys are
+        refused); None = its defaults. `audio` is the conf/audio group: units from the corpus (default), or
+        mode=continuous (MoST-C: ASR prompts carry waveforms and frame slots, see data/continuous.py).
+        The flat `data` yaml group goes through `from_settings`."""
         super().__init__()
-        self.data_dir = str(data_dir)
-        self.recipe = DemoCorpusRecipe.from_any(_plain(corpus))
-        self.corpus_dir_arg = str(corpus_dir) if corpus_dir else None
-        self.batch_size = int(batch_size)
-        self.eval_batch_size = int(eval_batch_size or batch_size)
-        self.num_workers = int(num_workers)
-        self.task_weights = {str(k): float(v) for k, v in dict(_plain(task_weights) or DEFAULT_TASK_WEIGHTS).items()}
-        self.max_length = max_length
-        self.max_length_policy = max_length_policy
-        self.on_bad_sample = on_bad_sample
-        self.shuffle_buffer = int(shuffle_buffer)
-        self.shard_sampling = shard_sampling
-        self.batches_per_epoch = batches_per_epoch
-        self.dedup_units = bool(dedup_units)
-        self.verify_audio = verify_audio
-        self.val_tasks = tuple(_plain(val_tasks))
-        self.val_limit, self.test_limit = val_limit, test_limit
-        self.seed = int(seed)
-        self.build_workers, self.progress, self.pin_memory = build_workers, progress, pin_memory
-        BadSamplePolicy(on_bad_sample)
-        if verify not in VERIFY_SHARDS:
-            raise ValueError(f"data.verify={verify!r}: allowed values are {', '.join(VERIFY_SHARDS)}")
-        self.verify = verify
-        if max_length_policy not in ("drop", "truncate"):
-            raise ValueError(f"max_length_policy must be 'drop' or 'truncate', got {max_length_policy!r}")
-        bad_tasks = [t for t in self.val_tasks if t not in TASKS]
-        if bad_tasks:
-            raise ValueError(f"unknown val_tasks {bad_tasks}; known: {TASKS}")
-        unknown = sorted(set(self.task_weights) - set(TASKS))
-        if unknown or not any(w > 0 for w in self.task_weights.values()):
-            raise ValueError(f"task_weights {self.task_weights} must give positive weight to some of {TASKS} "
-                             f"and name no other task{f' (unknown: {unknown})' if unknown else ''}")
-        self.sources_config = _plain(sources)
-        self.batching, self.max_tokens, self.bucket_pool = batching, max_tokens, int(bucket_pool)
-        self.few_shards, self.shuffle_shards = few_shards, bool(shuffle_shards)
-        self.resume_data_position = bool(resume_data_position)
-        self.demo_chat = DemoChatRecipe.from_any(_plain(demo_chat))
+        self.dataset = settings_from(DatasetSettings, dataset, "data.dataset")
+        self.loader = settings_from(LoaderSettings, loader, "data.loader")
+        self.stream = settings_from(StreamSettings, stream, "data.stream")
+        self.quality = settings_from(QualitySettings, quality, "data.quality")
+        self.evaluation = settings_from(EvalSettings, evaluation, "data.evaluation")
+        self.audio = AudioFrontendConfig.from_any(plain(audio))
+        self.recipe = self.dataset.corpus
+        if not self.audio.continuous and self.audio.encoder:  # e.g. audio=hubert_units: the corpus's units
+            if self.dataset.corpus_dir:
+                raise ValueError("audio.encoder (units from another encoder) rebuilds the demo corpus; it cannot "
+                                 f"change the units of the prepared corpus_dir {self.dataset.corpus_dir}")
+            self.recipe = dataclasses.replace(self.recipe, unit_encoder=self.audio.encoder,
+                                              unit_quantizer=self.audio.quantizer)
         self._demo_chat_dir: Path | None = None
-        self.tokenizer_config = {"from_base": None, "bos_token": None, "eos_token": None}
-        unknown_tok = sorted(set(_plain(tokenizer) or {}) - set(self.tokenizer_config))
-        if unknown_tok:
-            raise ValueError(f"data.tokenizer: unknown keys {unknown_tok}; known: {sorted(self.tokenizer_config)}")
-        self.tokenizer_config.update(_plain(tokenizer) or {})
         self._resume_state: dict[str, Any] | None = None
         self._consumed: dict[str, Any] = {}  # worker -> data_state of the last batch that reached a training step
         self._stream_shape: tuple[int, int] | None = None  # (world_size, num_workers) of the live training stream
@@ -212,27 +124,31 @@ class MoSTDataModule(LightningDataModule):
         self._eval_cache: dict[tuple, Any] = {}
         self._skips_reported: set[tuple] = set()  # eval record sets whose skips a loader already counted
         self.skip_ledger: list[tuple[str, str, str, str, int, str]] = []  # (split, shard, key, kind, samples, detail)
-        self.audio = AudioFrontendConfig.from_any(_plain(audio))
         self._audio_frames = None
-        if not self.audio.continuous and self.audio.encoder:  # e.g. audio=hubert_units: the corpus's units
-            if self.corpus_dir_arg:
-                raise ValueError("audio.encoder (units from another encoder) rebuilds the demo corpus; it cannot "
-                                 f"change the units of the prepared corpus_dir {self.corpus_dir_arg}")
-            self.recipe = dataclasses.replace(self.recipe, unit_encoder=self.audio.encoder,
-                                              unit_quantizer=self.audio.quantizer)
+
+    @classmethod
+    def from_settings(cls, **settings: Any) -> "MoSTDataModule":
+        """From the flat `data` group (conf/data/*.yaml, plus `audio`): each key goes to the group whose field it
+        is (data/settings.py); an unknown key is refused, naming it. Hydra's `_target_` for conf/data."""
+        return cls(**build_settings(settings))
 
     # ------------------------------------------------------------------ corpus
     @property
+    def data_dir(self) -> str:
+        return self.dataset.data_dir
+
+    @property
     def corpus_dir(self) -> Path:
-        return Path(self.corpus_dir_arg) if self.corpus_dir_arg else corpus_dir_for(self.recipe, self.data_dir)
+        given = self.dataset.corpus_dir
+        return Path(given) if given else corpus_dir_for(self.recipe, self.data_dir)
 
     def prepare_data(self) -> None:
         """Build the demo corpus once (cached by recipe hash; a file lock serialises concurrent builders)."""
-        if self.corpus_dir_arg:
+        if self.dataset.corpus_dir:
             load_manifest(self.corpus_dir)  # fail early with a clear message
         else:
-            build_demo_corpus(self.recipe, self.data_dir, self.build_workers, self.progress)
-        if uses_demo_chat(self.sources_config):
+            build_demo_corpus(self.recipe, self.data_dir, self.dataset.build_workers, self.dataset.progress)
+        if uses_demo_chat(self.stream.sources):
             _ = self.demo_chat_dir
 
     @property
@@ -240,8 +156,8 @@ class MoSTDataModule(LightningDataModule):
         """The demo chat set for this corpus's units (built on first use, cached by recipe + unit extractor)."""
         if self._demo_chat_dir is None:
             _ = self.manifest  # the corpus (its unit extractor) first
-            self._demo_chat_dir = build_demo_chat(self.demo_chat, self.data_dir, self.corpus_dir / "unit_extractor",
-                                                  self.build_workers)
+            self._demo_chat_dir = build_demo_chat(self.dataset.demo_chat, self.data_dir,
+                                                  self.corpus_dir / "unit_extractor", self.dataset.build_workers)
         return self._demo_chat_dir
 
     @property
@@ -257,13 +173,12 @@ class MoSTDataModule(LightningDataModule):
         """The corpus tokenizer, or the base's extended one (data.tokenizer.from_base); builds the corpus first if
         needed (so the model can be sized before fit)."""
         if self._tokenizer is None:
-            base = self.tokenizer_config["from_base"]
-            if base:  # a pretrained model's vocabulary + appended unit/audio tokens
+            settings = self.dataset.tokenizer
+            if settings.from_base:  # a pretrained model's vocabulary + appended unit/audio tokens
                 from ..model.checkpoint.tokenizer import most_tokenizer_from_base
 
-                self._tokenizer = most_tokenizer_from_base(base, n_units=self.manifest["n_units"],
-                                                           bos_token=self.tokenizer_config["bos_token"],
-                                                           eos_token=self.tokenizer_config["eos_token"])
+                self._tokenizer = most_tokenizer_from_base(settings.from_base, n_units=self.manifest["n_units"],
+                                                           bos_token=settings.bos_token, eos_token=settings.eos_token)
             else:
                 self._tokenizer = MoSTTokenizer.load(self.corpus_dir / self.manifest.get("tokenizer", "tokenizer"))
             if self._tokenizer.n_units != self.manifest["n_units"]:
@@ -285,10 +200,7 @@ class MoSTDataModule(LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         _ = self.tokenizer
-        if self.sources_config and self.audio.continuous:
-            raise NotImplementedError("data.sources streams speech units; continuous audio input (audio=continuous) "
-                                      "runs on the demo corpus stream only (drop data.sources or use audio units)")
-        if self.sources_config and stage in (None, "fit"):
+        if stage in (None, "fit"):
             self.source_specs()  # unknown tasks or shard patterns that match nothing fail before any training
 
     @property
@@ -311,77 +223,66 @@ class MoSTDataModule(LightningDataModule):
         return 0, 1
 
     def default_batches_per_epoch(self, world_size: int = 1) -> int:
-        w = self.task_weights
+        """About one pass of the corpus's train speech per epoch (of the text when no speech task is mixed in)."""
+        w = self.stream.task_weights
         total = sum(w.values())
         speech_share = (w.get("asr", 0) + w.get("tts", 0)) / total
         if speech_share > 0:
             samples = self.manifest["speech"]["train"]["utterances"] / speech_share
         else:
             samples = self.manifest["text"]["sentences"]
-        return max(1, math.ceil(samples / self.batch_size / world_size))
+        return max(1, math.ceil(samples / self.loader.batch_size / world_size))
 
     # ------------------------------------------------------------------ training
-    def train_dataset(self, rank: int | None = None, world_size: int | None = None) -> MixedTaskStream:
-        r, w = self._rank_world()
-        rank, world_size = (r if rank is None else rank), (w if world_size is None else world_size)
-        self._stream_shape = (world_size, self.num_workers)
-        return MixedTaskStream(
-            speech_shards=self.shards("train"), text_shards=self.shards("text"), tokenizer=self.tokenizer,
-            batch_size=self.batch_size,
-            batches_per_epoch=self.batches_per_epoch or self.default_batches_per_epoch(world_size),
-            task_weights=self.task_weights, rank=rank, world_size=world_size, seed=self.seed,
-            shuffle_buffer=self.shuffle_buffer, shard_sampling=self.shard_sampling, max_length=self.max_length,
-            max_length_policy=self.max_length_policy, on_bad_sample=self.on_bad_sample,
-            dedup_units=self.dedup_units, verify_audio=self.verify_audio, audio_frames=self.audio_frames,
-            audio_markers=self.audio.markers, batching=self.batching, max_tokens=self.max_tokens,
-            bucket_pool=self.bucket_pool, verify=self.verify, resume_state=self._stream_resume_state())
-
-    def _stream_resume_state(self) -> dict[str, Any] | None:
-        """Where a rebuilt training stream starts: after the last consumed batch, else the checkpoint's position."""
-        if not self.resume_data_position:
-            return None
-        return self._position(gather=False) if self._consumed else self._resume_state
-
-    def train_dataloader(self) -> DataLoader:
-        loader = ResumableLoader  # both streams restore their position from this DataModule's state_dict
-        dataset = self.source_stream() if self.sources_config else self.train_dataset()
-        # Lightning restores the epoch of a resumed run before it asks for the loader
-        first_epoch = self.trainer.current_epoch if self.trainer is not None else 0
-        return loader(dataset, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
-                      persistent_workers=self.num_workers > 0, first_epoch=first_epoch)
-
-    # ------------------------------------------------------------------ named sources (general pipeline)
     def source_specs(self, sources: Mapping[str, Any] | None = None) -> list[SourceSpec]:
-        config = _plain(sources) if sources is not None else self.sources_config
+        """The named sources to train on: `sources`, else data.sources, else the corpus's train split mixed by
+        task_weights (a `speech` source for asr/tts and a `text` source for text)."""
+        config = plain(sources) if sources is not None else self.stream.sources
+        if config is None:
+            return corpus_sources(self.shards("train"), self.shards("text"), self.stream.task_weights)
         if uses_demo_chat(config):
             config = resolve_demo_chat(config, lambda: self.demo_chat_dir)
         return parse_sources(config, root=self.corpus_dir)
 
     def source_stream(self, sources: Mapping[str, Any] | None = None, mode: str | None = None,
                       rank: int | None = None, world_size: int | None = None) -> SourceMixStream:
-        """The training stream over `sources` (default: data.sources); mode 'exact' = one evaluation pass."""
+        """The training stream over `sources` (default: source_specs()); mode 'exact' = one evaluation pass."""
         r, w = self._rank_world()
         rank, world_size = (r if rank is None else rank), (w if world_size is None else world_size)
-        mode = mode or self.shard_sampling
+        mode = mode or self.stream.shard_sampling
         if mode not in ("split", "resampled", "exact"):
             raise ValueError(f"shard_sampling must be 'split' or 'resampled' (or mode='exact'), got {mode!r}")
-        resume = None
+        resume, batches = None, None
         if mode != "exact":
             resume = self._stream_resume_state()  # a rebuilt loader continues after the last consumed batch
-            self._stream_shape = (world_size, self.num_workers)
+            self._stream_shape = (world_size, self.loader.num_workers)
+            batches = self.stream.batches_per_epoch or (
+                self.default_batches_per_epoch(world_size) if sources is None and self.stream.sources is None
+                else SOURCES_BATCHES_PER_EPOCH)
+        s, q, ld = self.stream, self.quality, self.loader
         return SourceMixStream(
-            self.source_specs(sources), self.tokenizer, batch_size=self.batch_size,
-            batches_per_epoch=None if mode == "exact" else (self.batches_per_epoch or 1000), mode=mode,
-            rank=rank, world_size=world_size, seed=self.seed, shuffle_buffer=self.shuffle_buffer,
-            shuffle_shards=self.shuffle_shards, few_shards=self.few_shards, batching=self.batching,
-            max_tokens=self.max_tokens, bucket_pool=self.bucket_pool, max_length=self.max_length,
-            max_length_policy=self.max_length_policy, on_bad_sample=self.on_bad_sample,
-            dedup_units=self.dedup_units, verify_audio=self.verify_audio, resume_state=resume, verify=self.verify)
+            self.source_specs(sources), self.tokenizer, batch_size=ld.batch_size, batches_per_epoch=batches,
+            mode=mode, rank=rank, world_size=world_size, seed=s.seed, shuffle_buffer=s.shuffle_buffer,
+            shuffle_shards=s.shuffle_shards, few_shards=s.few_shards, batching=ld.batching, max_tokens=ld.max_tokens,
+            bucket_pool=ld.bucket_pool, max_length=q.max_length, max_length_policy=q.max_length_policy,
+            on_bad_sample=q.on_bad_sample, dedup_units=q.dedup_units, verify_audio=q.verify_audio,
+            resume_state=resume, verify=q.verify, audio_frames=self.audio_frames, audio_markers=self.audio.markers)
+
+    def _stream_resume_state(self) -> dict[str, Any] | None:
+        """Where a rebuilt training stream starts: after the last consumed batch, else the checkpoint's position."""
+        if not self.stream.resume_data_position:
+            return None
+        return self._position(gather=False) if self._consumed else self._resume_state
+
+    def train_dataloader(self) -> DataLoader:
+        # the stream restores its position from this DataModule's state_dict, not from the loader's
+        return ResumableLoader(self.source_stream(), batch_size=None, num_workers=self.loader.num_workers,
+                               pin_memory=self.loader.pin_memory, persistent_workers=self.loader.num_workers > 0)
 
     def exact_pass_dataloader(self, sources: Mapping[str, Any], num_workers: int | None = None) -> DataLoader:
         """Every sample of `sources` once per task, split disjointly over ranks x workers (evaluation)."""
         return DataLoader(self.source_stream(sources, mode="exact"), batch_size=None,
-                          num_workers=self.num_workers if num_workers is None else num_workers)
+                          num_workers=self.loader.num_workers if num_workers is None else num_workers)
 
     # ------------------------------------------------------------------ data position (resume)
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
@@ -401,8 +302,8 @@ class MoSTDataModule(LightningDataModule):
 
     def state_dict(self) -> dict[str, Any]:
         """Read heads of every rank's workers after the last batch that reached a training step (gathered from
-        all ranks, so rank 0's checkpoint holds them all): read heads for named sources, (epoch, batches) per
-        worker for the demo stream; plus the training skips so far (skipped.tsv survives a resume)."""
+        all ranks, so rank 0's checkpoint holds them all): per worker its read head in every source, its mixing
+        RNG and its batch count; plus the training skips so far (skipped.tsv survives a resume)."""
         state = self._position(gather=True)
         rows = [list(r) for r in self.skip_ledger if r[0] == "train"]
         _, world_size = self._rank_world()
@@ -435,7 +336,7 @@ class MoSTDataModule(LightningDataModule):
         rows = state_dict.pop("skipped", [])
         if rows and self._rank_world()[0] == 0:  # all ranks' rows, gathered: one copy is enough
             self.skip_ledger = [tuple(r) for r in rows] + [r for r in self.skip_ledger if r[0] != "train"]
-        if state_dict and self.resume_data_position:
+        if state_dict and self.stream.resume_data_position:
             self._resume_state = state_dict
             self._consumed = {}
 
@@ -444,12 +345,12 @@ class MoSTDataModule(LightningDataModule):
         """Decoded utterances of a split (first `limit`) and the number of bad samples skipped."""
         key = ("records", split, limit)
         if key not in self._eval_cache:
-            policy = BadSamplePolicy(self.on_bad_sample)
+            policy = BadSamplePolicy(self.quality.on_bad_sample)
             n_units = self.tokenizer.n_units
             records = []
             for rec in iter_records(self.shards(split), lambda s: decode_speech_sample(
-                    s, n_units, self.dedup_units, self.verify_audio, keep_audio=self.audio.continuous), policy,
-                    verify=self.verify):
+                    s, n_units, self.quality.dedup_units, self.quality.verify_audio,
+                    keep_audio=self.audio.continuous), policy, verify=self.quality.verify):
                 records.append(rec)
                 if limit is not None and len(records) >= limit:
                     break
@@ -500,8 +401,8 @@ class MoSTDataModule(LightningDataModule):
 
     def teacher_forced_examples(self, split: str, tasks: Sequence[str], limit: int | None = None) -> list[Example]:
         records, n_skipped = self._records_once(split, limit)
-        policy = BadSamplePolicy(self.on_bad_sample)
-        fmt = TaskFormatter(self.tokenizer, self.max_length, self.max_length_policy)
+        policy = BadSamplePolicy(self.quality.on_bad_sample)
+        fmt = TaskFormatter(self.tokenizer, self.quality.max_length, self.quality.max_length_policy)
         examples: list[Example] = []
         for task in tasks:  # grouped by task: similar lengths pad less
             if task == "asr" and self.audio.continuous:
@@ -519,9 +420,9 @@ class MoSTDataModule(LightningDataModule):
     def asr_generation_examples(self, split: str = "test", mismatched: bool = False,
                                 limit: int | None = None) -> list[GenerationExample]:
         records, n_skipped = self._records_once(split, limit)
-        donors = mismatch_donors(records, self.seed) if mismatched else list(range(len(records)))
-        policy = BadSamplePolicy(self.on_bad_sample)
-        fmt = TaskFormatter(self.tokenizer, self.max_length, self.max_length_policy)
+        donors = mismatch_donors(records, self.stream.seed) if mismatched else list(range(len(records)))
+        policy = BadSamplePolicy(self.quality.on_bad_sample)
+        fmt = TaskFormatter(self.tokenizer, self.quality.max_length, self.quality.max_length_policy)
         if self.audio.continuous:
             cont = self._continuous_formatter(fmt)
             examples = self._formatted([(r, records[d].audio) for r, d in zip(records, donors)],
@@ -538,23 +439,24 @@ class MoSTDataModule(LightningDataModule):
     def teacher_forced_dataloader(self, split: str, tasks: Sequence[str] = TASKS,
                                   limit: int | None = None) -> DataLoader:
         examples = self.teacher_forced_examples(split, tasks, limit)
-        return DataLoader(ListDataset(examples), batch_size=self.eval_batch_size, shuffle=False,
-                          num_workers=self.num_workers, pin_memory=self.pin_memory,
+        return DataLoader(ListDataset(examples), batch_size=self.loader.eval_batch_size, shuffle=False,
+                          num_workers=self.loader.num_workers, pin_memory=self.loader.pin_memory,
                           collate_fn=TeacherForcedCollator(self.tokenizer.pad_id, self.tokenizer.modality_of))
 
     def asr_generation_dataloader(self, split: str = "test", mismatched: bool = False,
                                   limit: int | None = None) -> DataLoader:
         examples = self.asr_generation_examples(split, mismatched, limit)
-        return DataLoader(ListDataset(examples), batch_size=self.eval_batch_size, shuffle=False,
-                          num_workers=self.num_workers, pin_memory=self.pin_memory,
+        return DataLoader(ListDataset(examples), batch_size=self.loader.eval_batch_size, shuffle=False,
+                          num_workers=self.loader.num_workers, pin_memory=self.loader.pin_memory,
                           collate_fn=GenerationCollator(self.tokenizer.pad_id, self.tokenizer.modality_of,
                                                         mismatched))
 
     def val_dataloader(self) -> DataLoader:
-        return self.teacher_forced_dataloader("validation", self.val_tasks, self.val_limit)
+        return self.teacher_forced_dataloader("validation", self.evaluation.val_tasks, self.evaluation.val_limit)
 
     def test_dataloader(self) -> list[DataLoader]:
         """[0]: ASR generation over the test split; [1]: TTS + text teacher-forced over the test split. The
         mismatched-audio baseline is asr_generation_dataloader(mismatched=True) (run.py: test_asr_mismatched)."""
-        return [self.asr_generation_dataloader("test", False, self.test_limit),
-                self.teacher_forced_dataloader("test", ("tts", "text"), self.test_limit)]
+        limit = self.evaluation.test_limit
+        return [self.asr_generation_dataloader("test", False, limit),
+                self.teacher_forced_dataloader("test", ("tts", "text"), limit)]

@@ -1,7 +1,7 @@
 """The demo chat set for stage 2, built on first use next to the demo corpus and cached.
 
-    dm = MoSTDataModule(sources={"chat": {"shards": "demo_chat", "tasks": {"speech_chat": 0.4}}, ...},
-                        demo_chat={"n_train": 100})   # built into <data_dir>/demo_chat/<hash>/ on first use
+    dm = MoSTDataModule.from_settings(sources={"chat": {"shards": "demo_chat", "tasks": {"speech_chat": 0.4}}, ...},
+                                      demo_chat={"n_train": 100})  # built into <data_dir>/demo_chat/<hash>/
 
 `shards: demo_chat` (DEMO_CHAT) in a source names this set: WordNet dictionary dialogues voiced with flite
 (most_lightning.data.prepare.demo_chat), their units from the corpus's own unit extractor, so the unit ids

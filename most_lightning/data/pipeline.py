@@ -14,19 +14,23 @@ Modes:
     'exact'      one pass for evaluation: every (source, task) pair formats every own sample once, in shard order;
                  the union over all ranks x workers is the whole split, without repeats. Ranks may end with
                  different batch counts (fine for Lightning's eval loops, which do not sync per step).
-Resume: every batch carries `data_state` = this worker's read heads (pass, shard, sample, index per source), the
-mixing RNG state and the batch count. Restarting from a state re-reads from the read heads with empty shuffle
-buffers, so no sample is repeated and at most the samples that sat in a shuffle buffer (<= shuffle_buffer per
-source) plus the bucketing pool (< bucket_pool examples) are skipped, per worker.
+Shuffling: each source's records are shuffled in blocks of `shuffle_buffer` (BlockShuffle).
+Resume: every batch carries `data_state` = per source the read head where its current shuffle block began (pass,
+shard, sample, index), the block number and how many of the block were handed out; the mixing RNG state; and the
+batch count. Restarting from a state re-reads the current blocks and passes over what was handed out, so with
+batching=fixed the resumed stream is exactly the uninterrupted one; bucket and pack start with an empty pool, so
+the examples that waited in it (< bucket_pool, or one packed row) are skipped, per worker.
+Continuous audio input (MoST-C, `audio_frames`): ASR examples carry the waveform and frame slots
+(data/continuous.py) instead of unit tokens; the other tasks are unchanged.
 """
 
 from __future__ import annotations
 
 import random
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
-from torch.utils.data import IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..text.tokenizer import MoSTTokenizer
 from .batching import make_batcher
@@ -35,16 +39,52 @@ from .samples import (BadSampleError, BadSamplePolicy, OnBadSample, OverlongSamp
                       decode_speech_sample, decode_text_sample, iter_shard)
 from .shard_reader import VERIFY_SHARDS, VerifyShards
 from .sources import SourceSpec
-from .streams import shuffled
 from .tasks import MaxLengthPolicy, TaskFormatter
 
 StreamMode = Literal["resampled", "split", "exact"]
 FewShards = Literal["stride", "error"]
 FRESH = {"pass": 0, "shard": 0, "sample": 0, "index": 0}
+RESUME_MARKER = "resume_marker"  # an item that only aligns the workers' turns on resume (dropped by the loader)
 
 
 class TooFewShardsError(ValueError):
     pass
+
+
+class BlockShuffle:
+    """One source's records, shuffled in blocks: read `size` records, hand them out in a seeded random order,
+    repeat. Its state (the read head where the current block began, the block number and how many of the block
+    were handed out) restores it exactly: the block is read again and the records already handed out are passed
+    over, so a resumed stream is the uninterrupted one (at the cost of re-reading at most one block)."""
+
+    def __init__(self, cursor: "ShardCursor", records: Iterator[Any], size: int, tag: str,
+                 state: Mapping[str, Any] | None = None):
+        self.cursor, self.records, self.size, self.tag = cursor, records, max(1, int(size)), tag
+        self.block_no, self.taken, self.block_start = 0, 0, dict(cursor.position)
+        self.block: list[Any] | None = None
+        if state and "block" in state:  # resumed: refill the block in progress (its skips were counted before)
+            self.block_no = int(state["block"])
+            self._fill()
+            self.taken = int(state["taken"])
+
+    def _fill(self) -> None:
+        self.block_start = dict(self.cursor.position)
+        self.block = [next(self.records) for _ in range(self.size)]
+        random.Random(f"{self.tag}/{self.block_no}").shuffle(self.block)
+
+    def __iter__(self) -> "BlockShuffle":
+        return self
+
+    def __next__(self) -> Any:
+        if self.block is None or self.taken >= len(self.block):
+            if self.block is not None:
+                self.block_no, self.taken = self.block_no + 1, 0
+            self._fill()
+        self.taken += 1
+        return self.block[self.taken - 1]
+
+    def state(self) -> dict[str, Any]:
+        return {**self.block_start, "block": self.block_no, "taken": self.taken}
 
 
 class ShardCursor:
@@ -150,7 +190,11 @@ class SourceMixStream(IterableDataset):
         verify_audio: VerifyAudio = "header",
         resume_state: Mapping[str, Any] | None = None,
         verify: VerifyShards = "size",
+        audio_frames: Callable[[int], int] | None = None,
+        audio_markers: str = "drop",
     ):
+        """audio_frames: continuous audio input (MoST-C): n_samples -> encoder frames; ASR prompts then carry the
+        waveform and frame slots (data/continuous.py). audio_markers: drop | keep the audio markers around them."""
         super().__init__()
         if mode not in ("resampled", "split", "exact"):
             raise ValueError(f"stream mode must be 'resampled', 'split' or 'exact', got {mode!r}")
@@ -169,6 +213,10 @@ class SourceMixStream(IterableDataset):
         self.shuffle_buffer, self.shuffle_shards, self.few_shards = int(shuffle_buffer), shuffle_shards, few_shards
         self.batching, self.max_tokens, self.bucket_pool = batching, max_tokens, bucket_pool
         self.max_length, self.max_length_policy, self.on_bad_sample = max_length, max_length_policy, on_bad_sample
+        if batching == "pack" and audio_frames is not None:
+            raise ValueError("data.batching=pack cannot hold continuous audio (audio=continuous) examples; "
+                             "use batching=fixed or bucket")
+        self.audio_frames, self.audio_markers = audio_frames, audio_markers
         self._batcher(random.Random(0))  # validates the batching settings
         self.dedup_units, self.verify_audio = dedup_units, verify_audio
         self.resume_state = resume_state
@@ -184,24 +232,33 @@ class SourceMixStream(IterableDataset):
                             self.tokenizer.pad_id, self.tokenizer.modality_of)
 
     # ------------------------------------------------------------------ records
-    def _decoder(self, kind: str):
-        n_units = self.tokenizer.n_units
+    def _decoder(self, source: SourceSpec):
+        n_units, kind = self.tokenizer.n_units, source.kind
         if kind == "speech":
-            return lambda s: decode_speech_sample(s, n_units, self.dedup_units, self.verify_audio)
+            keep_audio = self.audio_frames is not None and any(task == "asr" for task, _ in source.tasks)
+            return lambda s: decode_speech_sample(s, n_units, self.dedup_units, self.verify_audio,
+                                                  keep_audio=keep_audio)
         if kind == "chat":
             return lambda s: decode_chat_sample(s, n_units, self.dedup_units, self.verify_audio)
         return decode_text_sample
 
     def _records(self, cursor: ShardCursor, policy: BadSamplePolicy) -> Iterator[Any]:
-        decode = self._decoder(cursor.source.kind)
+        decode = self._decoder(cursor.source)
         for sample in cursor.samples(policy):
             try:
                 yield decode(sample)
             except BadSampleError as error:
                 policy.handle(error)
 
-    @staticmethod
-    def _format(formatter: TaskFormatter, task: str, record: Any):
+    def _formatter(self) -> TaskFormatter:
+        return TaskFormatter(self.tokenizer, self.max_length, self.max_length_policy)
+
+    def _format(self, formatter: TaskFormatter, task: str, record: Any):
+        if task == "asr" and self.audio_frames is not None:
+            from .continuous import ContinuousASRFormatter
+
+            return ContinuousASRFormatter(formatter, self.audio_frames, self.audio_markers).asr(
+                record.audio, record.transcript, record.key)
         if task in ("text_chat", "speech_chat"):
             return formatter.chat(record, speech=task == "speech_chat")
         if task == "text":
@@ -218,7 +275,11 @@ class SourceMixStream(IterableDataset):
                 f"{self.resume_state.get('num_workers')} worker(s), this run has {self.world_size} x {n_workers}; "
                 "resume with the same data.num_workers and devices, or set data.resume_data_position=false to "
                 "restart the data stream (samples may then repeat)")
-        return self.resume_state.get("ranks", {}).get(str(self.rank), {}).get(str(worker))
+        state = self.resume_state.get("ranks", {}).get(str(self.rank), {}).get(str(worker))
+        if state and "sources" not in state:  # {epoch, batches}: written by the per-epoch demo stream, now removed
+            raise ValueError(f"the saved data position {state} is the old demo stream's, which this stream cannot "
+                             "continue; set data.resume_data_position=false to restart the data stream")
+        return state
 
     def _batches_done_on_rank(self) -> int:
         workers = (self.resume_state or {}).get("ranks", {}).get(str(self.rank), {})
@@ -230,32 +291,41 @@ class SourceMixStream(IterableDataset):
         if self.mode == "exact":
             yield from self._exact_pass(worker, n_workers)
             return
-        n_batches = self.batches_per_epoch
+        epoch = self.batches_per_epoch
+        n_batches = epoch // n_workers + (worker < epoch % n_workers)
         if self._live is None:  # first epoch in this process (later epochs continue the same stream)
             self._live = self._endless(worker, n_workers, self._worker_state(worker, n_workers))
-            # resumed mid-epoch: this epoch has only its remaining batches (what Lightning's loop expects)
-            n_batches -= self._batches_done_on_rank() % self.batches_per_epoch
-        n_batches = n_batches // n_workers + (worker < n_batches % n_workers)
+            # resumed mid-epoch: this epoch has only its remaining batches (what Lightning's loop expects). The
+            # DataLoader takes one batch from each worker in turn starting at worker 0, but the uninterrupted run's
+            # next batch is worker consumed % n_workers's: the workers before it hand out one marker first, which
+            # ResumableLoader drops, so the batches come in the uninterrupted order.
+            consumed = self._batches_done_on_rank() % epoch
+            n_batches -= consumed // n_workers + (worker < consumed % n_workers)
+            if worker < consumed % n_workers:
+                yield {RESUME_MARKER: True}
         for _ in range(n_batches):
             yield next(self._live)
 
     def _endless(self, worker: int, n_workers: int, state: Mapping | None) -> Iterator[dict[str, Any]]:
         state = state or {}
         done = int(state.get("batches", 0))
-        tag = f"{self.seed}/{self.rank}/{worker}/{done}"  # a resumed stream gets fresh buffer RNGs
+        tag = f"{self.seed}/{self.rank}/{worker}"
         policy = BadSamplePolicy(self.on_bad_sample)
-        formatter = TaskFormatter(self.tokenizer, self.max_length, self.max_length_policy)
-        cursors, streams = {}, {}
+        formatter = self._formatter()
+        streams = {}
         for s in self.sources:
-            cursors[s.name] = ShardCursor(s, self.mode, self.seed, self.rank, self.world_size, worker, n_workers,
-                                          self.few_shards, self.shuffle_shards, state.get("sources", {}).get(s.name),
-                                          self.verify)
-            streams[s.name] = shuffled(self._records(cursors[s.name], policy), self.shuffle_buffer,
-                                       random.Random(f"{tag}/{s.name}/shuffle"))
+            saved = state.get("sources", {}).get(s.name)
+            head = {k: saved[k] for k in FRESH} if saved else None
+            cursor = ShardCursor(s, self.mode, self.seed, self.rank, self.world_size, worker, n_workers,
+                                 self.few_shards, self.shuffle_shards, head, self.verify)
+            streams[s.name] = BlockShuffle(cursor, self._records(cursor, policy), self.shuffle_buffer,
+                                           f"{tag}/{s.name}/shuffle", saved)
+        if state:  # the blocks read again on resume were counted before the checkpoint
+            policy.take(), policy.take_reasons(), policy.take_rows()
         mixer = random.Random(f"{self.seed}/mix/{self.rank}/{worker}")
         if "mixer" in state:
             set_rng_state(mixer, state["mixer"])
-        batcher = self._batcher(random.Random(f"{tag}/batching"))
+        batcher = self._batcher(random.Random(f"{tag}/{done}/batching"))  # a resumed pool starts empty
         weights = [w for _, _, w in self.pairs]
         while True:
             source, task, _ = mixer.choices(self.pairs, weights)[0]
@@ -272,11 +342,11 @@ class SourceMixStream(IterableDataset):
                 done += 1
                 yield self._finish(batch, policy, formatter, {
                     "batches": done, "mixer": rng_state(mixer),
-                    "sources": {name: dict(c.position) for name, c in cursors.items()}}, worker)
+                    "sources": {name: stream.state() for name, stream in streams.items()}}, worker)
 
     def _exact_pass(self, worker: int, n_workers: int) -> Iterator[dict[str, Any]]:
         policy = BadSamplePolicy(self.on_bad_sample)
-        formatter = TaskFormatter(self.tokenizer, self.max_length, self.max_length_policy)
+        formatter = self._formatter()
         batcher = self._batcher(random.Random(f"{self.seed}/{self.rank}/{worker}/batching"))
         # each batch waits for the next, so the last one also carries what the end of the pass reports (a shard
         # that turns out short when its end is reached)
@@ -313,3 +383,18 @@ class SourceMixStream(IterableDataset):
         if state is not None:
             batch["data_state"] = {"rank": self.rank, "worker": worker, "state": state}
         return batch
+
+
+class ResumableLoader(DataLoader):
+    """The training loader. Its position lives in the DataModule's state_dict (taken from the batches that reached a
+    training step); these empty hooks tell Lightning the loader resumes mid-epoch by itself. It drops the markers
+    that align the workers' turns after a resume (SourceMixStream.__iter__)."""
+
+    def __iter__(self):
+        return (b for b in super().__iter__() if not (isinstance(b, dict) and RESUME_MARKER in b))
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        pass

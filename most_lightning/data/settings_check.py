@@ -16,7 +16,7 @@ from typing import Any
 from .batching import BATCHINGS
 from .tasks import ALL_TASKS, TASK_KIND, TASKS
 
-DATAMODULE_TARGET = "most_lightning.data.MoSTDataModule"
+DATAMODULE_TARGET = "most_lightning.data.MoSTDataModule.from_settings"
 CHOICES = {
     "max_length_policy": ("drop", "truncate"),
     "on_bad_sample": ("skip", "raise"),
@@ -129,6 +129,12 @@ def check_data_config(data: Any, max_positions: int | None = None) -> None:
     data = _plain(data)
     if not isinstance(data, Mapping) or data.get("_target_") != DATAMODULE_TARGET:
         return
+    from .settings import split_flat_settings
+
+    try:
+        split_flat_settings(data)  # every key belongs to one typed settings group
+    except ValueError as err:
+        raise DataConfigError(str(err)) from None
     for key, (minimum, allow_null) in INTEGERS.items():
         if key in data:
             check_integer(f"data.{key}", data[key], minimum, allow_null)

@@ -20,7 +20,7 @@ from typing import Any
 
 from braceexpand import braceexpand
 
-from .tasks import ALL_TASKS, TASK_KIND
+from .tasks import ALL_TASKS, TASK_KIND, TASKS
 
 
 @dataclass(frozen=True)
@@ -76,11 +76,33 @@ def parse_sources(config: Mapping[str, Any], root: str | os.PathLike | None = No
         kinds = {TASK_KIND[t] for t in tasks}
         if len(kinds) > 1:
             raise ValueError(f"data.sources.{name}.tasks mixes record kinds {sorted(kinds)} ({tasks}); a shard set "
-                             "holds one kind: speech (asr, tts, speech_lm), text (text) or chat (text_chat, speech_chat)")
+                             "holds one kind: speech (asr, tts, speech_lm), text (text) or chat (text_chat, "
+                             "speech_chat)")
         positive = tuple((str(t), float(w)) for t, w in tasks.items() if float(w) > 0)
         if not positive:
             continue  # a source switched off for this stage
         specs.append(SourceSpec(str(name), tuple(resolve_shards(entry["shards"], root, name)), positive))
     if not specs:
         raise ValueError(f"data.sources gives no task a positive weight: {dict(config)}")
+    return specs
+
+
+def corpus_sources(speech_shards: list[str], text_shards: list[str],
+                   task_weights: Mapping[str, float]) -> list[SourceSpec]:
+    """The default sources of a corpus: its train speech shards as source `speech` (tasks asr, tts) and its text
+    shards as source `text` (task text), weighted by task_weights (zero-weight tasks and sources dropped)."""
+    unknown = sorted(set(task_weights) - set(TASKS))
+    if unknown:
+        raise ValueError(f"unknown task(s) {unknown} in task_weights; known: {TASKS}")
+    specs = []
+    for name, shards in (("speech", speech_shards), ("text", text_shards)):
+        tasks = tuple((t, float(task_weights[t])) for t in TASKS
+                      if TASK_KIND[t] == name and float(task_weights.get(t, 0)) > 0)
+        if not tasks:
+            continue
+        if not shards:
+            raise ValueError(f"task_weights asks for {[t for t, _ in tasks]} but the corpus has no {name} shards")
+        specs.append(SourceSpec(name, tuple(shards), tasks))
+    if not specs:
+        raise ValueError(f"task_weights {dict(task_weights)} gives no task a positive weight")
     return specs

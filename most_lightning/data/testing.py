@@ -1,7 +1,7 @@
 """Helpers for tests: a tiny demo corpus (~30 utterances, a few seconds to build) and bad-shard makers.
 
     corpus_dir = build_tiny_corpus(tmp_path_factory.getbasetemp() / "most_data")   # cached per session dir
-    dm = MoSTDataModule(data_dir=..., corpus=TINY_RECIPE, batch_size=4, max_length=None)
+    dm = MoSTDataModule.from_settings(data_dir=..., corpus=TINY_RECIPE, batch_size=4, max_length=None)
 """
 
 from __future__ import annotations
@@ -77,8 +77,8 @@ def ddp_stream_probe(rank: int, world_size: int, init_file: str, data_dir: str, 
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     try:
-        dm = MoSTDataModule(data_dir=data_dir, corpus=TINY_RECIPE, batch_size=3, max_length=None, progress=False,
-                            num_workers=num_workers)
+        dm = MoSTDataModule.from_settings(data_dir=data_dir, corpus=TINY_RECIPE, batch_size=3, max_length=None,
+                                          progress=False, num_workers=num_workers)
         dm.prepare_data()
         dm.setup("fit")
         batches = list(dm.train_dataloader())
@@ -156,10 +156,10 @@ def ddp_sources_probe(rank: int, world_size: int, init_file: str, data_dir: str,
                             timeout=datetime.timedelta(seconds=60))
     try:
         for name, (sources, mode) in runs.items():
-            dm = MoSTDataModule(data_dir=data_dir, corpus=TINY_RECIPE, batch_size=3, max_length=None,
-                                progress=False, num_workers=num_workers, verify_audio="none", sources=sources,
-                                shard_sampling="resampled" if mode == "exact" else mode, batches_per_epoch=7,
-                                shuffle_buffer=5)
+            dm = MoSTDataModule.from_settings(data_dir=data_dir, corpus=TINY_RECIPE, batch_size=3, max_length=None,
+                                              progress=False, num_workers=num_workers, verify_audio="none",
+                                              sources=sources, shard_sampling="resampled" if mode == "exact" else mode,
+                                              batches_per_epoch=7, shuffle_buffer=5)
             loader = dm.exact_pass_dataloader(sources) if mode == "exact" else dm.train_dataloader()
             keys, n_batches = [], 0
             for batch in loader:

@@ -130,7 +130,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS)
     parser.add_argument("--voice", default="slt")
     args = parser.parse_args(argv)
-    sentences, train = corpus_texts(MoSTDataModule(corpus_dir=args.corpus_dir))
+    sentences, train = corpus_texts(MoSTDataModule.from_settings(corpus_dir=args.corpus_dir))
     for kind in args.kinds:
         print(build_demo_pairs(kind, Path(args.out) / kind, sentences, train, args.n, args.voice))
 

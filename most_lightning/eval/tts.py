@@ -46,7 +46,7 @@ def split_utterances(ctx, split: str, limit: int | None = None) -> tuple[list[Ut
     """Utterances of a prepared split with their audio; bad ones (missing/undecodable audio, empty transcript,
     bad units) are skipped and counted, or raise, by the data config's on_bad_sample policy."""
     dm = ctx.datamodule
-    policy = BadSamplePolicy(dm.on_bad_sample)
+    policy = BadSamplePolicy(dm.quality.on_bad_sample)
     out: list[Utterance] = []
     for shard in dm.shards(split):
         for sample in iter_shard(shard, policy):

@@ -224,7 +224,7 @@ def train_vocoder(cfg) -> dict[str, float]:
         raise ValueError(f"vocoder.generator.upsample_rates multiply to {hop} samples per unit, but the corpus' "
                          f"units are {frame_hop} samples apart: make their product {frame_hop}")
     dataset = UnitWaveSegments(datamodule.shards("train"), n_units, int(voc.get("segment_units", 32)), hop,
-                               seed=int(cfg.get("seed") or 0), on_bad_sample=datamodule.on_bad_sample,
+                               seed=int(cfg.get("seed") or 0), on_bad_sample=datamodule.quality.on_bad_sample,
                                max_utterances=voc.get("max_utterances"))
     loader = DataLoader(dataset, batch_size=int(voc.get("batch_size", 8)))
     trainer = hydra.utils.instantiate(cfg.trainer, logger=False, enable_checkpointing=False, callbacks=[],
