@@ -28,6 +28,7 @@ DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipi
 FAST_OVERRIDES = [
     "debug=fast",
     "data=tiny",
+    "model=tiny",
     "model.hidden_size=64",
     "model.num_heads=2",
     "model.intermediate_size=128",
