@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from most_lightning.config_nodes import register_config_nodes
 from most_lightning.experiments.provenance import job_config
@@ -198,11 +198,21 @@ def make_test_loaders(datamodule: Any, add_mismatched_asr: bool) -> tuple[list, 
     return loaders, mismatched
 
 
+def label_router_by_target(cfg: DictConfig) -> None:
+    """`router=<file> router._target_=<class>`: name the router after the class in every saved config."""
+    if cfg.get("router") is not None and cfg.router.get("_target_") is not None:
+        from most_lightning.model.router import labelled_router_node
+
+        with open_dict(cfg):
+            cfg.router = labelled_router_node(cfg.router)
+
+
 @hydra.main(version_base="1.3", config_path="conf", config_name="run")
 def main(cfg: DictConfig) -> Any:
     from most_lightning.lit.runtime import quiet_known_third_party_noise, run_objective
 
     quiet_known_third_party_noise()
+    label_router_by_target(cfg)
     mode = cfg.get("mode", "train")
     names = cfg.get("optimized_metric")
     if cfg.get("quick_objective"):  # sweep tests: a known function of the overrides instead of training

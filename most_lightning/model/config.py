@@ -169,6 +169,15 @@ RETIRED_FIELDS = {
 }
 
 
+# Router fields that every router's config carried, at their default, before routers owned their configs
+# (checkpoints of that time store them): name -> (that default, why). A router class without the field drops
+# it at that value with a notice; any other value was set by hand and is refused as an unknown field.
+RETIRED_ROUTER_FIELDS = {
+    "mask": ("probs", "only modality-aware routers have it; configs of every router stored it before routers "
+                      "owned their configs"),
+}
+
+
 _noticed: set[tuple[str, str]] = set()
 
 
