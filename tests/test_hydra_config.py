@@ -10,7 +10,7 @@ import pytest
 from omegaconf import OmegaConf, open_dict
 
 from conftest import CONF_DIR, REPO_ROOT, compose_run_config
-from most_lightning.lit.model_config import build_model_config
+from most_lightning.model.config_groups import build_model_config
 from most_lightning.model import ConfigError, MoSTConfig
 
 GROUPS = ["model", "router", "data", "trainer", "logger", "callbacks", "lit", "experiment", "debug"]

@@ -241,7 +241,7 @@ def test_bias_balances_a_skewed_gate():
 # ---- the Hydra side: conf/router files on the router/base node -----------------------------------------------------
 def test_router_files_and_command_line_fields_compose_without_plus():
     from conftest import compose_run_config
-    from most_lightning.lit.model_config import build_router_config
+    from most_lightning.model.config_groups import build_router_config
 
     cfg = compose_run_config(["router=modality_aware_aux_free", "router.bias_update_rate=0.01", "router.mask=logits"])
     router = build_router_config(cfg.router)

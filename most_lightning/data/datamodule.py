@@ -156,7 +156,7 @@ class MoSTDataModule(LightningDataModule):
         demo_chat: recipe of the demo chat set that a source with `shards: demo_chat` reads; built on first use
             into <data_dir>/demo_chat/<hash> with the corpus's unit extractor (see data/demo_chat_set.py).
         tokenizer: {from_base: <dir with tokenizer.json>, bos_token, eos_token}: tokenise with a pretrained base's
-            tokenizer extended by the unit and audio tokens (most_tokenizer_from_base) instead of the corpus's BPE;
+            tokenizer extended by the unit and audio tokens (MoSTTokenizer.from_base) instead of the corpus's BPE;
             from_base null = the corpus tokenizer.
         verify: shards listed in a manifest.json are checked against it when opened: 'size' (bytes and sample
             count, the default), 'sha256' (also the full checksum, once per shard and process) or 'none'; a short
@@ -262,11 +262,9 @@ class MoSTDataModule(LightningDataModule):
         if self._tokenizer is None:
             base = self.tokenizer_config["from_base"]
             if base:  # a pretrained model's vocabulary + appended unit/audio tokens
-                from ..model.checkpoint.tokenizer import most_tokenizer_from_base
-
-                self._tokenizer = most_tokenizer_from_base(base, n_units=self.manifest["n_units"],
-                                                           bos_token=self.tokenizer_config["bos_token"],
-                                                           eos_token=self.tokenizer_config["eos_token"])
+                self._tokenizer = MoSTTokenizer.from_base(base, n_units=self.manifest["n_units"],
+                                                          bos_token=self.tokenizer_config["bos_token"],
+                                                          eos_token=self.tokenizer_config["eos_token"])
             else:
                 self._tokenizer = MoSTTokenizer.load(self.corpus_dir / self.manifest.get("tokenizer", "tokenizer"))
             if self._tokenizer.n_units != self.manifest["n_units"]:

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from most_lightning.lit.model_config import build_model_config
+from most_lightning.model.config_groups import build_model_config
 from most_lightning.model import MoSTForCausalLM
 from most_lightning.state_dicts import state_dict_mismatches
 

@@ -61,7 +61,7 @@ def build_context(cfg: DictConfig):
 
     from most_lightning.eval.checkpoint import load_for_eval
     from most_lightning.eval.context import EvalContext
-    from most_lightning.eval.normalize import TextNormalizer
+    from most_lightning.metrics.normalize import TextNormalizer
 
     suite = cfg.eval
     audio = cfg.get("audio")  # the same speech front end for the test prompts and the model (as in run.py)

@@ -9,7 +9,7 @@ import torch
 from lightning import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 
-from most_lightning.lit.expert_load import ExpertLoadAccumulator
+from most_lightning.metrics.expert_load import ExpertLoadAccumulator
 from most_lightning.lit.losses import MODALITY_NAMES
 
 

@@ -41,7 +41,7 @@ def find_lightning_checkpoint(source: Path) -> Path:
 def model_from_lightning(path: Path):
     """The MoSTForCausalLM of a MoSTLitModule checkpoint (weights_only: nothing is unpickled but tensors), or of
     a sharded DeepSpeed checkpoint directory, consolidated to fp32 first (model/checkpoint/deepspeed_dir.py)."""
-    from most_lightning.lit.model_config import build_model_config
+    from most_lightning.model.config_groups import build_model_config
     from most_lightning.model.checkpoint.api import empty_model
     from most_lightning.model.checkpoint.deepspeed_dir import consolidate, is_deepspeed_checkpoint
 

@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from most_lightning.lit.losses import MODALITY_NAMES
+from most_lightning.marks import MODALITY_NAMES
 
 
 class ExpertLoadAccumulator:
