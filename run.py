@@ -48,6 +48,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     from lightning.pytorch.utilities import rank_zero_only
 
     from most_lightning.experiments.provenance import write_run_records
+    from most_lightning.lit.checkpoint import RecordDataSettings
     from most_lightning.lit.pruning import pruning_message
     from most_lightning.lit.run_summary import print_run_summary
     from most_lightning.lit.runtime import (
@@ -86,6 +87,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     loggers = instantiate_loggers(cfg.get("logger"))
     callbacks = instantiate_callbacks(cfg.get("callbacks"), have_loggers=bool(loggers))
+    callbacks.append(RecordDataSettings(cfg.data))  # so that mode=eval ckpt_path=... evaluates on the same data
     trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
                                                  strategy=strategy, accumulate_grad_batches=batch_plan.accumulate)
     for logger in loggers:
@@ -219,11 +221,9 @@ def main(cfg: DictConfig) -> Any:
         from most_lightning.experiments.quick_objective import run_quick_objective
 
         metrics = run_quick_objective(cfg)
-    elif mode == "eval":
-        from most_lightning.data.settings_check import check_data_config
+    elif mode == "eval":  # model, router, audio and data settings from the checkpoint, overrides on top
         from most_lightning.eval.driver import run_eval
 
-        check_data_config(cfg.data)
         metrics = run_eval(cfg)
         if not OmegaConf.is_list(names) and names not in metrics:  # val/nll is a training metric: nothing to return
             return None
