@@ -150,8 +150,8 @@ def check_settings(cfg: DictConfig) -> None:
     groups (vocab_size: the preset's for now; model.init: a bad pretrained dir or an impossible expert layout,
     from config.json + headers) and the data group (batch sizes, token budgets, lengths, weights, sources)."""
     from most_lightning.data.settings_check import check_data_config
-    from most_lightning.model.config_groups import build_model_config
     from most_lightning.model.checkpoint.init import resolve_model_init
+    from most_lightning.model.config_groups import build_model_config
 
     model_config = build_model_config(resolve_model_init(OmegaConf.to_container(cfg.model, resolve=True), None)[0],
                                       cfg.router, vocab_size=None)

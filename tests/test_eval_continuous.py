@@ -169,9 +169,9 @@ def test_eval_decoding_of_a_continuous_checkpoint_equals_the_module_transcribe(t
     from most_lightning.data.continuous import ContinuousASRFormatter
     from most_lightning.data.tasks import TaskFormatter
     from most_lightning.eval.asr import generate_examples
-    from most_lightning.text.tokenizer import decode_text_rows
     from most_lightning.eval.checkpoint import load_for_eval
     from most_lightning.eval.context import EvalContext
+    from most_lightning.text.tokenizer import decode_text_rows
     from test_continuous_audio import continuous_module, waves
 
     tok = toy_tokenizer

@@ -10,8 +10,8 @@ import pytest
 from omegaconf import OmegaConf, open_dict
 
 from conftest import CONF_DIR, REPO_ROOT, compose_run_config
-from most_lightning.model.config_groups import build_model_config
 from most_lightning.model import ConfigError, MoSTConfig
+from most_lightning.model.config_groups import build_model_config
 
 GROUPS = ["model", "router", "data", "trainer", "logger", "callbacks", "lit", "experiment", "debug"]
 

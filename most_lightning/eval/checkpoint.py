@@ -181,8 +181,8 @@ def load_for_eval(ckpt_path: str | None, model_cfg: Mapping, router_cfg: Mapping
         raise CheckpointMismatchError(f"{_differences_text(path, diffs)}\nIts weights do not fit that config "
                                       f"({err.detail}). {_fix_text(diffs)}") from None
     if diffs:  # the command line changed settings the weights still fit (e.g. another router over the same gate)
-        log.warning(_differences_text(path, diffs).replace("was trained with another config", "is evaluated with "
-                                                           "settings other than its own") + "\n(overrides)")
+        lines = "\n".join(f"  {k}: checkpoint {a!r}, eval config {b!r}" for k, a, b in diffs)
+        log.warning(f"{path} is evaluated with settings other than its own (the command line's):\n{lines}")
     audio_input = module.audio_input
     if audio_input is not None:
         audio_input.requires_grad_(False)

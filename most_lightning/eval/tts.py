@@ -29,8 +29,8 @@ from most_lightning.audio.mean_mel_vocoder import MeanMelVocoder, check_unit_voc
 from most_lightning.data.samples import AUDIO_MEMBER, BadSampleError, BadSamplePolicy, decode_speech_sample, iter_shard
 from most_lightning.data.tasks import TaskFormatter
 from most_lightning.eval.asr import generate_batch
-from most_lightning.metrics.transcripts import TranscriptErrorRates
 from most_lightning.eval.recognizers import build_recognizer
+from most_lightning.metrics.transcripts import TranscriptErrorRates
 
 log = logging.getLogger(__name__)
 

@@ -25,20 +25,20 @@ from lightning.pytorch.plugins.precision import MixedPrecision
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from most_lightning.metrics.transcripts import TranscriptErrorRates
-from most_lightning.text.tokenizer import decode_text_rows
-from most_lightning.metrics.expert_load import ExpertLoadAccumulator
 from most_lightning.lit.losses import (MODALITY_NAMES, TASK_NAMES, TokenLosses, fused_token_losses,
                                        shifted_token_losses)
-from most_lightning.metrics.token_mean import TokenMean
-from most_lightning.model.config_groups import audio_expert_ids, build_model_config, moe_layer_ids
 from most_lightning.lit.schedule import linear_warmup_decay
 from most_lightning.lit.settings import EVALUATION as DEFAULT_EVALUATION
 from most_lightning.lit.settings import OPTIMIZER as DEFAULT_OPTIMIZER
 from most_lightning.lit.settings import SCHEDULER as DEFAULT_SCHEDULER
+from most_lightning.metrics.expert_load import ExpertLoadAccumulator
+from most_lightning.metrics.token_mean import TokenMean
+from most_lightning.metrics.transcripts import TranscriptErrorRates
 from most_lightning.model import MoSTForCausalLM
 from most_lightning.model.audio_input import build_audio_input
+from most_lightning.model.config_groups import audio_expert_ids, build_model_config, moe_layer_ids
 from most_lightning.model.router import routers_after_optimizer_step
+from most_lightning.text.tokenizer import decode_text_rows
 
 # Teacher-forced metrics shared by validation and test.
 _TEACHER_FORCED = (
