@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from most_lightning.config_nodes import register_config_nodes
 from most_lightning.experiments.provenance import job_config
@@ -48,6 +48,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     from lightning.pytorch.utilities import rank_zero_only
 
     from most_lightning.experiments.provenance import write_run_records
+    from most_lightning.lit.checkpoint import RecordDataSettings
     from most_lightning.lit.pruning import pruning_message
     from most_lightning.lit.run_summary import print_run_summary
     from most_lightning.lit.runtime import (
@@ -85,6 +86,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     loggers = instantiate_loggers(cfg.get("logger"))
     callbacks = instantiate_callbacks(cfg.get("callbacks"), have_loggers=bool(loggers))
+    callbacks.append(RecordDataSettings(cfg.data))  # so that mode=eval ckpt_path=... evaluates on the same data
     trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
                                                  strategy=strategy, accumulate_grad_batches=batch_plan.accumulate)
     for logger in loggers:
@@ -146,8 +148,8 @@ def check_settings(cfg: DictConfig) -> None:
     groups (vocab_size: the preset's for now; model.init: a bad pretrained dir or an impossible expert layout,
     from config.json + headers) and the data group (batch sizes, token budgets, lengths, weights, sources)."""
     from most_lightning.data.settings_check import check_data_config
-    from most_lightning.lit.model_config import build_model_config
     from most_lightning.model.checkpoint.init import resolve_model_init
+    from most_lightning.model.config_groups import build_model_config
 
     model_config = build_model_config(resolve_model_init(OmegaConf.to_container(cfg.model, resolve=True), None)[0],
                                       cfg.router, vocab_size=None)
@@ -196,22 +198,30 @@ def make_test_loaders(datamodule: Any, add_mismatched_asr: bool) -> list:
     return loaders
 
 
+def label_router_by_target(cfg: DictConfig) -> None:
+    """`router=<file> router._target_=<class>`: name the router after the class in every saved config."""
+    if cfg.get("router") is not None and cfg.router.get("_target_") is not None:
+        from most_lightning.model.router import labelled_router_node
+
+        with open_dict(cfg):
+            cfg.router = labelled_router_node(cfg.router)
+
+
 @hydra.main(version_base="1.3", config_path="conf", config_name="run")
 def main(cfg: DictConfig) -> Any:
     from most_lightning.lit.runtime import quiet_known_third_party_noise, run_objective
 
     quiet_known_third_party_noise()
+    label_router_by_target(cfg)
     mode = cfg.get("mode", "train")
     names = cfg.get("optimized_metric")
     if cfg.get("quick_objective"):  # sweep tests: a known function of the overrides instead of training
         from most_lightning.experiments.quick_objective import run_quick_objective
 
         metrics = run_quick_objective(cfg)
-    elif mode == "eval":
-        from most_lightning.data.settings_check import check_data_config
+    elif mode == "eval":  # model, router, audio and data settings from the checkpoint, overrides on top
         from most_lightning.eval.driver import run_eval
 
-        check_data_config(cfg.data)
         metrics = run_eval(cfg)
         if not OmegaConf.is_list(names) and names not in metrics:  # val/nll is a training metric: nothing to return
             return None

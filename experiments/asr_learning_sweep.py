@@ -48,9 +48,9 @@ from most_lightning.data.samples import (  # noqa: E402
     iter_records,
 )
 from most_lightning.data.tasks import TASKS, TaskFormatter  # noqa: E402
-from most_lightning.eval.asr import TranscriptErrorRates  # noqa: E402
 from most_lightning.model.token_losses import shifted_token_losses  # noqa: E402
 from most_lightning.lit.schedule import linear_warmup_decay  # noqa: E402
+from most_lightning.metrics.transcripts import TranscriptErrorRates  # noqa: E402
 from most_lightning.model import MoSTConfig, MoSTForCausalLM, RouterConfig  # noqa: E402
 from most_lightning.text.tokenizer import MoSTTokenizer  # noqa: E402
 

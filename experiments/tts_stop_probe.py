@@ -26,7 +26,7 @@ def load_run(run_dir: Path, ckpt: str):
     from omegaconf import OmegaConf
 
     from most_lightning.eval.checkpoint import load_for_eval
-    from most_lightning.lit.model_config import audio_expert_ids, build_model_config
+    from most_lightning.model.config_groups import audio_expert_ids, build_model_config
 
     cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
     dm = hydra.utils.instantiate(cfg.data, audio=cfg.get("audio"))

@@ -22,12 +22,12 @@ import torch
 
 def main() -> None:
     from most_lightning.audio.io import encode_audio, read_audio
-    from most_lightning.audio.unit_mel_training import corpus_sentences, train_unit_mel_vocoder
     from most_lightning.audio.unit_mel_vocoder import UnitMelVocoder
     from most_lightning.audio.units import UnitExtractor, dedup_units
     from most_lightning.data.samples import AUDIO_MEMBER, BadSamplePolicy, decode_speech_sample, iter_shard
-    from most_lightning.eval.asr import TranscriptErrorRates
     from most_lightning.eval.recognizers import build_recognizer
+    from most_lightning.eval.unit_mel_training import corpus_sentences, train_unit_mel_vocoder
+    from most_lightning.metrics.transcripts import TranscriptErrorRates
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("corpus", type=Path)

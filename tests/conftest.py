@@ -33,10 +33,10 @@ FAST_OVERRIDES = [
     "model.num_heads=2",
     "model.intermediate_size=128",
     "model.moe_intermediate_size=32",
-    "+model.kv_lora_rank=16",
-    "+model.qk_nope_head_dim=16",
-    "+model.qk_rope_head_dim=8",
-    "+model.v_head_dim=16",
+    "model.kv_lora_rank=16",
+    "model.qk_nope_head_dim=16",
+    "model.qk_rope_head_dim=8",
+    "model.v_head_dim=16",
     "callbacks.rich_progress_bar=null",
 ]
 

@@ -15,7 +15,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
 from conftest import FAST_OVERRIDES, REPO_ROOT, compose_run_config
-from most_lightning.lit.model_config import build_model_config
+from most_lightning.model.config_groups import build_model_config
 
 ABLATIONS = ["router_ablation", "router_ablation_lc", "split_ablation", "init_ablation"]
 

@@ -13,10 +13,11 @@ from omegaconf import open_dict
 
 from conftest import FAST_OVERRIDES, compose_run_config
 from hf_checkpoints import deepseek_model, llama_model, save_hf
-from most_lightning.lit.model_config import build_model_config
 from most_lightning.model import MoSTForCausalLM
 from most_lightning.model.checkpoint import CheckpointError
 from most_lightning.model.checkpoint.init import resolve_model_init
+from most_lightning.model.config_groups import build_model_config
+from most_lightning.text import BaseTokenizerError
 
 transformers = pytest.importorskip("transformers")
 
@@ -194,5 +195,5 @@ def test_data_tokenizer_options_fail_naming_the_key_or_the_file(tmp_path, shared
     build_tiny_corpus(shared_data_dir)
     dm = MoSTDataModule.from_settings(data_dir=str(shared_data_dir), corpus=TINY_RECIPE, progress=False,
                                       tokenizer={"from_base": str(tmp_path / "no_ckpt")})
-    with pytest.raises(CheckpointError, match="no_ckpt: no tokenizer.json"):
+    with pytest.raises(BaseTokenizerError, match="no_ckpt: no tokenizer.json"):
         _ = dm.tokenizer

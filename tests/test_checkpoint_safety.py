@@ -54,10 +54,12 @@ def test_crafted_local_checkpoint_is_refused_even_with_the_env_override(crafted,
     monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
     with pytest.raises(pickle.UnpicklingError):
         load_weights_only(ckpt)
-    from most_lightning.eval.checkpoint import read_state_dict
+    from most_lightning.eval.checkpoint import read_eval_checkpoint
+    from most_lightning.lit.checkpoint import read_checkpoint
 
-    with pytest.raises(pickle.UnpicklingError):
-        read_state_dict(ckpt)
+    for read in (read_eval_checkpoint, read_checkpoint):
+        with pytest.raises(pickle.UnpicklingError):
+            read(ckpt)
     from most_lightning.model.checkpoint.__main__ import model_from_lightning
 
     with pytest.raises(pickle.UnpicklingError):

@@ -9,9 +9,9 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from hf_checkpoints import deepseek_model, save_hf
-from most_lightning.model.checkpoint import CheckpointError, load_pretrained
+from most_lightning.model.checkpoint import load_pretrained
 from most_lightning.model.checkpoint.init import resolve_model_init
-from most_lightning.model.checkpoint.tokenizer import most_tokenizer_from_base
+from most_lightning.text import BaseTokenizerError, MoSTTokenizer
 
 pytest.importorskip("transformers")
 
@@ -35,7 +35,7 @@ def write_base_tokenizer(directory, vocab_size=200):
 
 def test_units_are_appended_after_the_base_and_marks_follow_the_ids(tmp_path):
     base_size = write_base_tokenizer(tmp_path / "base")
-    tok = most_tokenizer_from_base(tmp_path / "base", n_units=12)
+    tok = MoSTTokenizer.from_base(tmp_path / "base", n_units=12)
     assert tok.bos_id == 0 and tok.eos_id == 1  # the base's own specials, not new ones
     assert tok.vocab_size == base_size + 14
     assert sorted(tok.unit_ids.tolist() + [tok.boa_id, tok.eoa_id]) == list(range(base_size, base_size + 14))
@@ -49,17 +49,17 @@ def test_units_are_appended_after_the_base_and_marks_follow_the_ids(tmp_path):
 def test_missing_bos_eos_names_the_file(tmp_path):
     write_base_tokenizer(tmp_path / "base")
     (tmp_path / "base" / "tokenizer_config.json").write_text("{}")
-    with pytest.raises(CheckpointError, match="tokenizer_config.json: no bos_token/eos_token"):
-        most_tokenizer_from_base(tmp_path / "base")
-    with pytest.raises(CheckpointError, match="no tokenizer.json"):
-        most_tokenizer_from_base(tmp_path / "nowhere")
+    with pytest.raises(BaseTokenizerError, match="tokenizer_config.json: no bos_token/eos_token"):
+        MoSTTokenizer.from_base(tmp_path / "base")
+    with pytest.raises(BaseTokenizerError, match="no tokenizer.json"):
+        MoSTTokenizer.from_base(tmp_path / "nowhere")
 
 
 def test_embedding_grows_only_by_the_new_rows_initialised_to_the_mean(tmp_path, single_thread):
     base_size = write_base_tokenizer(tmp_path / "ckpt")
     theirs = deepseek_model(vocab_size=base_size)
     save_hf(theirs, tmp_path / "ckpt")
-    tok = most_tokenizer_from_base(tmp_path / "ckpt", n_units=12)
+    tok = MoSTTokenizer.from_base(tmp_path / "ckpt", n_units=12)
     base, _ = load_pretrained(tmp_path / "ckpt", progress=False)
     ours, report = load_pretrained(tmp_path / "ckpt", vocab_size=tok.vocab_size, progress=False)
     assert ours.config.vocab_size == tok.vocab_size == base_size + 14
@@ -79,7 +79,7 @@ def test_padded_checkpoint_vocab_needs_no_resize(tmp_path, single_thread):
     """As DeepSeek-V2-Lite (102400 rows for ~100k tokens): new tokens fit in the existing rows."""
     base_size = write_base_tokenizer(tmp_path / "ckpt")
     save_hf(deepseek_model(vocab_size=base_size + 50), tmp_path / "ckpt")
-    tok = most_tokenizer_from_base(tmp_path / "ckpt", n_units=12)
+    tok = MoSTTokenizer.from_base(tmp_path / "ckpt", n_units=12)
     ours, report = load_pretrained(tmp_path / "ckpt", vocab_size=tok.vocab_size, progress=False)
     assert ours.config.vocab_size == base_size + 50 and report.initialised_by_rule == {}
     assert int(tok.unit_ids.max()) < ours.config.vocab_size

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from eval_fixtures import run_eval_cli, tiny_run  # noqa: F401
-from most_lightning.eval.asr import TranscriptErrorRates
-from most_lightning.eval.normalize import TextNormalizer, integer_to_words
+from most_lightning.metrics.normalize import TextNormalizer, integer_to_words
+from most_lightning.metrics.transcripts import TranscriptErrorRates
 
 
 # ---------------------------------------------------------------------------------------------- normaliser

@@ -16,8 +16,9 @@ import torch
 
 from eval_fixtures import run_eval_cli, tiny_run  # noqa: F401
 from most_lightning.eval.context import EvalContext
-from most_lightning.eval.minimal_pairs import (evaluate_minimal_pairs, pair_accuracy, read_paired_wavs,
-                                               read_zerospeech, unit_log_likelihoods)
+from most_lightning.eval.minimal_pairs import (evaluate_minimal_pairs, read_paired_wavs, read_zerospeech,
+                                               unit_log_likelihoods)
+from most_lightning.metrics.scores import pair_accuracy
 
 needs_flite = pytest.mark.skipif(shutil.which("flite") is None, reason="needs the flite program (setup.sh)")
 

@@ -9,8 +9,9 @@ import subprocess
 import pytest
 
 from eval_fixtures import run_eval_cli, tiny_run  # noqa: F401
-from most_lightning.eval.normalize import TextNormalizer
-from most_lightning.eval.spoken_qa import contains_answer, exact_match, read_questions
+from most_lightning.eval.spoken_qa import read_questions
+from most_lightning.metrics.normalize import TextNormalizer
+from most_lightning.metrics.scores import contains_answer, exact_match
 
 QA_NORM = TextNormalizer(remove_articles=True)
 needs_flite = pytest.mark.skipif(shutil.which("flite") is None, reason="needs the flite program (setup.sh)")

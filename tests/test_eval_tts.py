@@ -14,7 +14,7 @@ import torchaudio
 
 from most_lightning.audio.mean_mel_vocoder import MeanMelConfig, MeanMelVocoder, UnitVocabularyMismatchError
 from eval_fixtures import run_eval_cli, tiny_run  # noqa: F401
-from most_lightning.eval.normalize import TextNormalizer
+from most_lightning.metrics.normalize import TextNormalizer
 
 needs_flite = pytest.mark.skipif(shutil.which("flite") is None, reason="needs the flite program (setup.sh)")
 

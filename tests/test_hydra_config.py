@@ -10,8 +10,8 @@ import pytest
 from omegaconf import OmegaConf, open_dict
 
 from conftest import CONF_DIR, REPO_ROOT, compose_run_config
-from most_lightning.lit.model_config import build_model_config
 from most_lightning.model import ConfigError, MoSTConfig
+from most_lightning.model.config_groups import build_model_config
 
 GROUPS = ["model", "router", "data", "trainer", "logger", "callbacks", "lit", "experiment", "debug"]
 
@@ -37,6 +37,35 @@ def test_model_and_router_groups_build_valid_configs(model, router, tmp_path):
     assert isinstance(config, MoSTConfig) and config.vocab_size == 1234
     preset = MoSTConfig.from_preset(cfg.model.preset, vocab_size=1234, router=config.router)
     assert config == preset, "conf/model yaml drifted from the preset it names"
+
+
+@pytest.mark.parametrize("model", options("model"))
+def test_model_group_is_the_python_preset_without_a_copy(model, tmp_path):
+    """conf/model/<preset>.yaml restates nothing: the composed group is every MoSTConfig field a user may set (all
+    visible in --cfg job) at the preset's value, from most_lightning.model.config alone."""
+    import dataclasses
+
+    from most_lightning.model.checkpoint.init import INIT_DEFAULTS
+    from most_lightning.model.config import PRESETS
+
+    assert set(OmegaConf.load(CONF_DIR / "model" / f"{model}.yaml")) == {"defaults"}
+    group = OmegaConf.to_container(compose_run_config([f"model={model}"], tmp_path).model)
+    preset = group.pop("preset")
+    assert group.pop("init") == INIT_DEFAULTS
+    defaults = MoSTConfig()
+    settable = [f.name for f in dataclasses.fields(MoSTConfig) if f.name not in ("vocab_size", "router")]
+    assert sorted(group) == sorted(settable)
+    for name in settable:
+        assert group[name] == PRESETS[preset].get(name, getattr(defaults, name)), name
+
+
+def test_model_fields_are_set_without_plus_and_typos_are_refused_at_compose(tmp_path):
+    from hydra.errors import ConfigCompositionException
+
+    cfg = compose_run_config(["model.hidden_size=64", "model.kv_lora_rank=16", "model.init.partition=copy"], tmp_path)
+    assert (cfg.model.hidden_size, cfg.model.kv_lora_rank, cfg.model.init.partition) == (64, 16, "copy")
+    with pytest.raises(ConfigCompositionException, match="hiden_size"):
+        compose_run_config(["model.hiden_size=64"], tmp_path)
 
 
 def test_router_variants_set_the_switches(tmp_path):

@@ -9,10 +9,10 @@ import jiwer
 import pytest
 import torch
 
-from most_lightning.eval.asr import TranscriptErrorRates, normalize_transcript
 from most_lightning.lit.callbacks import plot_expert_load, write_expert_load_csv
-from most_lightning.lit.expert_load import ExpertLoadAccumulator
 from most_lightning.lit.schedule import linear_warmup_decay
+from most_lightning.metrics.expert_load import ExpertLoadAccumulator
+from most_lightning.metrics.transcripts import TranscriptErrorRates, normalize_transcript
 from most_lightning.model import RouterStats
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import FAST_OVERRIDES, REPO_ROOT
+from conftest import FAST_OVERRIDES, REPO_ROOT, compose_run_config
 from most_lightning.data.datamodule import MoSTDataModule
 from most_lightning.data.testing import TINY_RECIPE, build_tiny_corpus
 from most_lightning.lit.resume import resume_argv
@@ -72,12 +72,17 @@ def test_resume_argv_continues_in_the_run_directory(tmp_path):
     (run / ".hydra").mkdir(parents=True)
     (run / "checkpoints").mkdir()
     (run / "checkpoints" / "last.ckpt").write_bytes(b"")
-    (run / ".hydra" / "overrides.yaml").write_text("- data=tiny\n- trainer.max_steps=30\n- seed=7\n")
+    (run / ".hydra" / "overrides.yaml").write_text("- data=tiny\n- trainer.max_steps=30\n- seed=7\n"
+                                                   "- +model.kv_lora_rank=16\n")
     ckpt = str(run / "checkpoints" / "last.ckpt")
+    # an old run's addition (+model.kv_lora_rank, from before the model group listed every field) is forced
     assert resume_argv([f"ckpt_path={ckpt}", "trainer.max_steps=40"]) == [
-        "data=tiny", "seed=7", f"ckpt_path={ckpt}", "trainer.max_steps=40", f"hydra.run.dir={run}"]
+        "data=tiny", "seed=7", "++model.kv_lora_rank=16", f"ckpt_path={ckpt}", "trainer.max_steps=40",
+        f"hydra.run.dir={run}"]
     assert resume_argv([f"resume={run}"]) == [
-        "data=tiny", "trainer.max_steps=30", "seed=7", f"ckpt_path={ckpt}", f"hydra.run.dir={run}"]
+        "data=tiny", "trainer.max_steps=30", "seed=7", "++model.kv_lora_rank=16", f"ckpt_path={ckpt}",
+        f"hydra.run.dir={run}"]
+    assert compose_run_config(["++model.kv_lora_rank=16"]).model.kv_lora_rank == 16
     # not a run directory's checkpoint, an eval, a multirun: the command line as given
     (tmp_path / "x.ckpt").write_bytes(b"")
     assert resume_argv([f"ckpt_path={tmp_path / 'x.ckpt'}"]) == [f"ckpt_path={tmp_path / 'x.ckpt'}"]

@@ -241,7 +241,7 @@ def test_bias_balances_a_skewed_gate():
 # ---- the Hydra side: conf/router files on the router/base node -----------------------------------------------------
 def test_router_files_and_command_line_fields_compose_without_plus():
     from conftest import compose_run_config
-    from most_lightning.lit.model_config import build_router_config
+    from most_lightning.model.config_groups import build_router_config
 
     cfg = compose_run_config(["router=modality_aware_aux_free", "router.bias_update_rate=0.01", "router.mask=logits"])
     router = build_router_config(cfg.router)
@@ -252,3 +252,54 @@ def test_router_files_and_command_line_fields_compose_without_plus():
     cfg = compose_run_config(["router=vanilla", "router.bias_update_rate=0.01"])
     with pytest.raises(ConfigError, match="bias_update_rate: not a setting of VanillaRouter"):
         build_router_config(cfg.router)
+
+
+def test_old_vanilla_config_with_the_retired_mask_field_loads_with_a_notice(caplog, monkeypatch):
+    """Before routers owned their configs, every router's saved config carried mask: probs (its default)."""
+    import most_lightning.model.router as router_module
+
+    monkeypatch.setattr(router_module, "_noticed_retired", set())
+    old_style = {"name": "vanilla", "balance_loss_alpha": 0.01, "z_loss_coef": 0.0, "mask": "probs",
+                 "renormalize": False, "routed_scaling_factor": 1.0}
+    with caplog.at_level("WARNING", logger="most_lightning.model.router"):
+        config = router_config(old_style)
+        router_config(old_style)
+    assert config.name == "vanilla" and config.balance_loss_alpha == 0.01
+    assert not hasattr(config, "mask")
+    notices = [r.getMessage() for r in caplog.records if "mask" in r.getMessage()]
+    assert len(notices) == 1 and "\n" not in notices[0] and "VanillaRouter" in notices[0]  # one line, once
+    assert router_config({**old_style, "name": "modality_aware"}).mask == "probs"  # still a real field there
+    with pytest.raises(ConfigError, match="mask: not a setting of VanillaRouter"):  # set by hand: still refused
+        router_config({**old_style, "mask": "logits"})
+    # the model config of such a checkpoint builds too (its hparams' router node goes through the same path)
+    assert tiny(old_style).router.name == "vanilla"
+
+
+def test_target_names_the_run_in_saved_configs():
+    from most_lightning.model.router import labelled_router_node, router_label
+
+    node = {"name": "modality_aware", "_target_": PLUGIN, "balance_loss_alpha": 0.0}
+    assert router_label(node) == PLUGIN
+    assert labelled_router_node(node) == {**node, "name": PLUGIN}
+    registered = {"name": "modality_aware", "_target_": "most_lightning.model.router.VanillaRouter"}
+    assert labelled_router_node(registered)["name"] == "vanilla"  # a registered class keeps its short name
+    assert labelled_router_node({"name": "vanilla"}) == {"name": "vanilla"}  # no _target_: unchanged
+
+
+def test_run_and_summaries_label_a_target_given_on_top_of_a_file(tmp_path):
+    """`router=modality_aware router._target_=X`: the saved config and the summary table say X, not the file."""
+    from conftest import compose_run_config
+    from omegaconf import OmegaConf
+
+    from most_lightning.experiments.summarize import load_run_dir
+    from run import label_router_by_target
+
+    cfg = compose_run_config(["router=modality_aware", f"router._target_={PLUGIN}"], tmp_path)
+    assert cfg.router.name == "modality_aware"  # what Hydra composes
+    label_router_by_target(cfg)
+    assert cfg.router.name == PLUGIN
+    # a run saved before this fix (or one that died before config_resolved.yaml) is labelled by its target too
+    run_dir = tmp_path / "old_run"
+    (run_dir / ".hydra").mkdir(parents=True)
+    OmegaConf.save({"router": {"name": "modality_aware", "_target_": PLUGIN}}, run_dir / ".hydra" / "config.yaml")
+    assert load_run_dir(run_dir, "old").value("router.name") == PLUGIN

@@ -175,10 +175,8 @@ class MoSTDataModule(LightningDataModule):
         if self._tokenizer is None:
             settings = self.dataset.tokenizer
             if settings.from_base:  # a pretrained model's vocabulary + appended unit/audio tokens
-                from ..model.checkpoint.tokenizer import most_tokenizer_from_base
-
-                self._tokenizer = most_tokenizer_from_base(settings.from_base, n_units=self.manifest["n_units"],
-                                                           bos_token=settings.bos_token, eos_token=settings.eos_token)
+                self._tokenizer = MoSTTokenizer.from_base(settings.from_base, n_units=self.manifest["n_units"],
+                                                          bos_token=settings.bos_token, eos_token=settings.eos_token)
             else:
                 self._tokenizer = MoSTTokenizer.load(self.corpus_dir / self.manifest.get("tokenizer", "tokenizer"))
             if self._tokenizer.n_units != self.manifest["n_units"]:

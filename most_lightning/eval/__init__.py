@@ -1,5 +1,2 @@
-"""Evaluation: ASR transcript scoring (and, later, TTS / speech-LM / spoken-QA / text benchmarks)."""
-
-from most_lightning.eval.asr import TranscriptErrorRates, normalize_transcript
-
-__all__ = ["TranscriptErrorRates", "normalize_transcript"]
+"""Evaluation tasks (ASR, TTS, text perplexity, minimal pairs, spoken QA, lm-eval) and the suite driver behind
+`python run.py mode=eval`; the metrics they compute live in most_lightning.metrics."""

@@ -8,7 +8,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from most_lightning.eval.normalize import TextNormalizer
+from most_lightning.metrics.normalize import TextNormalizer
 
 
 @dataclass

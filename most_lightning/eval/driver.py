@@ -56,12 +56,33 @@ def _plain(value: Any) -> Any:
     return OmegaConf.to_container(value, resolve=True) if isinstance(value, DictConfig) else value
 
 
-def build_context(cfg: DictConfig):
+def with_settings_of_checkpoint(cfg: DictConfig) -> tuple[DictConfig, Any]:
+    """(run config, checkpoint contents): a Lightning checkpoint's model, router, audio and data settings replace
+    the composed groups, with the command line's overrides applied again on top (most_lightning.lit.checkpoint);
+    exported weights carry no settings, so the composed config stays."""
+    from most_lightning.eval.checkpoint import is_lightning_checkpoint, read_eval_checkpoint
+    from most_lightning.lit.checkpoint import (check_lit_checkpoint, command_line_overrides, saved_settings,
+                                               with_checkpoint_settings)
+
+    path, ckpt = read_eval_checkpoint(cfg.get("ckpt_path"))
+    if is_lightning_checkpoint(ckpt):
+        check_lit_checkpoint(ckpt, path)
+        settings = saved_settings(ckpt)
+        if "data" not in settings:
+            log.warning(f"{path} records no data settings (written before checkpoints did): evaluating on the data "
+                        "config of this command line")
+        cfg = with_checkpoint_settings(cfg, settings, command_line_overrides(cfg))
+    return cfg, ckpt
+
+
+def build_context(cfg: DictConfig, ckpt: Any = None):
+    """The eval context: the data config's datamodule and tokenizer, and the checkpoint's model on the device
+    (``ckpt``: the contents of cfg.ckpt_path when already read)."""
     import hydra
 
     from most_lightning.eval.checkpoint import load_for_eval
     from most_lightning.eval.context import EvalContext
-    from most_lightning.eval.normalize import TextNormalizer
+    from most_lightning.metrics.normalize import TextNormalizer
 
     suite = cfg.eval
     audio = cfg.get("audio")  # the same speech front end for the test prompts and the model (as in run.py)
@@ -69,7 +90,7 @@ def build_context(cfg: DictConfig):
     datamodule.prepare_data()
     tokenizer = datamodule.tokenizer
     model, audio_input, info = load_for_eval(cfg.get("ckpt_path"), cfg.model, cfg.router, tokenizer.vocab_size,
-                                             _plain(audio))
+                                             _plain(audio), ckpt=ckpt)
     device = torch.device(suite.get("device") or ("cuda" if torch.cuda.is_available() else "cpu"))
     model.to(device)
     if audio_input is not None:
@@ -106,9 +127,13 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
     unknown = sorted(set(tasks) - set(registry))
     if unknown:
         raise ValueError(f"eval.tasks has unknown task(s) {unknown}; known: {sorted(registry)}")
+    cfg, ckpt = with_settings_of_checkpoint(cfg)
+    from most_lightning.data.settings_check import check_data_config
+
+    check_data_config(cfg.data)
     if cfg.get("seed") is not None:
         torch.manual_seed(int(cfg.seed))
-    ctx, info = build_context(cfg)
+    ctx, info = build_context(cfg, ckpt)
     report: dict[str, Any] = {"suite": suite.get("name", "?"), "checkpoint": info,
                               "router": router_config(cfg.router).name, "model": _plain(cfg.model),
                               "audio": _plain(cfg.get("audio")),

@@ -29,6 +29,7 @@ from most_lightning.audio.io import AudioDecodeError, read_audio
 from most_lightning.data.collate import collate_teacher_forced
 from most_lightning.data.tasks import IGNORE_INDEX, Example
 from most_lightning.model.token_losses import shifted_token_losses
+from most_lightning.metrics.scores import pair_accuracy
 
 log = logging.getLogger(__name__)
 
@@ -105,15 +106,6 @@ def unit_log_likelihoods(ctx, unit_seqs: list[list[int]]) -> list[tuple[float, i
             valid = losses.valid[row]
             out.append((-float(losses.nll[row][valid].sum()), int(valid.sum())))
     return out
-
-
-def pair_accuracy(scores: list[tuple[tuple[float, int], tuple[float, int]]]) -> dict[str, float]:
-    """scores: ((ll_correct, n_correct), (ll_incorrect, n_incorrect)) per pair -> accuracies (ties = 0.5)."""
-    def acc(values: list[tuple[float, float]]) -> float:
-        return sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in values) / len(values)
-
-    return {"acc_sum": acc([(g[0], b[0]) for g, b in scores]),
-            "acc_mean": acc([(g[0] / g[1], b[0] / b[1]) for g, b in scores])}
 
 
 def _units(ctx, path: Path, cache: dict[Path, list[int] | None]) -> list[int] | None:

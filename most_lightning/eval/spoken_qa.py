@@ -26,8 +26,10 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from most_lightning.audio.io import AudioDecodeError, read_audio
-from most_lightning.eval.asr import decode_text_rows, generate_batch
-from most_lightning.eval.normalize import TextNormalizer
+from most_lightning.eval.asr import generate_batch
+from most_lightning.metrics.normalize import TextNormalizer
+from most_lightning.metrics.scores import contains_answer, exact_match
+from most_lightning.text.tokenizer import decode_text_rows
 
 log = logging.getLogger(__name__)
 S2T_INSTRUCTION = "Answer the following question in text."
@@ -72,16 +74,6 @@ def read_questions(path: str | Path) -> tuple[list[Question], int]:
         out.append(Question(str(item.get("id", item.get("question_id", i))), str(question), answers,
                             (p.parent / audio) if audio else None))
     return out, skipped
-
-
-def exact_match(prediction: str, answers: Sequence[str], normalizer: TextNormalizer) -> bool:
-    pred = normalizer(prediction)
-    return bool(pred) and any(pred == normalizer(a) for a in answers)
-
-
-def contains_answer(prediction: str, answers: Sequence[str], normalizer: TextNormalizer) -> bool:
-    pred = f" {normalizer(prediction)} "
-    return any(normalizer(a) and f" {normalizer(a)} " in pred for a in answers)
 
 
 def _question_audio(q: Question, voice_dir: Path, voice_missing: bool, voice: str) -> torch.Tensor | None:

@@ -28,8 +28,9 @@ from most_lightning.audio.io import read_audio
 from most_lightning.audio.mean_mel_vocoder import MeanMelVocoder, check_unit_vocabulary
 from most_lightning.data.samples import AUDIO_MEMBER, BadSampleError, BadSamplePolicy, decode_speech_sample, iter_shard
 from most_lightning.data.tasks import TaskFormatter
-from most_lightning.eval.asr import TranscriptErrorRates, generate_batch
+from most_lightning.eval.asr import generate_batch
 from most_lightning.eval.recognizers import build_recognizer
+from most_lightning.metrics.transcripts import TranscriptErrorRates
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +85,7 @@ def build_vocoder(ctx, name: str, spec: Mapping[str, Any]):
         if spec.get("path"):
             vocoder = UnitMelVocoder.load(spec["path"])
         else:
-            from most_lightning.audio.unit_mel_training import train_unit_mel_vocoder
+            from most_lightning.eval.unit_mel_training import train_unit_mel_vocoder
 
             sentences = [u.transcript for u in split_utterances(ctx, "train", int(spec.get("fit_utterances", 400)))[0]]
             vocoder = train_unit_mel_vocoder(ctx.unit_extractor(), sentences, voice=spec.get("voice", "slt"),

@@ -52,7 +52,7 @@ def quick_metrics(cfg: DictConfig) -> dict[str, float]:
 
 def run_quick_objective(cfg: DictConfig) -> dict[str, float]:
     from most_lightning.experiments.provenance import write_run_records
-    from most_lightning.lit.model_config import build_model_config
+    from most_lightning.model.config_groups import build_model_config
 
     build_model_config(cfg.model, cfg.router, vocab_size=None)  # same start-up check as a real run
     spec = cfg.quick_objective

@@ -82,12 +82,25 @@ def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
 
 def _load_config(run_dir: Path) -> dict[str, Any]:
     resolved = run_dir / "config_resolved.yaml"
-    if resolved.is_file():
-        return flatten(OmegaConf.to_container(OmegaConf.load(resolved), resolve=False))
-    raw = run_dir / ".hydra" / "config.yaml"
-    if raw.is_file():  # unresolved (a run that died before writing config_resolved.yaml)
-        return flatten(OmegaConf.to_container(OmegaConf.load(raw), resolve=False))
+    raw = run_dir / ".hydra" / "config.yaml"  # unresolved (a run that died before writing config_resolved.yaml)
+    for path in (resolved, raw):
+        if path.is_file():
+            return _router_named_by_target(flatten(OmegaConf.to_container(OmegaConf.load(path), resolve=False)))
     return {}
+
+
+def _router_named_by_target(config: dict[str, Any]) -> dict[str, Any]:
+    """router.name of a run whose router was given by ``_target_`` (on top of a file's name): the target
+    class's label, as run.py saves it now; the dotted path itself when the class cannot be imported here."""
+    target = config.get("router._target_")
+    if target:
+        from most_lightning.model.router import UnknownRouterError, router_label
+
+        try:
+            config["router.name"] = router_label({"_target_": target})
+        except UnknownRouterError:
+            config["router.name"] = target
+    return config
 
 
 def _load_overrides(run_dir: Path) -> list[str]:

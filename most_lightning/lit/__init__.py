@@ -1,7 +1,6 @@
 """Lightning side of MoST: the LitModule (it sums and logs the loss parts the model returns), metrics and callbacks.
 
-Exports load lazily so that light helpers (e.g. model_config, used to reject a bad config at start-up)
-do not pay for importing Lightning.
+Exports load lazily so that importing a light helper of this package does not pay for importing Lightning.
 """
 
 from __future__ import annotations
@@ -10,7 +9,6 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "ExpertLoadAccumulator": "most_lightning.lit.expert_load",
     "ExpertLoadMonitor": "most_lightning.lit.callbacks",
     "MoSTLitModule": "most_lightning.lit.module",
 }

@@ -11,7 +11,7 @@ from __future__ import annotations
 import lightning as L
 import torch
 
-from most_lightning.eval.asr import TranscriptErrorRates
+from most_lightning.metrics.transcripts import TranscriptErrorRates
 
 
 class ASRWERCurve(L.Callback):

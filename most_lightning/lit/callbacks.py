@@ -9,8 +9,8 @@ import torch
 from lightning import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 
-from most_lightning.lit.expert_load import ExpertLoadAccumulator
 from most_lightning.marks import MODALITY_NAMES
+from most_lightning.metrics.expert_load import ExpertLoadAccumulator
 
 
 class ExpertLoadMonitor(Callback):

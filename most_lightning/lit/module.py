@@ -26,19 +26,20 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from most_lightning.audio.frontend import build_continuous_encoder
-from most_lightning.eval.asr import TranscriptErrorRates, decode_text_rows
-from most_lightning.lit.expert_load import ExpertLoadAccumulator
-from most_lightning.lit.metrics import TokenMean
-from most_lightning.lit.model_config import audio_expert_ids, build_model_config, moe_layer_ids
 from most_lightning.lit.schedule import linear_warmup_decay
 from most_lightning.lit.settings import EVALUATION as DEFAULT_EVALUATION
 from most_lightning.lit.settings import OPTIMIZER as DEFAULT_OPTIMIZER
 from most_lightning.lit.settings import SCHEDULER as DEFAULT_SCHEDULER
 from most_lightning.marks import MODALITY_NAMES
+from most_lightning.metrics.expert_load import ExpertLoadAccumulator
+from most_lightning.metrics.token_mean import TokenMean
+from most_lightning.metrics.transcripts import TranscriptErrorRates
 from most_lightning.model import MoSTForCausalLM
 from most_lightning.model.audio_input import ContinuousAudioInput
+from most_lightning.model.config_groups import audio_expert_ids, build_model_config, moe_layer_ids
 from most_lightning.model.router import routers_after_optimizer_step
 from most_lightning.model.token_losses import TASK_NAMES, TokenLosses
+from most_lightning.text.tokenizer import decode_text_rows
 
 # Teacher-forced metrics shared by validation and test.
 _TEACHER_FORCED = (

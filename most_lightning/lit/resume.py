@@ -43,6 +43,10 @@ def _value(args: Sequence[str], key: str) -> str | None:
     return None
 
 
+def _force_add(arg: str) -> str:
+    return "+" + arg if arg.startswith("+") and not arg.startswith("++") else arg
+
+
 def resume_argv(argv: Sequence[str]) -> list[str]:
     """The command line (without the program name) a resumed run is composed from; unchanged for other runs."""
     args = list(argv)
@@ -73,7 +77,8 @@ def resume_argv(argv: Sequence[str]) -> list[str]:
     if overrides.is_file():
         from omegaconf import OmegaConf
 
-        earlier = [str(o) for o in OmegaConf.load(overrides)
+        # an addition (+key=...) is replayed as ++key=..., which also sets a key the config has gained since
+        earlier = [_force_add(str(o)) for o in OmegaConf.load(overrides)
                    if _key(str(o)) not in given | {"ckpt_path", "resume", "hydra.run.dir"}]
     return earlier + args + [f"hydra.run.dir={run_dir}"]
 

@@ -85,6 +85,7 @@ class MoSTConfig:
 
     # ------------------------------------------------------------------ validation
     def _validate(self) -> None:
+        from most_lightning.model.experts import DISPATCHES
         from most_lightning.model.partition import PARTITIONS, expert_partition
         from most_lightning.model.router import router_class
 
@@ -114,10 +115,8 @@ class MoSTConfig:
             )
         if self.n_shared_experts < 0:
             raise ConfigError(f"model.n_shared_experts={self.n_shared_experts} must be >= 0 (0 = no shared experts)")
-        if self.expert_dispatch not in ("auto", "grouped_mm", "loop"):
-            raise ConfigError(
-                f"model.expert_dispatch={self.expert_dispatch!r}: allowed values are 'auto', 'grouped_mm', 'loop'"
-            )
+        if self.expert_dispatch not in DISPATCHES:
+            raise ConfigError(f"model.expert_dispatch={self.expert_dispatch!r}: allowed values are {list(DISPATCHES)}")
         if self.expert_dispatch == "grouped_mm" and self.has_moe:
             misaligned = [f"{name}={getattr(self, name)}" for name in ("hidden_size", "moe_intermediate_size")
                           if getattr(self, name) % 8]
@@ -166,6 +165,15 @@ class MoSTConfig:
 # Fields older versions stored in configs and checkpoints, and why they are ignored now.
 RETIRED_FIELDS = {
     "cpu_matmul": "the CPU matmul backend choice is gone (plain torch matmuls on every device)",
+}
+
+
+# Router fields that every router's config carried, at their default, before routers owned their configs
+# (checkpoints of that time store them): name -> (that default, why). A router class without the field drops
+# it at that value with a notice; any other value was set by hand and is refused as an unknown field.
+RETIRED_ROUTER_FIELDS = {
+    "mask": ("probs", "only modality-aware routers have it; configs of every router stored it before routers "
+                      "owned their configs"),
 }
 
 

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from most_lightning.model.config import ConfigError, MoSTConfig, RouterConfig
+from most_lightning.model.config import RETIRED_ROUTER_FIELDS, ConfigError, MoSTConfig, RouterConfig
 from most_lightning.model.packing import segment_starts
 from most_lightning.model.partition import ExpertPartition, expert_partition
 
@@ -136,11 +136,45 @@ def router_config(node: Any) -> RouterConfig:
         # router=<file> router._target_=<class>: the class given on top of a file's name is the one meant
         log.warning(f"router._target_={target} replaces router.name={name}")
     fields = sorted(f.name for f in dataclasses.fields(cls.Config) if f.init and f.name != "name")
+    values = _without_retired_router_fields(values, set(fields), cls)
     unknown = sorted(set(values) - set(fields))
     if unknown:
         raise ConfigError(f"router field(s) {', '.join(unknown)}: not a setting of {cls.__qualname__} "
                           f"({cls.__module__}); its settings are {', '.join(fields)}")
     return cls.Config(name=router_spec(cls), **values)
+
+
+def router_label(node: Any) -> str:
+    """The name a run is known by (summaries, logs): the class's registered name or dotted path. A node's
+    ``_target_`` wins over its ``name`` (``router=modality_aware router._target_=X`` is X's run)."""
+    values = node if isinstance(node, Mapping) else _plain(node)
+    spec = values.get("_target_") or values.get("name")
+    return router_spec(router_class(spec))
+
+
+def labelled_router_node(node: Any) -> dict[str, Any]:
+    """The router node with ``name`` set to ``router_label``, so that a saved config names the router that
+    ran, not the name of the file a ``_target_`` override was given on top of."""
+    values = _plain(node)
+    if values.get("_target_") is not None:
+        values["name"] = router_label(values)
+    return values
+
+
+_noticed_retired: set[tuple[str, str]] = set()
+
+
+def _without_retired_router_fields(values: dict[str, Any], fields: set[str], cls: type) -> dict[str, Any]:
+    """``values`` without the RETIRED_ROUTER_FIELDS that ``cls`` does not have and that hold their old default,
+    each with a one-line notice."""
+    kept = dict(values)
+    for name, (old_default, why) in RETIRED_ROUTER_FIELDS.items():
+        if name not in fields and name in kept and kept[name] == old_default:
+            value = kept.pop(name)
+            if (cls.__qualname__, name) not in _noticed_retired:
+                _noticed_retired.add((cls.__qualname__, name))
+                log.warning("router.%s=%r ignored: %s has no such setting (%s)", name, value, cls.__qualname__, why)
+    return kept
 
 
 def _plain(node: Any) -> dict[str, Any]:

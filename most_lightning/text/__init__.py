@@ -1,5 +1,5 @@
 """Text side: the MoST tokenizer (byte-level BPE + speech unit tokens + special tokens, modality marks)."""
 
-from .tokenizer import MissingSpecialTokensError, MoSTTokenizer, SpecialTokens
+from .tokenizer import BaseTokenizerError, MissingSpecialTokensError, MoSTTokenizer, SpecialTokens
 
-__all__ = ["MissingSpecialTokensError", "MoSTTokenizer", "SpecialTokens"]
+__all__ = ["BaseTokenizerError", "MissingSpecialTokensError", "MoSTTokenizer", "SpecialTokens"]

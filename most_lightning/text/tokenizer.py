@@ -6,6 +6,7 @@ are looked up from the token strings, never assumed to be a contiguous range (th
 
     tok = MoSTTokenizer.train(texts, vocab_size=2000, n_units=500); tok.save(d); tok = MoSTTokenizer.load(d)
     tok = MoSTTokenizer.from_text_tokenizer("deepseek/tokenizer.json", bos_token=..., eos_token=...)  # adds units
+    tok = MoSTTokenizer.from_base("DeepSeek-V2-Lite/")  # the same, bos/eos from its tokenizer_config.json
 """
 
 from __future__ import annotations
@@ -25,6 +26,16 @@ CONFIG_FILE = "most_tokenizer.json"
 
 class MissingSpecialTokensError(ValueError):
     """A tokenizer lacks the BOS/EOS/audio/unit tokens MoST needs."""
+
+
+class BaseTokenizerError(ValueError):
+    """A pretrained base's tokenizer files are missing or do not name its BOS/EOS tokens."""
+
+
+def _token_text(value) -> str | None:
+    if isinstance(value, dict):  # {"content": "<s>", "lstrip": ..., ...}
+        return value.get("content")
+    return value
 
 
 @dataclass(frozen=True)
@@ -116,6 +127,29 @@ class MoSTTokenizer:
         tk.add_special_tokens([t for t in wanted if tk.token_to_id(t) is None])
         return cls(tk, n_units, sp)
 
+    @classmethod
+    def from_base(cls, path: str | os.PathLike, n_units: int = 500, bos_token: str | None = None,
+                  eos_token: str | None = None) -> "MoSTTokenizer":
+        """The tokenizer of a pretrained base (a directory with tokenizer.json and tokenizer_config.json naming
+        bos/eos, or a tokenizer.json) with MoST's unit and audio tokens appended (``from_text_tokenizer``).
+
+        The model's vocabulary is max(tokenizer, checkpoint rows): DeepSeek-V2-Lite's embedding has 102400 rows
+        for ~100k tokens, so the 502 new tokens land in existing (untrained) rows and nothing is resized; a base
+        whose embedding is exactly its vocabulary grows by the new rows only (model/checkpoint/vocab.py).
+        """
+        path = Path(path)
+        file = path / TOKENIZER_FILE if path.is_dir() else path
+        if not file.is_file():
+            raise BaseTokenizerError(f"{path}: no tokenizer.json (a HF fast-tokenizer file is needed)")
+        config_file = file.parent / "tokenizer_config.json"
+        config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+        bos = bos_token or _token_text(config.get("bos_token"))
+        eos = eos_token or _token_text(config.get("eos_token"))
+        if not bos or not eos:
+            raise BaseTokenizerError(f"{config_file}: no bos_token/eos_token; pass bos_token=... and eos_token=... "
+                                     "(the base's own BOS/EOS strings)")
+        return cls.from_text_tokenizer(file, bos_token=bos, eos_token=eos, n_units=n_units)
+
     def save(self, directory: str | os.PathLike) -> None:
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
@@ -175,3 +209,12 @@ class MoSTTokenizer:
         return (f"MoSTTokenizer(vocab_size={self.vocab_size}, n_units={self.n_units}, bos={self.bos_id}, "
                 f"eos=pad={self.eos_id}, boa={self.boa_id}, eoa={self.eoa_id})")
 
+
+def decode_text_rows(tokenizer, rows: torch.Tensor) -> list[str]:
+    """Generated ids -> text, cut at the first eos (an empty string when nothing was generated)."""
+    texts = []
+    for row in rows.tolist():
+        if tokenizer.eos_id in row:
+            row = row[: row.index(tokenizer.eos_id)]
+        texts.append(tokenizer.decode_text(row))
+    return texts

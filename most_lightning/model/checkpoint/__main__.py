@@ -39,24 +39,12 @@ def find_lightning_checkpoint(source: Path) -> Path:
 
 
 def model_from_lightning(path: Path):
-    """The MoSTForCausalLM of a MoSTLitModule checkpoint (weights_only: nothing is unpickled but tensors), or of
-    a sharded DeepSpeed checkpoint directory, consolidated to fp32 first (model/checkpoint/deepspeed_dir.py)."""
-    from most_lightning.lit.model_config import build_model_config
-    from most_lightning.model.checkpoint.api import empty_model
-    from most_lightning.model.checkpoint.deepspeed_dir import consolidate, is_deepspeed_checkpoint
+    """The MoSTForCausalLM of a MoSTLitModule checkpoint (a .ckpt file, or a sharded DeepSpeed checkpoint
+    directory consolidated to fp32), read by the one checkpoint reader (most_lightning.lit.checkpoint:
+    weights_only, missing keys named). This command line is an entry point, so it may use the Lightning layer."""
+    from most_lightning.lit.checkpoint import load_lit_module
 
-    if is_deepspeed_checkpoint(path):
-        ckpt = consolidate(path)
-    else:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    hp = ckpt.get("hyper_parameters") or {}
-    if "model" not in hp or "router" not in hp:
-        raise CheckpointError(f"{path}: hyper_parameters lack model/router: not a MoSTLitModule checkpoint")
-    config = build_model_config(hp["model"], hp["router"], hp.get("vocab_size"))
-    model = empty_model(config)
-    state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
-    model.load_state_dict(state, strict=True)
-    return model
+    return load_lit_module(path).model
 
 
 def cmd_export(args) -> None:

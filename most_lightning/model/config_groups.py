@@ -1,7 +1,8 @@
 """Hydra's `model` + `router` groups -> a validated MoSTConfig.
 
-conf/model/*.yaml name a preset and list the fields a user is likely to override; `null` keeps the preset's
-value. The vocabulary size is not a model choice: it comes from the datamodule's tokenizer at run time.
+The model group names a preset and holds its fields (composed from the Python preset, most_lightning/config_nodes.py);
+a field set to `null` keeps the preset's value. The vocabulary size is not a model choice: it comes from the
+datamodule's tokenizer at run time.
 """
 
 from __future__ import annotations

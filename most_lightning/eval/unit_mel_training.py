@@ -5,7 +5,7 @@ One voice with a fixed prosody keeps the harmonics the decoder learns consistent
 voices with varied pitch and speed, whose average mel is a buzz). The units are voice-independent (a phone
 classifier), so units from any voice, or from the model, are voiced in this one.
 
-    python -m most_lightning.audio.unit_mel_training data/demo/<hash> out/vocoder [--sentences 400 --steps 1500]
+    python -m most_lightning.eval.unit_mel_training data/demo/<hash> out/vocoder [--sentences 400 --steps 1500]
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Sequence
 
 import torch
 
-from .unit_mel_vocoder import UnitMelConfig, UnitMelVocoder, fit_unit_mel_vocoder
+from most_lightning.audio.unit_mel_vocoder import UnitMelConfig, UnitMelVocoder, fit_unit_mel_vocoder
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +28,7 @@ def speak(sentences: Sequence[str], voice: str, directory: Path) -> list[torch.T
     """16 kHz waveforms of the sentences by flite's `voice` (default prosody)."""
     from most_lightning.data.flite import Utterance, check_voices, synthesize
 
-    from .io import read_audio
+    from most_lightning.audio.io import read_audio
 
     check_voices([voice])
     waves = []
@@ -76,7 +76,7 @@ def corpus_sentences(corpus_dir: Path, split: str, limit: int) -> list[str]:
 
 
 def main() -> None:
-    from .units import UnitExtractor
+    from most_lightning.audio.units import UnitExtractor
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("corpus", type=Path, help="a demo corpus directory (data/demo/<hash>)")
