@@ -26,11 +26,6 @@ ALLOWED = {
 # Command-line entry points inside a layer's folder sit above every layer (entry -> lit -> model).
 ENTRY_POINTS = {"model/checkpoint/__main__.py"}
 
-# Crossings still to be removed, with what they import: the MoST-C audio input builds its encoder from the data
-# layer's front-end config until that config lives in audio/ and the LitModule hands the encoder to the model.
-KNOWN_CROSSINGS = {"model/audio_input.py": {"data", "audio"}}
-
-
 def package_imports(path: Path) -> set[str]:
     """The top-level names under most_lightning that ``path`` imports (absolute or relative)."""
     module = path.relative_to(PACKAGE.parent).with_suffix("").parts
@@ -67,7 +62,7 @@ def test_layer_imports_point_one_way(layer):
         rel = path.relative_to(PACKAGE).as_posix()
         if rel in ENTRY_POINTS:
             continue
-        allowed = {layer} | ALLOWED[layer] | LEAVES | KNOWN_CROSSINGS.get(rel, set())
+        allowed = {layer} | ALLOWED[layer] | LEAVES
         crossings += [f"{rel} imports most_lightning.{name}" for name in sorted(package_imports(path) - allowed)]
     assert not crossings, "\n".join(crossings)
 
@@ -75,12 +70,6 @@ def test_layer_imports_point_one_way(layer):
 def test_leaves_import_nothing_of_the_package():
     for leaf in sorted(LEAVES):
         assert package_imports(PACKAGE / f"{leaf}.py") == set(), leaf
-
-
-def test_known_crossings_are_still_there():
-    """An entry of KNOWN_CROSSINGS that no longer crosses must go, so that the list only shrinks."""
-    for rel, layers in KNOWN_CROSSINGS.items():
-        assert layers <= package_imports(PACKAGE / rel), f"{rel}: remove it from KNOWN_CROSSINGS"
 
 
 def test_the_import_reader_sees_relative_and_lazy_imports(tmp_path, monkeypatch):

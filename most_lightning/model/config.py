@@ -224,5 +224,9 @@ LLAMA3_2_3B_UPCYCLED: dict[str, Any] = dict(
     n_shared_experts=1, top_k=2, first_k_dense_replace=0, rms_norm_eps=1e-5, tie_word_embeddings=True,
 )
 
-PRESETS: dict[str, dict[str, Any]] = {"tiny": TINY, "deepseek_v2_lite": DEEPSEEK_V2_LITE,
+# The default run's model: TINY at width 128 with plain multi-head attention (head_dim 32), which two CPU cores
+# train to listen on the default demo corpus in ~3 minutes (docs/learning_check.md, "The default run").
+DEMO: dict[str, Any] = dict(TINY, hidden_size=128, attention="gqa", intermediate_size=384, moe_intermediate_size=64)
+
+PRESETS: dict[str, dict[str, Any]] = {"tiny": TINY, "demo": DEMO, "deepseek_v2_lite": DEEPSEEK_V2_LITE,
                                       "llama3_2_3b_upcycled": LLAMA3_2_3B_UPCYCLED}
