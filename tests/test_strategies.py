@@ -34,7 +34,7 @@ def no_launcher_env(monkeypatch):
 def test_each_strategy_config_composes_and_builds(name):
     from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
 
-    cfg = compose_run_config([f"strategy={name}", "trainer.devices=2"])
+    cfg = compose_run_config([f"strategy={name}", "trainer.devices=2", "data.batching=fixed"])
     assert cfg.strategy.name == name
     built, plan = build_strategy(cfg.strategy, cfg.trainer, cfg.data)
     assert plan == BatchPlan(cfg.data.batch_size, 2, 1, 1)
@@ -65,7 +65,7 @@ def test_deepspeed_on_a_gpu_is_lightnings_own_strategy_with_the_clip_value():
 
 
 def test_cpu_deepspeed_strategy_is_announced(caplog):
-    cfg = compose_run_config(["strategy=deepspeed_zero3"])
+    cfg = compose_run_config(["strategy=deepspeed_zero3", "data.batching=fixed"])
     with caplog.at_level("INFO", logger="most_lightning.strategy"):
         build_strategy(cfg.strategy, cfg.trainer, cfg.data)
     lines = [r.getMessage() for r in caplog.records if "CPUDeepSpeedStrategy" in r.getMessage()]
