@@ -32,6 +32,7 @@ def grid(experiment: str, tmp_path: Path) -> list[list[str]]:
     return [list(cell) for cell in itertools.product(*axes)]
 
 
+@pytest.mark.slow  # seconds of work: left out of the fast tier (-m "not slow")
 @pytest.mark.parametrize("experiment", ABLATIONS)
 def test_every_cell_composes_into_a_valid_config(experiment, tmp_path):
     cells = grid(experiment, tmp_path)

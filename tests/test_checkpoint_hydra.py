@@ -125,6 +125,7 @@ def test_run_py_trains_from_a_local_deepseek_checkpoint(tmp_path, shared_data_di
     torch.testing.assert_close(emb[base_vocab:], ckpt_emb.mean(0).expand(tok.vocab_size - base_vocab, -1))
 
 
+@pytest.mark.slow  # seconds of work: left out of the fast tier (-m "not slow")
 def test_run_py_fails_fast_on_a_bad_pretrained_dir(tmp_path):
     """Before any corpus is built or Lightning is imported: the culprit named."""
     import subprocess

@@ -75,6 +75,7 @@ def batch(seed: int = 0, rows: int = 2, seq: int = 24):
     return ids, modality, labels
 
 
+@pytest.mark.slow  # seconds of work: left out of the fast tier (-m "not slow")
 def test_fp32_checkpoint_trains_under_bf16_autocast_and_matches_fp32(tmp_path):
     torch.manual_seed(0)
     export_hf(MoSTForCausalLM(MoSTConfig(**SMALL)), tmp_path / "fp32")

@@ -101,6 +101,7 @@ def test_overlong_continuous_example_is_dropped_not_truncated(toy_tokenizer):
 
 
 # ---------------------------------------------------------------------------------------------- the splice
+@pytest.mark.slow  # seconds of work: left out of the fast tier (-m "not slow")
 @pytest.mark.parametrize("arch", ["tiny", "layer_norm"])
 def test_splice_uses_each_utterance_alone_and_ignores_padding(toy_tokenizer, arch):
     """Defect 1 of the reference: HuBERT got an inverted padding mask. Here the spliced frames of each row equal
@@ -159,6 +160,7 @@ def assert_encoder_equals(module, reference):
         assert torch.equal(own[k], v), k
 
 
+@pytest.mark.slow  # seconds of work: left out of the fast tier (-m "not slow")
 def test_loaded_encoder_survives_reinitialisation_and_training(tmp_path, toy_tokenizer):
     """Defect 3 of the reference: re-initialisation could overwrite the loaded HuBERT. Here the encoder sits
     outside the decoder: constructing the module, re-initialising the decoder and training steps leave the
@@ -192,6 +194,7 @@ def test_loaded_encoder_survives_reinitialisation_and_training(tmp_path, toy_tok
     assert not torch.equal(module.audio_input.proj.weight, proj_before)
 
 
+@pytest.mark.slow  # seconds of work: left out of the fast tier (-m "not slow")
 def test_fused_training_loss_sees_the_spliced_frames(tmp_path, toy_tokenizer, monkeypatch):
     """The training step's fused LM-head loss runs on the spliced embeddings: same loss and projection gradient as
     full logits + cross entropy on `module(batch)`."""
@@ -215,6 +218,7 @@ def test_fused_training_loss_sees_the_spliced_frames(tmp_path, toy_tokenizer, mo
     assert plain_grad.abs().sum() > 0
 
 
+@pytest.mark.slow  # seconds of work: left out of the fast tier (-m "not slow")
 def test_module_transcribes_continuous_prompts(tmp_path, toy_tokenizer):
     tok = toy_tokenizer
     module, _ = continuous_module(tmp_path, tok.vocab_size, tokenizer=tok)

@@ -171,6 +171,7 @@ def test_cli_help_and_print_dir(tmp_path, capsys):
     assert capsys.readouterr().out.strip() == str(tmp_path / "demo" / recipe.hash())
 
 
+@pytest.mark.slow  # seconds of work: left out of the fast tier (-m "not slow")
 def test_build_from_a_script_without_main_guard_fails_instead_of_hanging(tmp_path):
     """Spawned synthesis workers import the calling script; without the guard each would start the build again
     and wait forever on the build lock. The worker now stops with the fix, and the parent reports the dead worker."""
@@ -184,6 +185,7 @@ def test_build_from_a_script_without_main_guard_fails_instead_of_hanging(tmp_pat
     assert "a flite synthesis worker died before finishing its shard" in run.stderr
 
 
+@pytest.mark.slow  # seconds of work: left out of the fast tier (-m "not slow")
 def test_parallel_synthesis_writes_the_same_corpus_as_one_worker(tmp_path):
     one = build_demo_corpus(DemoCorpusRecipe(**MICRO), tmp_path / "one", num_workers=1, progress=False)
     two = build_demo_corpus(DemoCorpusRecipe(**MICRO), tmp_path / "two", num_workers=2, progress=False)

@@ -135,6 +135,7 @@ def test_mixing_weights_are_respected(data_root):
         MoSTDataModule.from_settings(data_dir=str(data_root / "unused"), task_weights={"asr": 0})
 
 
+@pytest.mark.slow  # seconds of work: left out of the fast tier (-m "not slow")
 def test_rank_and_worker_shards_are_disjoint(data_root):
     dm = make_dm(data_root)
     shards = dm.shards("train")

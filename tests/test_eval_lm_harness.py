@@ -102,6 +102,7 @@ def _write_tasks(tmp_path):
     (tmp_path / "tiny_gen.yaml").write_text(GEN_TASK.format(data=tmp_path / "gen.jsonl"))
 
 
+@pytest.mark.slow  # seconds of work: left out of the fast tier (-m "not slow")
 def test_local_tasks_through_simple_evaluate(tmp_path):
     from lm_eval.tasks import TaskManager
 

@@ -148,6 +148,7 @@ def _changed(before: list[torch.Tensor], module: torch.nn.Module) -> bool:
     return any(not torch.equal(a, b) for a, b in zip(before, module.parameters()))
 
 
+@pytest.mark.slow  # seconds of work: left out of the fast tier (-m "not slow")
 @pytest.mark.parametrize("start_step", [0, 10])
 def test_adversarial_training_steps_both_optimisers_after_the_warm_up(start_step, tmp_path):
     import lightning as L

@@ -113,6 +113,7 @@ def test_model_without_logits_gives_the_lm_head_input():
     torch.testing.assert_close(model.lm_head(skipped.hidden), full.logits)
 
 
+@pytest.mark.slow  # seconds of work: left out of the fast tier (-m "not slow")
 def test_training_step_same_loss_and_gradients_with_and_without_fusion(toy_tokenizer, monkeypatch):
     from test_lit_module import capture_logs, make_batch, make_module
 
@@ -166,6 +167,7 @@ def test_mla_padded_v_fused_kernel_equals_plain_attention(with_mask):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow  # seconds of work: left out of the fast tier (-m "not slow")
 def test_build_adamw_is_fused_and_steps_like_plain_adamw():
     models = [tiny_model(), tiny_model()]
     settings = dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)

@@ -163,6 +163,7 @@ def wave():
     return 0.1 * torch.randn(16000 + 123)
 
 
+@pytest.mark.slow  # seconds of work: left out of the fast tier (-m "not slow")
 @pytest.mark.parametrize("large", [False, True], ids=["base_layout", "large_layout"])
 def test_three_formats_give_identical_features_equal_to_transformers(tmp_path, wave, large):
     model = hf_model(large=large)
@@ -211,6 +212,7 @@ def test_fairseq_loader_never_runs_pickled_code(tmp_path):
     assert not (tmp_path / "pwned").exists()
 
 
+@pytest.mark.slow  # seconds of work: left out of the fast tier (-m "not slow")
 def test_padded_batch_equals_each_utterance_alone(tmp_path):
     """The reference passed HuBERT an inverted padding mask; here each utterance's features in a padded batch
     equal its features alone, for both group-norm (run one by one) and layer-norm (one batch + lengths)."""

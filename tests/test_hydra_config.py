@@ -99,6 +99,7 @@ def test_composed_config_takes_the_group_choices():
     assert cfg.optimized_metric and "trainer" in cfg and "data" in cfg
 
 
+@pytest.mark.slow  # seconds of work: left out of the fast tier (-m "not slow")
 def test_help_lists_the_config_groups():
     result = run_cli("--help")
     assert result.returncode == 0, result.stderr

@@ -19,6 +19,7 @@ def test_positions_restart_at_every_example():
     assert segment_positions(segments).tolist() == [[0, 1, 2, 0, 1, 0, 0, 1], [0, 1, 2, 3, 4, 5, 6, 7]]
 
 
+@pytest.mark.slow  # seconds of work: left out of the fast tier (-m "not slow")
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("attention, router", [("mla", "vanilla"), ("gqa", "modality_aware")])
 def test_packed_row_computes_what_its_examples_compute_alone(attention, router, device):
@@ -53,6 +54,7 @@ def test_packed_row_computes_what_its_examples_compute_alone(attention, router, 
     assert not torch.allclose(unmasked[0, 5:12], out.logits[0, 5:12], atol=1e-3)  # without segments examples mix
 
 
+@pytest.mark.slow  # seconds of work: left out of the fast tier (-m "not slow")
 @pytest.mark.parametrize("device", DEVICES)
 def test_packed_row_gradients_are_the_sum_of_the_examples_gradients(device):
     torch.manual_seed(2)  # the weights too: the tolerance below holds for these, whatever ran before

@@ -77,6 +77,7 @@ def fitted():
     return PhoneClassifierQuantizer.fit(feats, labels, context=1, hidden=32, epochs=3, batch_size=128), means
 
 
+@pytest.mark.slow  # seconds of work: left out of the fast tier (-m "not slow")
 def test_fitted_classifier_agrees_with_the_bayes_classifier_on_held_out_frames(fitted):
     q, means = fitted
     feats, labels, _ = _synthetic(40, seed=1)
@@ -87,6 +88,7 @@ def test_fitted_classifier_agrees_with_the_bayes_classifier_on_held_out_frames(f
     assert (pred == truth).float().mean() > 0.95
 
 
+@pytest.mark.slow  # seconds of work: left out of the fast tier (-m "not slow")
 def test_fit_is_deterministic_and_leaves_the_global_rng_alone():
     feats, labels, _ = _synthetic(20, seed=2)
     torch.manual_seed(123)
@@ -161,6 +163,7 @@ def test_recipe_validates_the_unit_model_and_keeps_old_hashes():
 MICRO = dict(n_train=24, n_val=6, n_test=6, n_text=20, shard_size=12, text_vocab_size=300)
 
 
+@pytest.mark.slow  # seconds of work: left out of the fast tier (-m "not slow")
 def test_corpus_with_phone_classifier_units(tmp_path):
     recipe = DemoCorpusRecipe(**MICRO, unit_model="phone_classifier", n_units=64, mfcc={"cmvn": "utterance"},
                               phone_classifier={"hidden": 64})
@@ -206,6 +209,7 @@ def test_too_few_units_for_the_phone_inventory_is_named(tmp_path):
         build_demo_corpus(recipe, tmp_path, num_workers=1, progress=False)
 
 
+@pytest.mark.slow  # seconds of work: left out of the fast tier (-m "not slow")
 def test_a_corpus_reuses_the_unit_extractor_of_its_front_end_corpus(tmp_path):
     front_end = dict(n_train=24, n_val=2, n_test=2, n_text=0, min_words=11, max_words=20, shard_size=12)
     recipe = DemoCorpusRecipe(**MICRO, max_words=10, unit_model="phone_classifier", n_units=64,

@@ -86,6 +86,7 @@ def test_bad_data_settings_fail_at_composition_with_the_field(overrides, message
         _check(overrides, tmp_path)
 
 
+@pytest.mark.slow  # seconds of work: left out of the fast tier (-m "not slow")
 def test_good_sources_and_every_shipped_data_and_experiment_config_pass(shard, tmp_path):
     _check([f"data.sources={{a: {{shards: {shard}, tasks: {{asr: 0.5, tts: 0.5}}}}, "
             f"b: {{shards: '{shard.parent}/train-{{00000..00000}}.tar', tasks: {{tts: 0}}}}}}",
@@ -117,6 +118,7 @@ def test_mode_eval_without_a_suite_gets_the_default_suite(tmp_path):
     assert compose_run_config(["mode=eval", "eval=asr"], tmp_path).eval.name == "asr"
 
 
+@pytest.mark.slow  # seconds of work: left out of the fast tier (-m "not slow")
 def test_batch_size_zero_fails_before_any_data_or_trainer_work(tmp_path):
     """It used to end in a bare ZeroDivisionError after the corpus build and the Trainer."""
     data_dir = tmp_path / "data"

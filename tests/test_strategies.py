@@ -203,6 +203,7 @@ def test_most_c_projection_adds_an_exact_zero_on_batches_without_audio():
                        out.lm_loss.detach())
 
 
+@pytest.mark.slow  # seconds of work: left out of the fast tier (-m "not slow")
 @pytest.mark.parametrize("router", ["modality_aware", "vanilla"])
 def test_every_parameter_gets_a_gradient_on_a_speech_only_batch(router):
     from tests.distributed_worker import build_module, make_batch

@@ -74,6 +74,7 @@ def test_decoder_and_vocoder_shapes(tmp_path):
         UnitMelVocoder.load(tmp_path / "missing")
 
 
+@pytest.mark.slow  # seconds of work: left out of the fast tier (-m "not slow")
 def test_trained_on_a_tiny_set_it_reproduces_the_mel_frames():
     """Two 'phones' (a low and a high tone) and silence: after training, the decoder's log-mel for the true units
     is far closer to the target than the target's own mean (an untrained or unit-blind decoder's best)."""

@@ -68,6 +68,7 @@ def test_extractor_refuses_a_quantizer_of_another_layer_naming_both(tmp_path):
         UnitExtractor(enc, KMeansQuantizer.load(tmp_path / "c768.npy"))
 
 
+@pytest.mark.slow  # seconds of work: left out of the fast tier (-m "not slow")
 def test_hubert_unit_extractor_fit_save_load_round_trip(tmp_path):
     torch.manual_seed(0)
     waves = [0.1 * torch.randn(n) for n in (16000, 12000, 9000)]
@@ -86,6 +87,7 @@ def test_hubert_unit_extractor_fit_save_load_round_trip(tmp_path):
         assert units.tolist() == [u for i, u in enumerate(raw) if i == 0 or u != raw[i - 1]]
 
 
+@pytest.mark.slow  # seconds of work: left out of the fast tier (-m "not slow")
 def test_extract_units_cli_over_audio_files(tmp_path, capsys):
     """The batch job: every decodable file's units equal the extractor's own, at its frame rate; a broken file
     is skipped and named (or stops the job with --on-bad-file raise)."""
