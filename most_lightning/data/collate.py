@@ -30,7 +30,8 @@ def collate_teacher_forced(examples: Sequence[Example], pad_id: int, modality_of
     return _with_audio(batch, examples, width, left_padded=False, modality_key="modality")
 
 
-def collate_asr_generation(examples: Sequence[GenerationExample], pad_id: int, modality_of: ModalityFn) -> dict[str, Any]:
+def collate_asr_generation(examples: Sequence[GenerationExample], pad_id: int,
+                           modality_of: ModalityFn) -> dict[str, Any]:
     """prompt_ids/prompt_mask/prompt_modality [B, P], LEFT-padded so every prompt ends at the last column."""
     if not examples:
         raise ValueError("cannot collate an empty batch")
