@@ -152,12 +152,11 @@ class DemoCorpusRecipe:
         """The recipe of the corpus whose unit extractor this one reuses (unit_extractor_from), or None."""
         if not self.unit_extractor_from:
             return None
-        unknown = set(self.unit_extractor_from) - {f.name for f in dataclasses.fields(self)}
-        shared = set(FRONT_END_FIELDS) & set(self.unit_extractor_from)
-        if unknown or shared or "unit_extractor_from" in self.unit_extractor_from:
+        keys = set(self.unit_extractor_from)
+        settable = {f.name for f in dataclasses.fields(self)} - set(FRONT_END_FIELDS) - {"unit_extractor_from"}
+        if keys - settable:
             raise ValueError(f"DemoCorpusRecipe.unit_extractor_from: unknown or not settable fields "
-                             f"{sorted(unknown | shared | ({'unit_extractor_from'} & set(self.unit_extractor_from)))}"
-                             f" (the unit settings {list(FRONT_END_FIELDS)} are this recipe's)")
+                             f"{sorted(keys - settable)} (the unit settings {list(FRONT_END_FIELDS)} are this recipe's)")
         own = {name: getattr(self, name) for name in FRONT_END_FIELDS}
         return DemoCorpusRecipe(**{**own, **self.unit_extractor_from})
 
