@@ -156,7 +156,8 @@ class DemoCorpusRecipe:
         settable = {f.name for f in dataclasses.fields(self)} - set(FRONT_END_FIELDS) - {"unit_extractor_from"}
         if keys - settable:
             raise ValueError(f"DemoCorpusRecipe.unit_extractor_from: unknown or not settable fields "
-                             f"{sorted(keys - settable)} (the unit settings {list(FRONT_END_FIELDS)} are this recipe's)")
+                             f"{sorted(keys - settable)} (the unit settings {list(FRONT_END_FIELDS)} are this "
+                             "recipe's)")
         own = {name: getattr(self, name) for name in FRONT_END_FIELDS}
         return DemoCorpusRecipe(**{**own, **self.unit_extractor_from})
 
