@@ -86,6 +86,12 @@ def source_stream(dm, shard, mode="exact", **kw) -> SourceMixStream:
                            batch_size=10, mode=mode, shuffle_buffer=0, verify_audio="none", **kw)
 
 
+def skip_counting_module(dm) -> MoSTDataModule:
+    """A datamodule over the same tiny corpus that only counts the skips of the batches handed to it."""
+    return MoSTDataModule.from_settings(data_dir=dm.data_dir, corpus=TINY_RECIPE, progress=False, batch_size=4,
+                                        max_length=None)
+
+
 def tally(batches) -> tuple[list[str], collections.Counter, int]:
     reasons: collections.Counter = collections.Counter()
     for b in batches:
@@ -190,8 +196,7 @@ def test_demo_corpus_manifest_is_checked(dm, tmp_path):
 def test_skip_report_writes_tsv_and_sums(dm, tmp_path):
     shard = write_with_manifest(tmp_path / "speech")
     cut_at(shard, "mid_member")
-    fresh = MoSTDataModule.from_settings(data_dir=dm.data_dir, corpus=TINY_RECIPE, progress=False, batch_size=4,
-                                         max_length=None)
+    fresh = skip_counting_module(dm)
     for batch in source_stream(dm, shard):
         fresh.on_before_batch_transfer(batch, 0)  # what Lightning calls before each training step
         assert "skipped_rows" not in batch
@@ -206,14 +211,12 @@ def test_training_skips_survive_a_checkpoint(dm, tmp_path):
     """skipped.tsv of a resumed run still lists the skips made before the checkpoint (and only once)."""
     shard = write_with_manifest(tmp_path / "speech")
     cut_at(shard, "mid_member")
-    before = MoSTDataModule.from_settings(data_dir=dm.data_dir, corpus=TINY_RECIPE, progress=False, batch_size=4,
-                                          max_length=None)
+    before = skip_counting_module(dm)
     for batch in source_stream(dm, shard):
         before.on_before_batch_transfer(batch, 0)
     state = before.state_dict()
     torch_state = __import__("json").loads(__import__("json").dumps(state))  # plain values, as in a checkpoint
-    after = MoSTDataModule.from_settings(data_dir=dm.data_dir, corpus=TINY_RECIPE, progress=False, batch_size=4,
-                                         max_length=None)
+    after = skip_counting_module(dm)
     after.skip_ledger.append(("validation", "v.tar", "k", "empty_transcript", 1, ""))
     after.load_state_dict(torch_state)
     assert after.skip_counts() == {"corrupt_shard": 50, "empty_transcript": 1}
