@@ -119,7 +119,7 @@ class DemoCorpusRecipe:
         if self.unit_model == "phone_classifier" and self.unit_quantizer is not None:
             raise ValueError("DemoCorpusRecipe.unit_quantizer (a k-means file) cannot be used with "
                              "unit_model=phone_classifier, which is fitted on the train audio")
-        self.unit_extractor_from = _plain_dict(self.unit_extractor_from)
+        self.unit_extractor_from = {str(k): v for k, v in dict(self.unit_extractor_from or {}).items()}
         if self.unit_extractor_from:
             if self.unit_quantizer is not None:
                 raise ValueError("DemoCorpusRecipe.unit_extractor_from and unit_quantizer both give the units: "
@@ -196,10 +196,6 @@ class DemoCorpusRecipe:
 # that reuses its extractor, so the two always agree
 FRONT_END_FIELDS = ("voices", "duration_stretch", "f0_scale", "n_units", "mfcc", "unit_encoder", "unit_model",
                     "phone_classifier", "kmeans_max_frames", "wordnet_dir")
-
-
-def _plain_dict(value: Any) -> dict[str, Any]:
-    return {str(k): (_plain_dict(v) if hasattr(v, "items") else v) for k, v in dict(value or {}).items()}
 
 
 def corpus_dir_for(recipe: DemoCorpusRecipe, data_dir: str | os.PathLike) -> Path:
