@@ -245,7 +245,10 @@ if __name__ == "__main__":
     register_sweeper_plugin()
     sys.argv = continue_killed_run(sys.argv)
     # torchrun / srun started this process: every rank writes into one run dir (see lit/launch.py)
-    from most_lightning.lit.launch import pin_run_dir_for_launched_ranks
+    from most_lightning.lit.launch import close_process_group, pin_run_dir_for_launched_ranks
 
     pin_run_dir_for_launched_ranks(sys.argv)
-    main()
+    try:
+        main()
+    finally:
+        close_process_group()

@@ -171,4 +171,7 @@ def trained_weights(trainer, module, out: Path) -> dict[str, torch.Tensor] | Non
 
 
 if __name__ == "__main__":
+    from most_lightning.lit.launch import close_process_group
+
     main()
+    close_process_group()

@@ -12,6 +12,7 @@ anything heavy is imported.
 from __future__ import annotations
 
 import os
+import sys
 
 MULTIRUN_FLAGS = ("-m", "--multirun")
 
@@ -74,3 +75,12 @@ def pin_run_dir_for_launched_ranks(argv: list[str], env: dict[str, str] | None =
     if rank > 0:
         argv += ["hydra.output_subdir=null", f"hydra.job.name=run_rank{rank}"]
     return run_id
+
+
+def close_process_group() -> None:
+    """Destroy torch.distributed's default process group if this process made one. Left to interpreter
+    shutdown, a gloo group can abort a rank that finished its work ("terminate called without an active
+    exception", exit status -6), roughly one two-rank CPU DeepSpeed run in ten."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
