@@ -119,6 +119,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
             f"{name.removeprefix('test/')} {metrics[name]:.4g}" for name in HEADLINE_METRICS if name in metrics))
 
     metrics |= skip_report(datamodule, output_dir, trainer.is_global_zero)
+    if cfg.get("eval_after_test") and trainer.is_global_zero:  # e.g. TTS through a vocoder: WER and stop rate
+        from most_lightning.eval.driver import evaluate_after_test
+
+        tested = ckpt if cfg.get("test", True) else None
+        metrics |= evaluate_after_test(cfg, module, datamodule, tested)
     if trainer.is_global_zero:
         # config_resolved.yaml (.hydra/config.yaml keeps the interpolations), metrics.json, provenance.json (git)
         write_run_records(output_dir, cfg, metrics)
@@ -146,7 +151,8 @@ def strategy_for_run(cfg: DictConfig, resume_from: str | None) -> tuple[Any, Any
 def check_settings(cfg: DictConfig) -> None:
     """Every setting checked before any work, each error naming its field and what it allows: the model/router
     groups (vocab_size: the preset's for now; model.init: a bad pretrained dir or an impossible expert layout,
-    from config.json + headers) and the data group (batch sizes, token budgets, lengths, weights, sources)."""
+    from config.json + headers), the data group (batch sizes, token budgets, lengths, weights, sources) and the
+    eval tasks to run after the test (each enabled in the eval suite)."""
     from most_lightning.data.settings_check import check_data_config
     from most_lightning.model.checkpoint.init import resolve_model_init
     from most_lightning.model.config_groups import build_model_config
@@ -154,6 +160,13 @@ def check_settings(cfg: DictConfig) -> None:
     model_config = build_model_config(resolve_model_init(OmegaConf.to_container(cfg.model, resolve=True), None)[0],
                                       cfg.router, vocab_size=None)
     check_data_config(cfg.data, max_positions=model_config.max_position_embeddings)
+    after = cfg.get("eval_after_test")
+    if after:
+        if not OmegaConf.is_list(after) or not all(isinstance(name, str) for name in after):
+            raise ValueError(f"eval_after_test={after!r}: must be a list of eval task names, e.g. [tts]")
+        from most_lightning.eval.driver import suite_tasks
+
+        suite_tasks(cfg.eval, list(after))  # each one enabled in the eval suite
 
 
 def resume_checkpoint(cfg: DictConfig) -> str | None:

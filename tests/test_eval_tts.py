@@ -1,11 +1,14 @@
 """Offline TTS path: the mean-mel vocoder (against hand-computed statistics), pocketsphinx on flite speech,
-and text -> units -> waveform -> pocketsphinx -> WER through the entry point."""
+text -> units -> waveform -> pocketsphinx -> WER through the entry point (mode=eval, and after a training run's
+test with eval_after_test)."""
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
+import sys
 
 import jiwer
 import pytest
@@ -73,20 +76,30 @@ def test_unknown_recognizer_kind_is_named():
         build_recognizer({"kind": "whisper"})
 
 
+# a unit_mel vocoder small enough to train in seconds (the real one: conf/eval/tts.yaml)
+SMALL_UNIT_MEL = [f"eval.tasks.tts.vocoders.unit_mel.{k}={v}"
+                  for k, v in {"fit_utterances": 4, "steps": 3, "channels": 16, "layers": 1}.items()]
+
+
+def _logs(result: subprocess.CompletedProcess) -> str:
+    return result.stdout + result.stderr
+
+
 @needs_flite
 @pytest.mark.slow
 def test_tts_suite_through_the_entry_point(tiny_run, tmp_path):
     """A 5-step tiny model's units are not intelligible (not required); the report must hold the judge's
-    ceiling on the original flite audio, the vocoder's resynthesis WER and the model's TTS WER, each equal to
-    jiwer's WER on what the recogniser said."""
-    out, _ = run_eval_cli(tiny_run, tmp_path / "eval", "eval=tts", "eval.tasks.tts.limit=3",
-                          "eval.tasks.tts.max_new_tokens=40", "eval.tasks.tts.vocoders.mean_mel.fit_utterances=20")
+    ceiling on the original flite audio, each vocoder's resynthesis WER and the model's TTS WER, each equal to
+    jiwer's WER on what the recogniser said. The unit_mel vocoder is trained once per corpus and settings."""
+    mean_mel = "+eval.tasks.tts.vocoders.mean_mel={kind: mean_mel, fit_utterances: 20}"
+    args = ("eval=tts", "eval.tasks.tts.limit=3", "eval.tasks.tts.max_new_tokens=40", *SMALL_UNIT_MEL)
+    out, result = run_eval_cli(tiny_run, tmp_path / "eval", *args, mean_mel)
     report = json.loads((out / "eval_report.json").read_text())
     tts = report["tasks"]["tts"]
     m = tts["metrics"]
     assert m["n_utterances"] == 3 and m["n_skipped_samples"] == 0
     norm = TextNormalizer()
-    for name in ("ground_truth", "mean_mel", "resynth_mean_mel"):
+    for name in ("ground_truth", "unit_mel", "resynth_unit_mel", "mean_mel", "resynth_mean_mel"):
         ex = tts["examples"][name]
         assert len(ex) == 3
         expected = jiwer.wer([norm(e["reference"]) for e in ex], [norm(e["hypothesis"]) for e in ex])
@@ -98,6 +111,49 @@ def test_tts_suite_through_the_entry_point(tiny_run, tmp_path):
     assert m["n_empty_unit_outputs"] >= m["n_did_not_stop"]
     assert (out / "vocoders" / "mean_mel" / "mean_mel_vocoder.json").is_file()
     assert list((out / "tts_audio").glob("*.resynth.flac"))
+    # the unit_mel vocoder went into the corpus's cache with its settings; a second run loads it
+    _, data_dir = tiny_run
+    cached = list(data_dir.glob("demo/*/vocoders/unit_mel-*/settings.json"))
+    assert len(cached) == 1 and json.loads(cached[0].read_text())["steps"] == 3
+    assert "training it once" in _logs(result)
+    _, again = run_eval_cli(tiny_run, tmp_path / "eval2", *args)
+    assert "training it once" not in _logs(again) and str(cached[0].parent) in _logs(again)
+
+
+@needs_flite
+@pytest.mark.slow
+def test_eval_after_test_puts_the_tts_figures_into_the_run(tiny_run, tmp_path):
+    """run.py eval_after_test=[tts]: after fit + test, the TTS eval of the tested weights lands in metrics.json
+    (the same numbers as its eval_report.json) and in the end-of-run summary."""
+    from conftest import FAST_OVERRIDES, REPO_ROOT
+
+    _, data_dir = tiny_run
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "run.py", *FAST_OVERRIDES, f"paths.data_dir={data_dir}", f"hydra.run.dir={run_dir}",
+           "test_asr_mismatched=false", "eval=tts", "eval_after_test=[tts]", "eval.progress=false",
+           "eval.tasks.tts.limit=2", "eval.tasks.tts.max_new_tokens=30", "eval.tasks.tts.resynthesis=false",
+           *SMALL_UNIT_MEL]
+    result = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-4000:]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    report = json.loads((run_dir / "eval_report.json").read_text())["tasks"]["tts"]["metrics"]
+    for name in ("wer_unit_mel", "wer_ground_truth", "stop_rate", "n_did_not_stop"):
+        assert metrics[f"eval/tts/{name}"] == pytest.approx(report[name]), name
+    assert "test/asr_wer" in metrics  # the test stage ran before
+    assert "TTS WER (unit_mel vocoder)" in result.stdout and "TTS stop rate" in result.stdout
+
+
+def test_eval_after_test_names_only_tasks_of_the_suite(tmp_path):
+    """A task the eval suite does not enable, or a bare string, is refused before any work."""
+    from conftest import compose_run_config
+    from run import check_settings
+
+    with pytest.raises(ValueError, match=r"\['tts'\] are not enabled in the eval suite 'default'"):
+        check_settings(compose_run_config(["eval_after_test=[tts]"], tmp_path))
+    with pytest.raises(ValueError, match="must be a list of eval task names"):
+        check_settings(compose_run_config(["eval_after_test=tts"], tmp_path))
+    check_settings(compose_run_config(["eval=tts", "eval_after_test=[tts]"], tmp_path))
 
 
 def test_hf_ctc_recognizer_loads_a_local_save_pretrained_directory(tmp_path):

@@ -116,31 +116,29 @@ def not_applicable(name: str, ctx) -> str | None:
     return None
 
 
-def run_eval(cfg: DictConfig) -> dict[str, Any]:
-    from most_lightning.eval.report import flat_metrics, write_report
-
-    if cfg.get("eval") is None:
-        raise ValueError("mode=eval needs a suite: eval=<name of a file in conf/eval> (e.g. eval=asr, eval=full)")
-    suite = cfg.eval
+def suite_tasks(suite: DictConfig, only: list[str] | None = None) -> dict[str, dict[str, Any]]:
+    """{task: settings} of the suite's enabled tasks (a task set to null or enabled: false is skipped); `only`
+    picks some of them by name. Unknown names are refused with the known ones."""
     registry = _task_registry()
     tasks = {k: v for k, v in _plain(suite.tasks).items() if v is not None and v.get("enabled", True) is not False}
     unknown = sorted(set(tasks) - set(registry))
     if unknown:
         raise ValueError(f"eval.tasks has unknown task(s) {unknown}; known: {sorted(registry)}")
-    cfg, ckpt = with_settings_of_checkpoint(cfg)
-    from most_lightning.data.settings_check import check_data_config
+    if only is not None:
+        missing = sorted(set(only) - set(tasks))
+        if missing:
+            raise ValueError(f"eval task(s) {missing} are not enabled in the eval suite {suite.get('name', '?')!r} "
+                             f"(enabled: {sorted(tasks)}); pick its suite with eval=<file of conf/eval>")
+        tasks = {k: v for k, v in tasks.items() if k in only}
+    return {name: {k: v for k, v in settings.items() if k != "enabled"} for name, settings in tasks.items()}
 
-    check_data_config(cfg.data)
-    if cfg.get("seed") is not None:
-        torch.manual_seed(int(cfg.seed))
-    ctx, info = build_context(cfg, ckpt)
-    report: dict[str, Any] = {"suite": suite.get("name", "?"), "checkpoint": info,
-                              "router": router_config(cfg.router).name, "model": _plain(cfg.model),
-                              "audio": _plain(cfg.get("audio")),
-                              "vocab_size": ctx.tokenizer.vocab_size,
-                              "normalizer": _plain(suite.get("normalizer")), "tasks": {}}
+
+def run_tasks(ctx, tasks: dict[str, dict[str, Any]], fail_fast: bool) -> dict[str, dict[str, Any]]:
+    """Run each task on the context; {task: result}. A failing task is recorded with its error (the others go
+    on) unless fail_fast."""
+    registry = _task_registry()
+    results: dict[str, dict[str, Any]] = {}
     for name, settings in tasks.items():
-        settings = {k: v for k, v in settings.items() if k != "enabled"}
         log.info(f"eval task {name} {settings}")
         start = time.perf_counter()
         reason = not_applicable(name, ctx)
@@ -151,15 +149,67 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
             else:
                 result = registry[name](ctx, **settings)
         except Exception as err:  # noqa: BLE001  one failing task must not lose the others' results
-            if suite.get("fail_fast", False):
+            if fail_fast:
                 raise
             log.exception(f"eval task {name} failed")
             result = {"error": f"{type(err).__name__}: {err}"}
         result["seconds"] = round(time.perf_counter() - start, 2)
-        report["tasks"][name] = result
+        results[name] = result
         shown = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                           for k, v in (result.get("metrics") or {}).items())
         log.info(f"{name}: {shown or result.get('error') or 'not applicable'}")
+    return results
+
+
+def run_eval(cfg: DictConfig) -> dict[str, Any]:
+    from most_lightning.eval.report import flat_metrics, write_report
+
+    if cfg.get("eval") is None:
+        raise ValueError("mode=eval needs a suite: eval=<name of a file in conf/eval> (e.g. eval=asr, eval=full)")
+    suite = cfg.eval
+    tasks = suite_tasks(suite)
+    cfg, ckpt = with_settings_of_checkpoint(cfg)
+    from most_lightning.data.settings_check import check_data_config
+
+    check_data_config(cfg.data)
+    if cfg.get("seed") is not None:
+        torch.manual_seed(int(cfg.seed))
+    ctx, info = build_context(cfg, ckpt)
+    report = report_head(cfg, ctx, info)
+    report["tasks"] = run_tasks(ctx, tasks, bool(suite.get("fail_fast", False)))
     json_path, md_path = write_report(report, ctx.output_dir)
     log.info(f"eval report written to {json_path} and {md_path}")
     return flat_metrics(report)
+
+
+def report_head(cfg: DictConfig, ctx, info: dict[str, Any]) -> dict[str, Any]:
+    return {"suite": cfg.eval.get("name", "?"), "checkpoint": info, "router": router_config(cfg.router).name,
+            "model": _plain(cfg.model), "audio": _plain(cfg.get("audio")), "vocab_size": ctx.tokenizer.vocab_size,
+            "normalizer": _plain(cfg.eval.get("normalizer")), "tasks": {}}
+
+
+def evaluate_after_test(cfg: DictConfig, module: Any, datamodule: Any, checkpoint: str | None) -> dict[str, float]:
+    """run.py's `eval_after_test: [task, ...]`: those tasks of the eval suite on the weights just tested (the
+    LitModule in memory), after the test stage; writes eval_report.json/.md into the run directory and returns
+    {"eval/<task>/<metric>": value}."""
+    from most_lightning.eval.context import EvalContext
+    from most_lightning.eval.report import flat_metrics, write_report
+    from most_lightning.metrics.normalize import TextNormalizer
+
+    suite = cfg.eval
+    tasks = suite_tasks(suite, list(cfg.eval_after_test))
+    model = module.model
+    ctx = EvalContext(model=model, tokenizer=datamodule.tokenizer, datamodule=datamodule,
+                      normalizer=TextNormalizer.from_any(_plain(suite.get("normalizer"))),
+                      batch_size=int(suite.get("batch_size", 8)), device=next(model.parameters()).device,
+                      output_dir=Path(cfg.paths.output_dir), progress=bool(suite.get("progress", True)),
+                      audio_input=module.audio_input)
+    was_training = model.training
+    model.eval()
+    try:
+        report = report_head(cfg, ctx, {"path": checkpoint or "weights in memory"})
+        report["tasks"] = run_tasks(ctx, tasks, bool(suite.get("fail_fast", False)))
+    finally:
+        model.train(was_training)
+    write_report(report, ctx.output_dir)
+    return {f"eval/{name}": value for name, value in flat_metrics(report).items()}

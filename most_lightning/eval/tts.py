@@ -4,9 +4,10 @@ of the judge) and on the vocoder's resynthesis of the ground-truth units (the ce
 
 Vocoders (settings `vocoders: {name: {kind: ..., ...}}`):
   mean_mel      MeanMelVocoder, no training: fitted on `fit_utterances` training utterances, or loaded from `path`
-  unit_mel      UnitMelVocoder (audio/unit_mel_vocoder.py): loaded from `path`, or trained here (a few CPU
-                minutes) on `fit_utterances` train sentences spoken by flite's `voice`, unit-coded by the corpus's
-                own unit extractor; resynthesis uses the true units WITH their run lengths
+  unit_mel      UnitMelVocoder (audio/unit_mel_vocoder.py): loaded from `path`, or trained once per corpus and
+                settings (a few CPU minutes; cached under <corpus>/vocoders/) on `fit_utterances` train sentences
+                spoken by flite's `voice`, unit-coded by the corpus's own unit extractor; resynthesis uses the true
+                units WITH their run lengths
   unit_hifigan  a unit HiFi-GAN checkpoint (`checkpoint`: fairseq/SpiritLM layout or ours)
 
 Stopping: a generated sequence "stops" when it emits end-of-audio; one that runs to `max_new_tokens` without it
@@ -85,12 +86,9 @@ def build_vocoder(ctx, name: str, spec: Mapping[str, Any]):
         if spec.get("path"):
             vocoder = UnitMelVocoder.load(spec["path"])
         else:
-            from most_lightning.eval.unit_mel_training import train_unit_mel_vocoder
+            from most_lightning.eval.unit_mel_training import cached_unit_mel_vocoder
 
-            sentences = [u.transcript for u in split_utterances(ctx, "train", int(spec.get("fit_utterances", 400)))[0]]
-            vocoder = train_unit_mel_vocoder(ctx.unit_extractor(), sentences, voice=spec.get("voice", "slt"),
-                                             steps=int(spec.get("steps", 1500)))
-            vocoder.save(ctx.output_dir / "vocoders" / name)
+            vocoder = cached_unit_mel_vocoder(ctx, spec)
     elif kind == "unit_hifigan":
         from most_lightning.audio.hifigan import load_unit_hifigan
 
@@ -192,7 +190,10 @@ def evaluate_tts(ctx, split: str = "test", limit: int | None = None, max_new_tok
     from most_lightning.audio.io import encode_audio
     from most_lightning.audio.units import dedup_units
 
-    vocoders = dict(vocoders or {"mean_mel": {"kind": "mean_mel"}})
+    vocoders = {name: spec for name, spec in (vocoders or {}).items() if spec is not None}  # name: null drops one
+    if not vocoders:
+        raise ValueError("tts: no vocoder (eval.tasks.tts.vocoders is empty): name at least one, e.g. "
+                         "unit_mel: {kind: unit_mel}")
     utts, n_skipped = split_utterances(ctx, split, limit)
     if not utts:
         raise ValueError(f"tts: no usable utterance in split {split!r} ({n_skipped} skipped)")

@@ -11,15 +11,18 @@ classifier), so units from any voice, or from the model, are voiced in this one.
 from __future__ import annotations
 
 import argparse
+import fcntl
+import hashlib
+import json
 import logging
 import tempfile
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 
-from most_lightning.audio.unit_mel_vocoder import UnitMelConfig, UnitMelVocoder, fit_unit_mel_vocoder
+from most_lightning.audio.unit_mel_vocoder import CONFIG_FILE, UnitMelConfig, UnitMelVocoder, fit_unit_mel_vocoder
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +64,37 @@ def train_unit_mel_vocoder(extractor, sentences: Sequence[str], voice: str = "sl
     return fit_unit_mel_vocoder(pairs, config, steps=steps, batch_size=batch_size, seed=seed, on_step=report)
 
 
+# settings of a `unit_mel` vocoder spec (conf/eval/tts.yaml) and their defaults; the cache key is all of them
+UNIT_MEL_SETTINGS = {"voice": "slt", "fit_utterances": 400, "steps": 1500, "channels": 192, "layers": 6}
+
+
+def cached_unit_mel_vocoder(ctx, spec: Mapping[str, Any]) -> UnitMelVocoder:
+    """The unit_mel vocoder of the eval context's corpus and these settings: loaded from
+    <corpus>/vocoders/unit_mel-<settings hash>/ when an earlier run trained it, else trained on the corpus's train
+    sentences (spoken by flite's `voice`) and saved there. Concurrent runs wait for the first to finish."""
+    from most_lightning.eval.tts import split_utterances
+
+    unknown = sorted(set(spec) - set(UNIT_MEL_SETTINGS) - {"kind", "path"})
+    if unknown:
+        raise ValueError(f"unit_mel vocoder: unknown setting(s) {unknown}; known: {sorted(UNIT_MEL_SETTINGS)} and path")
+    settings = {key: spec.get(key, default) for key, default in UNIT_MEL_SETTINGS.items()}
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+    directory = Path(ctx.datamodule.corpus_dir) / "vocoders" / f"unit_mel-{digest}"
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    with open(directory.with_name(directory.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (directory / CONFIG_FILE).is_file():
+            log.info(f"unit_mel vocoder {settings}: training it once for this corpus, into {directory}")
+            utterances, _ = split_utterances(ctx, "train", int(settings["fit_utterances"]))
+            vocoder = train_unit_mel_vocoder(ctx.unit_extractor(), [u.transcript for u in utterances],
+                                             voice=settings["voice"], steps=int(settings["steps"]),
+                                             channels=int(settings["channels"]), layers=int(settings["layers"]))
+            vocoder.save(directory)
+            (directory / "settings.json").write_text(json.dumps(settings, indent=2))
+    log.info(f"unit_mel vocoder: {directory}")
+    return UnitMelVocoder.load(directory)
+
+
 def corpus_sentences(corpus_dir: Path, split: str, limit: int) -> list[str]:
     from most_lightning.data.samples import BadSamplePolicy, iter_shard
 
@@ -89,8 +123,6 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
-    import json
-
     manifest = json.loads((args.corpus / "manifest.json").read_text())
     extractor = UnitExtractor.load(args.corpus / manifest.get("unit_extractor", "unit_extractor"))
     sentences = corpus_sentences(args.corpus, "train", args.sentences)

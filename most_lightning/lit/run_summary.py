@@ -45,10 +45,28 @@ def text_prior_verdict(metrics: Mapping[str, float], margin: float = MARGIN) -> 
             f"(needs to be at least {margin} lower); train longer or check the audio front end.")
 
 
+TTS = "eval/tts/"  # run.py's eval_after_test=[tts]: TTS through a vocoder, judged by a recogniser
+
+
+def tts_rows(metrics: Mapping[str, float]) -> list[tuple[str, str, None]]:
+    """(metric, label, None) of the TTS eval's key metrics present: per vocoder the WER of the model's speech and
+    of the vocoder on the true units (its ceiling), the recogniser on the original audio, and stopping."""
+    rows = []
+    vocoders = sorted(k.removeprefix(TTS + "wer_") for k in metrics
+                      if k.startswith(TTS + "wer_") and not k.startswith((TTS + "wer_resynth_", TTS + "wer_ground_truth")))
+    for name in vocoders:
+        rows.append((f"{TTS}wer_{name}", f"TTS WER ({name} vocoder)", None))
+        rows.append((f"{TTS}wer_resynth_{name}", f"TTS WER, {name} on the true units", None))
+    rows.append((f"{TTS}wer_ground_truth", "TTS WER, original audio", None))
+    rows.append((f"{TTS}stop_rate", "TTS stop rate (end-of-audio, length +-30%)", None))
+    rows.append((f"{TTS}n_did_not_stop", "TTS sequences that did not stop", None))
+    return rows
+
+
 def summary_rows(metrics: Mapping[str, float]) -> list[tuple[str, str, str]]:
     """(label, value, text-prior value or "") of the key metrics present."""
     rows = []
-    for name, label, baseline in ROWS:
+    for name, label, baseline in (*ROWS, *tts_rows(metrics)):
         if name not in metrics:
             continue
         value, prior = _finite(metrics, name), _finite(metrics, baseline) if baseline else None
