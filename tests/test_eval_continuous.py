@@ -154,7 +154,9 @@ def test_unit_input_tasks_are_not_applicable_to_a_continuous_model(continuous_ru
     out = tmp_path / "eval"
     result = _eval(continuous_run, out, "audio=continuous", "eval=full", "eval.tasks.asr=null",
                    "eval.tasks.text_ppl=null", "eval.tasks.tts.limit=2", "eval.tasks.tts.max_new_tokens=8",
-                   "eval.tasks.tts.resynthesis=false", "eval.fail_fast=true")
+                   "eval.tasks.tts.resynthesis=false", "eval.fail_fast=true",
+                   *[f"eval.tasks.tts.vocoders.unit_mel.{k}={v}" for k, v in
+                     {"fit_utterances": 4, "steps": 3, "channels": 16, "layers": 1}.items()])
     assert result.returncode == 0, result.stderr[-4000:]
     tasks = json.loads((out / "eval_report.json").read_text())["tasks"]
     assert "continuous features" in tasks["minimal_pairs"]["not_applicable"]
