@@ -1,5 +1,6 @@
 """A tiny model trained once per session through run.py, and a helper that runs `run.py mode=eval` on it.
-Import both names into a test module: `from eval_fixtures import run_eval_cli, tiny_run  # noqa: F401`."""
+Import both names into a test module: `from eval_fixtures import run_eval_cli, tiny_run  # noqa: F401`.
+For scoring tasks without a run: an untrained tiny model and the oracle NLL of one sequence under it."""
 
 from __future__ import annotations
 
@@ -9,8 +10,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+import torch.nn.functional as F
 
 from conftest import FAST_OVERRIDES, REPO_ROOT
+from most_lightning.model import MoSTConfig, MoSTForCausalLM
 
 
 @pytest.fixture(scope="session")
@@ -37,3 +41,24 @@ def run_eval_cli(tiny_run, out: Path, *overrides: str, check: bool = True) -> tu
     if check:
         assert result.returncode == 0, result.stderr[-4000:]
     return out, result
+
+
+def untrained_tiny_model(vocab_size: int, seed: int = 0) -> MoSTForCausalLM:
+    """A tiny modality-aware MoE model (in eval mode) with random weights, sharp enough that sequences differ."""
+    torch.manual_seed(seed)
+    config = MoSTConfig.from_preset("tiny", vocab_size=vocab_size, hidden_size=32, num_heads=2, kv_lora_rank=8,
+                                    qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8, intermediate_size=64,
+                                    moe_intermediate_size=16)
+    model = MoSTForCausalLM(config).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(10)
+    return model
+
+
+@torch.no_grad()
+def reference_nll(model: MoSTForCausalLM, ids: list[int], modality_of) -> tuple[float, int]:
+    """Oracle: (summed NLL of ids[1:], their number), F.cross_entropy over the logits of the lone, unpadded
+    sequence (no labels given to the model, so none of its loss code runs)."""
+    x = torch.tensor([ids])
+    logits = model(x, modality_of(x)).logits[0, :-1].double()
+    return float(F.cross_entropy(logits, x[0, 1:], reduction="sum")), len(ids) - 1

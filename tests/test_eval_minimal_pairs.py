@@ -1,4 +1,5 @@
-"""Minimal-pair scoring against a hand-computed bigram model, the benchmark layouts, and the flite demo sets."""
+"""Minimal-pair scoring: a real tiny model's sequence log-likelihoods against F.cross_entropy over its logits, the
+pair comparison against a hand-computed bigram model, the benchmark layouts, and the flite demo sets."""
 
 from __future__ import annotations
 
@@ -14,24 +15,27 @@ import pytest
 import soundfile as sf
 import torch
 
-from eval_fixtures import run_eval_cli, tiny_run  # noqa: F401
+from eval_fixtures import reference_nll, run_eval_cli, tiny_run, untrained_tiny_model  # noqa: F401
 from most_lightning.eval.context import EvalContext
 from most_lightning.eval.minimal_pairs import (evaluate_minimal_pairs, read_paired_wavs, read_zerospeech,
                                                unit_log_likelihoods)
 from most_lightning.metrics.scores import pair_accuracy
+from most_lightning.model.token_losses import shifted_token_losses
 
 needs_flite = pytest.mark.skipif(shutil.which("flite") is None, reason="needs the flite program (setup.sh)")
 
 
 class BigramModel(torch.nn.Module):
-    """logits of the next token = table[current token]: the likelihood of any sequence is known by hand."""
+    """logits of the next token = table[current token]: the likelihood of any sequence is known by hand. Like
+    MoSTForCausalLM, given labels it returns the per-token losses of its logits (the scorer reads nothing else)."""
 
     def __init__(self, table: torch.Tensor):
         super().__init__()
         self.table = table
 
-    def forward(self, input_ids, modality=None, attention_mask=None, **_):
-        return SimpleNamespace(logits=self.table[input_ids])
+    def forward(self, input_ids, modality, attention_mask=None, labels=None, **_):
+        logits = self.table[input_ids]
+        return SimpleNamespace(logits=logits, token_losses=shifted_token_losses(logits, labels, modality))
 
 
 class SegmentUnits:
@@ -54,6 +58,20 @@ def _ascending_table(tok) -> torch.Tensor:
         table[unit(u), unit(u + 1)] = 3.0
     table[unit(3), tok.eoa_id] = 3.0
     return table
+
+
+def test_model_log_likelihoods_match_cross_entropy_over_its_logits(toy_tokenizer):
+    # the scorer reads the model's own loss (labels=...); the oracle scores each sequence alone, unpadded
+    tok = toy_tokenizer
+    model = untrained_tiny_model(tok.vocab_size)
+    ctx = EvalContext(model=model, tokenizer=tok, batch_size=2, progress=False)
+    seqs = [[1, 2, 3, 4, 5], [3, 1], [2], [9, 8, 7]]  # padded batches of unequal rows
+    got = unit_log_likelihoods(ctx, seqs)
+    assert len(got) == len(seqs)
+    for seq, (ll, n) in zip(seqs, got):
+        nll, count = reference_nll(model, [tok.bos_id, *tok.encode_units(seq)], tok.modality_of)
+        assert ll == pytest.approx(-nll, abs=1e-4) and n == count
+    assert len({round(ll / n, 4) for ll, n in got}) == len(seqs)  # the sequences are told apart
 
 
 def test_log_likelihood_and_accuracy_match_hand_computation(toy_tokenizer):

@@ -3,14 +3,17 @@ what it allows; documented keys exist without `+`; mode=eval without eval= runs 
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
+from typing import Literal, get_args, get_origin, get_type_hints
 
 import pytest
 
 from conftest import CONF_DIR, REPO_ROOT, compose_run_config
-from most_lightning.data.settings_check import DataConfigError, check_data_config
+from most_lightning.data.settings import GROUPS
+from most_lightning.data.settings_check import DATAMODULE_TARGET, DataConfigError, check_data_config
 
 
 def _check(overrides: list[str], tmp_path: Path) -> None:
@@ -95,6 +98,64 @@ def test_good_sources_and_every_shipped_data_and_experiment_config_pass(shard, t
         _check([f"data={option}"], tmp_path)
     for option in sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml")):
         _check([f"experiment={option}"], tmp_path)
+
+
+def _literal_fields() -> list[tuple[type, str, tuple]]:
+    """(group class, field, the values its Literal type allows), read off the dataclasses themselves."""
+    out = []
+    for cls in GROUPS.values():
+        hints = get_type_hints(cls)
+        out += [(cls, f.name, get_args(hints[f.name])) for f in dataclasses.fields(cls)
+                if get_origin(hints[f.name]) is Literal]
+    return out
+
+
+def _min_int_fields() -> list[tuple[type, dataclasses.Field, bool]]:
+    """(group class, field, null allowed) for the integer fields that declare a minimum."""
+    out = []
+    for cls in GROUPS.values():
+        hints = get_type_hints(cls)
+        out += [(cls, f, type(None) in get_args(hints[f.name])) for f in dataclasses.fields(cls)
+                if "minimum" in f.metadata]
+    return out
+
+
+def _composed(**settings) -> dict:
+    # a valid flat data group but for `settings` (pack-compatible token budget, so every batching passes)
+    return {"_target_": DATAMODULE_TARGET, "max_tokens": 64, "max_length": 32, **settings}
+
+
+def test_choices_and_ranges_come_from_the_settings_dataclasses():
+    """One source: settings_check accepts exactly what each dataclass field's type allows, refuses the rest
+    with the same message the dataclass raises, and so checks every choice field (data.verify included)."""
+    choices = _literal_fields()
+    assert {name for _, name, _ in choices} == {"batching", "shard_sampling", "few_shards", "max_length_policy",
+                                                "on_bad_sample", "verify", "verify_audio"}
+    for cls, name, allowed in choices:
+        for value in allowed:
+            check_data_config(_composed(**{name: value}))
+            cls(**{name: value})
+        with pytest.raises(DataConfigError) as early:
+            check_data_config(_composed(**{name: "nope"}))
+        assert str(early.value) == f"data.{name}='nope': allowed values are {list(allowed)}"
+        with pytest.raises(DataConfigError) as built:
+            cls(**{name: "nope"})
+        assert str(built.value) == str(early.value)
+    ints = _min_int_fields()
+    assert len(ints) == 11
+    for cls, field, allow_null in ints:
+        minimum = field.metadata["minimum"]
+        check_data_config(_composed(**{field.name: minimum}))
+        assert getattr(cls(**{field.name: minimum}), field.name) == minimum
+        if allow_null:
+            check_data_config(_composed(**{field.name: None}))
+        for bad in [minimum - 1, 2.5, True] + ([] if allow_null else [None]):
+            with pytest.raises(DataConfigError, match=rf"^data\.{field.name}=.*: must be an integer >= {minimum}"
+                               + (" or null" if allow_null else "") + "$") as early:
+                check_data_config(_composed(**{field.name: bad}))
+            with pytest.raises(DataConfigError) as built:
+                cls(**{field.name: bad})
+            assert str(built.value) == str(early.value)
 
 
 def test_another_datamodule_target_is_left_alone():

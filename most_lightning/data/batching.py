@@ -13,14 +13,15 @@
 from __future__ import annotations
 
 import random
-from typing import Any, Callable
+from typing import Any, Callable, Literal, get_args
 
 import torch
 
 from .collate import collate_teacher_forced
 from .tasks import IGNORE_INDEX, Example
 
-BATCHINGS = ("fixed", "bucket", "pack")
+Batching = Literal["fixed", "bucket", "pack"]
+BATCHINGS = get_args(Batching)
 
 
 class FixedBatcher:

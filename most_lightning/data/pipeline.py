@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Literal, get_args
 
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
@@ -41,7 +41,8 @@ from .shard_reader import VERIFY_SHARDS, VerifyShards
 from .sources import SourceSpec
 from .tasks import MaxLengthPolicy, TaskFormatter
 
-StreamMode = Literal["resampled", "split", "exact"]
+ShardSampling = Literal["split", "resampled"]  # the training stream's modes (data.shard_sampling)
+StreamMode = Literal[ShardSampling, "exact"]  # exact: one ordered pass (evaluation)
 FewShards = Literal["stride", "error"]
 FRESH = {"pass": 0, "shard": 0, "sample": 0, "index": 0}
 RESUME_MARKER = "resume_marker"  # an item that only aligns the workers' turns on resume (dropped by the loader)
@@ -196,8 +197,8 @@ class SourceMixStream(IterableDataset):
         """audio_frames: continuous audio input (MoST-C): n_samples -> encoder frames; ASR prompts then carry the
         waveform and frame slots (data/continuous.py). audio_markers: drop | keep the audio markers around them."""
         super().__init__()
-        if mode not in ("resampled", "split", "exact"):
-            raise ValueError(f"stream mode must be 'resampled', 'split' or 'exact', got {mode!r}")
+        if mode not in get_args(StreamMode):
+            raise ValueError(f"stream mode must be one of {get_args(StreamMode)}, got {mode!r}")
         if mode != "exact" and not batches_per_epoch:
             raise ValueError(f"mode {mode!r} is endless: give batches_per_epoch (batches per rank per epoch)")
         if few_shards not in ("stride", "error"):

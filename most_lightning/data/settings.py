@@ -5,6 +5,10 @@
 
 Every key of the flat group belongs to exactly one group (its field of the same name), so `data.batch_size=8` on
 the command line keeps working while the constructor takes six objects. An unknown key is refused, naming it.
+
+The fields say what they allow, once: a choice is typed with a Literal (its values), an integer with a minimum
+carries it in its field (`at_least`; `| None` in the type allows null). Each group checks its fields from that,
+and settings_check reads the same `CHOICES` and `INTEGERS` to check a composed config before anything is built.
 """
 
 from __future__ import annotations
@@ -12,15 +16,17 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from functools import cache
+from typing import Any, Literal, get_args, get_origin, get_type_hints
 
-from .batching import BATCHINGS
+from .batching import Batching
 from .continuous import AudioFrontendConfig
 from .demo_chat_set import DemoChatRecipe
 from .demo_corpus import DemoCorpusRecipe
-from .samples import BadSamplePolicy
-from .shard_reader import VERIFY_SHARDS
-from .tasks import TASKS
+from .pipeline import FewShards, ShardSampling
+from .samples import OnBadSample, VerifyAudio
+from .shard_reader import VerifyShards
+from .tasks import TASKS, MaxLengthPolicy
 
 DEFAULT_TASK_WEIGHTS = {"asr": 0.4, "tts": 0.4, "text": 0.2}  # stage-1 mix of the reference
 
@@ -32,9 +38,50 @@ def plain(value: Any) -> Any:
     return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
 
 
-def _choice(where: str, value: Any, allowed: tuple[str, ...]) -> None:
+class DataConfigError(ValueError):
+    """A data setting that cannot work; the message names the field and what it allows."""
+
+
+def check_choice(where: str, value: Any, allowed: tuple[Any, ...]) -> None:
     if value not in allowed:
-        raise ValueError(f"{where}={value!r}: allowed values are {', '.join(allowed)}")
+        raise DataConfigError(f"{where}={value!r}: allowed values are {list(allowed)}")
+
+
+def check_integer(where: str, value: Any, minimum: int, allow_null: bool) -> None:
+    if value is None and allow_null:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        allowed = f"an integer >= {minimum}" + (" or null" if allow_null else "")
+        raise DataConfigError(f"{where}={value!r}: must be {allowed}")
+
+
+def at_least(minimum: int, default: int | None) -> Any:
+    """An integer field and its minimum (read by `integer_fields`)."""
+    return field(default=default, metadata={"minimum": minimum})
+
+
+@cache
+def choice_fields(cls: type) -> dict[str, tuple[Any, ...]]:
+    """{field: allowed values} for the fields of settings class `cls` typed with a Literal."""
+    hints = get_type_hints(cls)
+    return {f.name: get_args(hints[f.name]) for f in dataclasses.fields(cls) if get_origin(hints[f.name]) is Literal}
+
+
+@cache
+def integer_fields(cls: type) -> dict[str, tuple[int, bool]]:
+    """{field: (minimum, null allowed)} for the integer fields of settings class `cls` that declare a minimum."""
+    hints = get_type_hints(cls)
+    return {f.name: (f.metadata["minimum"], type(None) in get_args(hints[f.name]))
+            for f in dataclasses.fields(cls) if "minimum" in f.metadata}
+
+
+def check_fields(settings: Any) -> None:
+    """Every choice and integer field of a settings instance against what its type and minimum allow."""
+    cls = type(settings)
+    for name, allowed in choice_fields(cls).items():
+        check_choice(f"data.{name}", getattr(settings, name), allowed)
+    for name, (minimum, allow_null) in integer_fields(cls).items():
+        check_integer(f"data.{name}", getattr(settings, name), minimum, allow_null)
 
 
 @dataclass(frozen=True)
@@ -55,10 +102,11 @@ class DatasetSettings:
     corpus_dir: str | None = None
     demo_chat: DemoChatRecipe = field(default_factory=DemoChatRecipe)
     tokenizer: TokenizerSettings = field(default_factory=TokenizerSettings)
-    build_workers: int | None = None
+    build_workers: int | None = at_least(1, None)
     progress: bool = True
 
     def __post_init__(self):
+        check_fields(self)
         object.__setattr__(self, "data_dir", str(self.data_dir))
         object.__setattr__(self, "corpus_dir", str(self.corpus_dir) if self.corpus_dir else None)
         object.__setattr__(self, "corpus", DemoCorpusRecipe.from_any(plain(self.corpus)))
@@ -69,18 +117,17 @@ class DatasetSettings:
 @dataclass(frozen=True)
 class LoaderSettings:
     """How examples become batches (data/batching.py) and how the DataLoaders run."""
-    batch_size: int = 16
-    eval_batch_size: int | None = None  # None: batch_size
-    num_workers: int = 0
+    batch_size: int = at_least(1, 16)
+    eval_batch_size: int | None = at_least(1, None)  # None: batch_size
+    num_workers: int = at_least(0, 0)
     pin_memory: bool = False
-    batching: str = "fixed"  # fixed | bucket | pack
-    max_tokens: int | None = None  # token budget per batch for bucket / pack
-    bucket_pool: int = 256
+    batching: Batching = "fixed"
+    max_tokens: int | None = at_least(1, None)  # token budget per batch for bucket / pack
+    bucket_pool: int = at_least(1, 256)
 
     def __post_init__(self):
-        _choice("data.batching", self.batching, BATCHINGS)
-        object.__setattr__(self, "batch_size", int(self.batch_size))
-        object.__setattr__(self, "eval_batch_size", int(self.eval_batch_size or self.batch_size))
+        check_fields(self)
+        object.__setattr__(self, "eval_batch_size", self.eval_batch_size or self.batch_size)
 
 
 @dataclass(frozen=True)
@@ -89,15 +136,16 @@ class StreamSettings:
     sources null = the corpus's train split mixed by task_weights (MoSTDataModule.source_specs)."""
     sources: dict[str, Any] | None = None
     task_weights: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_TASK_WEIGHTS))
-    shard_sampling: str = "split"  # split | resampled
-    batches_per_epoch: int | None = None  # None: ~one pass of the train speech (1000 with named sources)
-    shuffle_buffer: int = 500
+    shard_sampling: ShardSampling = "split"
+    batches_per_epoch: int | None = at_least(1, None)  # None: ~one pass of the train speech (1000 with named sources)
+    shuffle_buffer: int = at_least(0, 500)
     shuffle_shards: bool = True
-    few_shards: str = "stride"  # stride | error
+    few_shards: FewShards = "stride"
     resume_data_position: bool = True
     seed: int = 0
 
     def __post_init__(self):
+        check_fields(self)
         weights = {str(k): float(v) for k, v in dict(plain(self.task_weights) or DEFAULT_TASK_WEIGHTS).items()}
         unknown = sorted(set(weights) - set(TASKS))
         if unknown or not any(w > 0 for w in weights.values()):
@@ -105,36 +153,32 @@ class StreamSettings:
                              f"and name no other task{f' (unknown: {unknown})' if unknown else ''}")
         object.__setattr__(self, "task_weights", weights)
         object.__setattr__(self, "sources", plain(self.sources))
-        _choice("data.shard_sampling", self.shard_sampling, ("split", "resampled"))
-        _choice("data.few_shards", self.few_shards, ("stride", "error"))
         object.__setattr__(self, "seed", int(self.seed))
 
 
 @dataclass(frozen=True)
 class QualitySettings:
     """What counts as a bad input and what happens to it (data/samples.py, data/shard_reader.py)."""
-    max_length: int | None = 1024
-    max_length_policy: str = "drop"  # drop (a bad sample) | truncate (counted in n_truncated)
-    on_bad_sample: str = "skip"  # skip (counted by kind) | raise
-    verify: str = "size"  # shard checks against their manifest: size | sha256 | none
-    verify_audio: str = "header"  # none | header | full
+    max_length: int | None = at_least(1, 1024)
+    max_length_policy: MaxLengthPolicy = "drop"  # drop (a bad sample) | truncate (counted in n_truncated)
+    on_bad_sample: OnBadSample = "skip"  # skip (counted by kind) | raise
+    verify: VerifyShards = "size"  # shard checks against their manifest (data/shard_reader.py)
+    verify_audio: VerifyAudio = "header"
     dedup_units: bool = True
 
     def __post_init__(self):
-        BadSamplePolicy(self.on_bad_sample)
-        _choice("data.max_length_policy", self.max_length_policy, ("drop", "truncate"))
-        _choice("data.verify", self.verify, VERIFY_SHARDS)
-        _choice("data.verify_audio", self.verify_audio, ("none", "header", "full"))
+        check_fields(self)
 
 
 @dataclass(frozen=True)
 class EvalSettings:
     """The in-memory validation and test sets."""
     val_tasks: tuple[str, ...] = TASKS
-    val_limit: int | None = None  # utterances per task; None = the whole split
-    test_limit: int | None = None
+    val_limit: int | None = at_least(1, None)  # utterances per task; None = the whole split
+    test_limit: int | None = at_least(1, None)
 
     def __post_init__(self):
+        check_fields(self)
         object.__setattr__(self, "val_tasks", tuple(plain(self.val_tasks)))
         bad = [t for t in self.val_tasks if t not in TASKS]
         if bad:
@@ -146,6 +190,9 @@ GROUPS = {"dataset": DatasetSettings, "loader": LoaderSettings, "stream": Stream
 # flat key of conf/data -> its group; `audio` (conf/audio, passed in by run.py) is a group of its own
 KEY_GROUP = {f.name: group for group, cls in GROUPS.items() for f in dataclasses.fields(cls)}
 assert len(KEY_GROUP) == sum(len(dataclasses.fields(c)) for c in GROUPS.values()), "a key in two groups"
+# flat key -> what it allows, from the groups' fields (settings_check checks a composed config with them)
+CHOICES = {name: allowed for cls in GROUPS.values() for name, allowed in choice_fields(cls).items()}
+INTEGERS = {name: bounds for cls in GROUPS.values() for name, bounds in integer_fields(cls).items()}
 
 
 def settings_from(cls: type, value: Any, where: str) -> Any:

@@ -3,7 +3,8 @@
 run.py calls `check_data_config` right after Hydra composes the config, before the corpus, the tokenizer or the
 Trainer exist: a batch size of 0, a token budget smaller than a packed row, a task weight below zero or a shard
 pattern that matches nothing fails in a second with the field (`data.<key>`) and what it allows, instead of a
-bare error minutes later. The datamodule and the streams keep their own checks for direct (non-Hydra) use.
+bare error minutes later. The allowed choices and integer ranges are the typed settings' own (data/settings.py:
+CHOICES, INTEGERS), which check the same fields again when the DataModule is built.
 """
 
 from __future__ import annotations
@@ -13,51 +14,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .batching import BATCHINGS
+from .settings import CHOICES, INTEGERS, DataConfigError, check_choice, check_integer, plain, split_flat_settings
 from .tasks import ALL_TASKS, TASK_KIND, TASKS
 
 DATAMODULE_TARGET = "most_lightning.data.MoSTDataModule.from_settings"
-CHOICES = {
-    "max_length_policy": ("drop", "truncate"),
-    "on_bad_sample": ("skip", "raise"),
-    "shard_sampling": ("split", "resampled"),
-    "batching": BATCHINGS,
-    "few_shards": ("stride", "error"),
-    "verify_audio": ("none", "header", "full"),
-}
-# key -> (minimum, null allowed)
-INTEGERS = {
-    "batch_size": (1, False),
-    "eval_batch_size": (1, True),
-    "num_workers": (0, False),
-    "build_workers": (1, True),
-    "max_length": (1, True),
-    "max_tokens": (1, True),
-    "bucket_pool": (1, False),
-    "shuffle_buffer": (0, False),
-    "batches_per_epoch": (1, True),
-    "val_limit": (1, True),
-    "test_limit": (1, True),
-}
 DEMO_CHAT = "demo_chat"  # the shards value that names the demo chat set (built on first use)
-
-
-class DataConfigError(ValueError):
-    """A data setting that cannot work; the message names the field and what it allows."""
-
-
-def _plain(value: Any) -> Any:
-    from omegaconf import OmegaConf
-
-    return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
-
-
-def check_integer(where: str, value: Any, minimum: int, allow_null: bool) -> None:
-    if value is None and allow_null:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        allowed = f"an integer >= {minimum}" + (" or null" if allow_null else "")
-        raise DataConfigError(f"{where}={value!r}: must be {allowed}")
 
 
 def check_weights(where: str, weights: Any, known: tuple[str, ...], need_positive: bool = True) -> dict[str, float]:
@@ -126,11 +87,9 @@ def check_sources(sources: Any, root: Path | None) -> None:
 def check_data_config(data: Any, max_positions: int | None = None) -> None:
     """Raise DataConfigError naming the first bad setting of the data group (MoSTDataModule only; another
     `_target_` is the user's own). max_positions: the model's max_position_embeddings (bounds data.max_length)."""
-    data = _plain(data)
+    data = plain(data)
     if not isinstance(data, Mapping) or data.get("_target_") != DATAMODULE_TARGET:
         return
-    from .settings import split_flat_settings
-
     try:
         split_flat_settings(data)  # every key belongs to one typed settings group
     except ValueError as err:
@@ -138,9 +97,9 @@ def check_data_config(data: Any, max_positions: int | None = None) -> None:
     for key, (minimum, allow_null) in INTEGERS.items():
         if key in data:
             check_integer(f"data.{key}", data[key], minimum, allow_null)
-    for key, choices in CHOICES.items():
-        if key in data and data[key] not in choices:
-            raise DataConfigError(f"data.{key}={data[key]!r}: allowed values are {list(choices)}")
+    for key, allowed in CHOICES.items():
+        if key in data:
+            check_choice(f"data.{key}", data[key], allowed)
     max_length, max_tokens, batching = data.get("max_length"), data.get("max_tokens"), data.get("batching", "fixed")
     if max_positions is not None and max_length is not None and max_length > max_positions:
         raise DataConfigError(f"data.max_length={max_length}: must be <= the model's max_position_embeddings "

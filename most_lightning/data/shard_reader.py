@@ -27,12 +27,12 @@ import re
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Literal
+from typing import Any, Callable, Iterator, Literal, get_args
 
 log = logging.getLogger(__name__)
 
 VerifyShards = Literal["none", "size", "sha256"]
-VERIFY_SHARDS = ("none", "size", "sha256")
+VERIFY_SHARDS = get_args(VerifyShards)
 MANIFEST = "manifest.json"
 BLOCK = 512
 

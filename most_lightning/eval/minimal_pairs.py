@@ -28,7 +28,6 @@ import torch
 from most_lightning.audio.io import AudioDecodeError, read_audio
 from most_lightning.data.collate import collate_teacher_forced
 from most_lightning.data.tasks import IGNORE_INDEX, Example
-from most_lightning.model.token_losses import shifted_token_losses
 from most_lightning.metrics.scores import pair_accuracy
 
 log = logging.getLogger(__name__)
@@ -99,12 +98,11 @@ def unit_log_likelihoods(ctx, unit_seqs: list[list[int]]) -> list[tuple[float, i
     out: list[tuple[float, int]] = []
     for chunk in ctx.batches(examples, "speech LM"):
         batch = collate_teacher_forced(chunk, tok.pad_id, tok.modality_of)
-        logits = ctx.model(batch["input_ids"].to(ctx.device), batch["modality"].to(ctx.device),
-                           attention_mask=batch["attention_mask"].to(ctx.device)).logits
-        losses = shifted_token_losses(logits, batch["labels"].to(ctx.device), batch["modality"].to(ctx.device))
-        for row in range(len(chunk)):
-            valid = losses.valid[row]
-            out.append((-float(losses.nll[row][valid].sum()), int(valid.sum())))
+        losses = ctx.model(batch["input_ids"].to(ctx.device), batch["modality"].to(ctx.device),
+                           attention_mask=batch["attention_mask"].to(ctx.device),
+                           labels=batch["labels"].to(ctx.device), compute_logits=False).token_losses
+        nll, counts = losses.sum_and_count_by_row()
+        out += [(-float(s), int(n)) for s, n in zip(nll.tolist(), counts.tolist())]
     return out
 
 

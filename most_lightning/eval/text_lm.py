@@ -9,7 +9,6 @@ import torch
 
 from most_lightning.data.collate import collate_teacher_forced
 from most_lightning.data.tasks import TaskFormatter
-from most_lightning.model.token_losses import shifted_token_losses
 
 
 def held_out_sentences(ctx, split: str = "test", limit: int | None = None, text_file: str | None = None) -> list[str]:
@@ -38,9 +37,9 @@ def evaluate_text_perplexity(ctx, split: str = "test", limit: int | None = None,
     for chunk in ctx.batches(sentences, "text ppl"):
         batch = collate_teacher_forced([fmt.text_lm(s) for s in chunk], tok.pad_id, tok.modality_of)
         out = ctx.model(batch["input_ids"].to(ctx.device), batch["modality"].to(ctx.device),
-                        attention_mask=batch["attention_mask"].to(ctx.device))
-        losses = shifted_token_losses(out.logits, batch["labels"].to(ctx.device), batch["modality"].to(ctx.device))
-        s, n = losses.sum_and_count()
+                        attention_mask=batch["attention_mask"].to(ctx.device),
+                        labels=batch["labels"].to(ctx.device), compute_logits=False)
+        s, n = out.token_losses.sum_and_count()
         total, count = total + float(s), count + int(n)
     nll = total / count
     return {"metrics": {"nll": nll, "perplexity": math.exp(nll), "n_sentences": len(sentences), "n_tokens": count},

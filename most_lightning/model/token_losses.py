@@ -53,6 +53,11 @@ class TokenLosses:
         sel = self.valid if mask is None else self.valid & mask
         return (self.nll * sel).sum(), sel.sum()
 
+    def sum_and_count_by_row(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed NLL [B] and number of supervised tokens [B] of each row: a sequence's negative log-likelihood
+        (scoring, e.g. minimal pairs)."""
+        return (self.nll * self.valid).sum(1), self.valid.sum(1)
+
     def modality_mask(self, modality: int) -> torch.Tensor:
         return self.target_modality == modality
 
