@@ -48,7 +48,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     from lightning.pytorch.utilities import rank_zero_only
 
     from most_lightning.experiments.provenance import write_run_records
-    from most_lightning.lit.checkpoint import RecordDataSettings
+    from most_lightning.lit.checkpoint import RecordDataSettings, check_resume_checkpoint
     from most_lightning.lit.pruning import pruning_message
     from most_lightning.lit.run_summary import print_run_summary
     from most_lightning.lit.runtime import (
@@ -95,6 +95,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     metrics: dict[str, float] = {"model/n_params": float(n_params)}
     if cfg.get("train", True):
+        if resume_from is not None and Path(resume_from).exists():  # the reader's checks, before any work
+            check_resume_checkpoint(module, resume_from)
         # weights_only=True whatever the environment says: a checkpoint is data, never code
         trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
         metrics |= scalar_metrics(trainer.callback_metrics) | best_checkpoint_metrics(trainer)

@@ -71,6 +71,18 @@ def test_weights_that_do_not_fit_name_the_keys(saved_module):
         load_lit_module(path, model={**MODEL, "moe_intermediate_size": 24})
 
 
+def test_resume_from_a_checkpoint_of_another_model_stops_before_training(saved_module, cfg_fast):
+    """run.py resumes through the same reader's checks: not Lightning's strict-load traceback after start-up."""
+    from run import train
+
+    _, path = saved_module
+    cfg_fast.ckpt_path = str(path)  # a MODEL-sized module; the run builds FAST_OVERRIDES' larger one
+    with pytest.raises(CheckpointError, match=r"last.ckpt does not fit the model its settings describe: "
+                                              r"missing keys .*shape mismatches .*resume with the overrides of the run"):
+        train(cfg_fast)
+    assert not (Path(cfg_fast.paths.output_dir) / "metrics.json").exists()
+
+
 def test_saved_settings_replace_the_composed_groups_and_overrides_apply_on_top(tmp_path):
     cfg = compose_run_config(["model.hidden_size=48", "model.kv_lora_rank=8", "~model.init", "router=vanilla",
                               "data.batch_size=5", "eval.batch_size=2"], tmp_path)

@@ -1,4 +1,5 @@
-"""The one reader of MoSTLitModule checkpoints (eval, export), and the run settings a checkpoint carries.
+"""The one reader of MoSTLitModule checkpoints (eval, export, the checks before a resume), and the run settings a
+checkpoint carries.
 
 ``load_lit_module(path)`` does what ``MoSTLitModule.load_from_checkpoint(path)`` does (the module built from
 the saved hyperparameters, overrides given as keyword arguments, state loaded strictly, ``on_load_checkpoint``
@@ -90,6 +91,21 @@ def module_from_checkpoint(ckpt: Mapping[str, Any], source: str | Path = "checkp
 def load_lit_module(path: str | Path, **overrides: Any):
     """``MoSTLitModule.load_from_checkpoint(path, **overrides)`` for .ckpt files and DeepSpeed directories."""
     return module_from_checkpoint(read_checkpoint(path), path, **overrides)
+
+
+def check_resume_checkpoint(module: Any, path: str | Path) -> None:
+    """Before Lightning restores a training run from ``path`` (weights, optimizer, loops, data position): the
+    reader's checks, so that a checkpoint that is not a MoSTLitModule's, or whose weights do not fit the module
+    this run builds, stops naming the keys. A sharded DeepSpeed directory is left to the DeepSpeed strategy
+    (consolidating it here would gather every shard into one process)."""
+    from most_lightning.model.checkpoint.deepspeed_dir import is_deepspeed_checkpoint
+
+    if is_deepspeed_checkpoint(Path(path)):
+        return
+    ckpt = read_checkpoint(path)
+    detail = state_dict_mismatches(module.state_dict(), ckpt["state_dict"], shown=3)
+    if detail:
+        raise WeightsMismatchError(path, detail + ["resume with the overrides of the run that wrote it"])
 
 
 class RecordDataSettings(Callback):
