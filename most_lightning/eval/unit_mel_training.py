@@ -15,6 +15,7 @@ import fcntl
 import hashlib
 import json
 import logging
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -89,8 +90,11 @@ def cached_unit_mel_vocoder(ctx, spec: Mapping[str, Any]) -> UnitMelVocoder:
             vocoder = train_unit_mel_vocoder(ctx.unit_extractor(), [u.transcript for u in utterances],
                                              voice=settings["voice"], steps=int(settings["steps"]),
                                              channels=int(settings["channels"]), layers=int(settings["layers"]))
-            vocoder.save(directory)
-            (directory / "settings.json").write_text(json.dumps(settings, indent=2))
+            partial = directory.with_name(directory.name + ".partial")  # a killed run leaves no half-written cache
+            shutil.rmtree(partial, ignore_errors=True)
+            vocoder.save(partial)
+            (partial / "settings.json").write_text(json.dumps(settings, indent=2))
+            partial.rename(directory)
     log.info(f"unit_mel vocoder: {directory}")
     return UnitMelVocoder.load(directory)
 
