@@ -138,16 +138,13 @@ def probe(run_dir: Path, ckpt: str = "last", limit: int = 40, train_batches: int
     for i, batch in enumerate(dm.train_dataloader()):
         if i >= train_batches:
             break
-        labels = batch["labels"][:, 1:]
-        n_all_label_tokens += int((labels != IGNORE_INDEX).sum())
-        for row, task in zip(labels, batch["task"]):
-            if task != "tts":
-                continue
+        n_all_label_tokens += int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+        for labels in tts_example_labels(batch, tok):
             n_tts += 1
-            ends = int((row == tok.eoa_id).sum())
+            ends = int((labels == tok.eoa_id).sum())
             n_tts_with_end += ends > 0
             n_end_labels += ends
-            n_tts_label_tokens += int((row != IGNORE_INDEX).sum())
+            n_tts_label_tokens += int((labels != IGNORE_INDEX).sum())
     result.update({
         "train_tts_examples": n_tts, "train_tts_examples_with_end_label": n_tts_with_end,
         "end_share_of_tts_loss_tokens": n_end_labels / max(n_tts_label_tokens, 1),
@@ -155,6 +152,22 @@ def probe(run_dir: Path, ckpt: str = "last", limit: int = 40, train_batches: int
         "end_loss_weight": float(getattr(cfg.lit, "end_of_audio_weight", 1.0) or 1.0),
     })
     return result
+
+
+def tts_example_labels(batch: dict, tok) -> list[torch.Tensor]:
+    """The labels of each TTS example of a training batch: one per row, or, in packed rows (`segment_ids`), one
+    per example whose labels are speech units (a TTS target; ASR and text targets are text)."""
+    labels = batch["labels"]
+    if "segment_ids" not in batch:
+        return [row for row, task in zip(labels, batch["task"]) if task == "tts"]
+    units = torch.cat([tok.unit_ids, torch.tensor([tok.eoa_id])])
+    out = []
+    for row, segments in zip(labels, batch["segment_ids"]):
+        for s in segments.unique().tolist():
+            example = row[segments == s] if s > 0 else None
+            if example is not None and torch.isin(example, units).any():
+                out.append(example)
+    return out
 
 
 def main() -> None:
