@@ -77,8 +77,8 @@ def test_resume_from_a_checkpoint_of_another_model_stops_before_training(saved_m
 
     _, path = saved_module
     cfg_fast.ckpt_path = str(path)  # a MODEL-sized module; the run builds FAST_OVERRIDES' larger one
-    with pytest.raises(CheckpointError, match=r"last.ckpt does not fit the model its settings describe: "
-                                              r"missing keys .*shape mismatches .*resume with the overrides of the run"):
+    message = r"last.ckpt does not fit the model its settings describe: missing keys .*shape mismatches .*resume with"
+    with pytest.raises(CheckpointError, match=message):
         train(cfg_fast)
     assert not (Path(cfg_fast.paths.output_dir) / "metrics.json").exists()
 

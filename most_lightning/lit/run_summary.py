@@ -52,8 +52,9 @@ def tts_rows(metrics: Mapping[str, float]) -> list[tuple[str, str, None]]:
     """(metric, label, None) of the TTS eval's key metrics present: per vocoder the WER of the model's speech and
     of the vocoder on the true units (its ceiling), the recogniser on the original audio, and stopping."""
     rows = []
+    ceilings = (TTS + "wer_resynth_", TTS + "wer_ground_truth")
     vocoders = sorted(k.removeprefix(TTS + "wer_") for k in metrics
-                      if k.startswith(TTS + "wer_") and not k.startswith((TTS + "wer_resynth_", TTS + "wer_ground_truth")))
+                      if k.startswith(TTS + "wer_") and not k.startswith(ceilings))
     for name in vocoders:
         rows.append((f"{TTS}wer_{name}", f"TTS WER ({name} vocoder)", None))
         rows.append((f"{TTS}wer_resynth_{name}", f"TTS WER, {name} on the true units", None))
