@@ -64,6 +64,16 @@ def test_verdict_against_the_text_prior():
     assert rows == [("validation NLL", "5", ""), ("ASR WER", "0.954", "1.008"), ("TTS unit accuracy", "0.233", "")]
 
 
+def test_summary_shows_the_tts_eval_of_each_vocoder_with_its_ceilings():
+    rows = summary_rows({"test/asr_wer": 0.35, "eval/tts/wer_unit_mel": 0.61, "eval/tts/wer_resynth_unit_mel": 0.38,
+                         "eval/tts/cer_unit_mel": 0.3, "eval/tts/wer_ground_truth": 0.28, "eval/tts/stop_rate": 0.95,
+                         "eval/tts/n_did_not_stop": 1.0})
+    assert rows == [("ASR WER", "0.35", ""), ("TTS WER (unit_mel vocoder)", "0.61", ""),
+                    ("TTS WER, unit_mel on the true units", "0.38", ""), ("TTS WER, original audio", "0.28", ""),
+                    ("TTS stop rate (end-of-audio, length +-30%)", "0.95", ""),
+                    ("TTS sequences that did not stop", "1", "")]
+
+
 def test_progress_bar_mode_is_checked():
     from most_lightning.lit.progress import StepRunProgressBar
 
