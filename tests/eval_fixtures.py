@@ -1,6 +1,7 @@
 """A tiny model trained once per session through run.py, and a helper that runs `run.py mode=eval` on it.
 Import both names into a test module: `from eval_fixtures import run_eval_cli, tiny_run  # noqa: F401`.
-For scoring tasks without a run: an untrained tiny model and the oracle NLL of one sequence under it."""
+For scoring tasks without a run: an untrained tiny model, the oracle NLL of one sequence under it, and a task's
+settings as its yaml writes them."""
 
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from omegaconf import OmegaConf
 
-from conftest import FAST_OVERRIDES, REPO_ROOT
+from conftest import CONF_DIR, FAST_OVERRIDES, REPO_ROOT
 from most_lightning.model import MoSTConfig, MoSTForCausalLM
 
 
@@ -62,3 +64,13 @@ def reference_nll(model: MoSTForCausalLM, ids: list[int], modality_of) -> tuple[
     x = torch.tensor([ids])
     logits = model(x, modality_of(x)).logits[0, :-1].double()
     return float(F.cross_entropy(logits, x[0, 1:], reduction="sum")), len(ids) - 1
+
+
+def task_settings(task: str, **overrides) -> dict:
+    """The keyword arguments of an eval task's function: conf/eval/tasks/<task>.yaml (the one place its settings
+    are written) with `overrides` on top; an override the yaml does not have is refused."""
+    settings = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "eval" / "tasks" / f"{task}.yaml"))
+    unknown = sorted(set(overrides) - set(settings))
+    if unknown:
+        raise KeyError(f"conf/eval/tasks/{task}.yaml has no setting(s) {unknown}")
+    return {**settings, **overrides}

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from eval_fixtures import task_settings
 from most_lightning.data import MoSTDataModule
 from most_lightning.data.samples import BadSampleError
 from most_lightning.data.testing import TINY_RECIPE, bad_variant, build_tiny_corpus, read_shard, write_shard
@@ -44,7 +45,7 @@ def _ctx(root, shard, policy, tmp_path):
 def test_bad_test_samples_are_counted_excluded_and_reported(broken_test_split, tmp_path):
     root, shard, n_good = broken_test_split
     ctx = _ctx(root, shard, "skip", tmp_path)
-    m = evaluate_asr(ctx, decodings=("greedy",), max_new_tokens=4)["metrics"]
+    m = evaluate_asr(ctx, **task_settings("asr", decodings=["greedy"], max_new_tokens=4))["metrics"]
     assert m["n_skipped_samples"] == len(BROKEN) and m["n_utterances"] == n_good
     utts, skipped = split_utterances(ctx, "test")
     assert skipped == len(BROKEN) and len(utts) == n_good
@@ -54,4 +55,4 @@ def test_raise_policy_names_the_sample(broken_test_split, tmp_path):
     root, shard, _ = broken_test_split
     ctx = _ctx(root, shard, "raise", tmp_path)
     with pytest.raises(BadSampleError, match="garbage_audio"):
-        evaluate_asr(ctx, decodings=("greedy",), max_new_tokens=4)
+        evaluate_asr(ctx, **task_settings("asr", decodings=["greedy"], max_new_tokens=4))

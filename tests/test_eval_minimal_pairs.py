@@ -15,7 +15,7 @@ import pytest
 import soundfile as sf
 import torch
 
-from eval_fixtures import reference_nll, run_eval_cli, tiny_run, untrained_tiny_model  # noqa: F401
+from eval_fixtures import reference_nll, run_eval_cli, task_settings, tiny_run, untrained_tiny_model  # noqa: F401
 from most_lightning.eval.context import EvalContext
 from most_lightning.eval.minimal_pairs import (evaluate_minimal_pairs, read_paired_wavs, read_zerospeech,
                                                unit_log_likelihoods)
@@ -110,7 +110,8 @@ def test_zerospeech_layout_end_to_end_with_a_known_answer(tmp_path, toy_tokenize
     assert len(read_zerospeech(d)) == 3
     ctx = EvalContext(model=BigramModel(_ascending_table(toy_tokenizer)), tokenizer=toy_tokenizer, progress=False)
     ctx.cache["unit_extractor"] = SegmentUnits()
-    m = evaluate_minimal_pairs(ctx, {"swuggy": {"layout": "zerospeech", "path": str(d)}})["metrics"]
+    m = evaluate_minimal_pairs(
+        ctx, **task_settings("minimal_pairs", sets={"swuggy": {"layout": "zerospeech", "path": str(d)}}))["metrics"]
     assert m == {"swuggy_n_pairs": 2, "swuggy_n_pairs_skipped": 1, "swuggy_acc_sum": 0.5, "swuggy_acc_mean": 0.5}
 
 

@@ -76,7 +76,7 @@ def test_unknown_recognizer_kind_is_named():
         build_recognizer({"kind": "whisper"})
 
 
-# a unit_mel vocoder small enough to train in seconds (the real one: conf/eval/tts.yaml)
+# a unit_mel vocoder small enough to train in seconds (the real one: conf/eval/tasks/tts.yaml)
 SMALL_UNIT_MEL = [f"eval.tasks.tts.vocoders.unit_mel.{k}={v}"
                   for k, v in {"fit_utterances": 4, "steps": 3, "channels": 16, "layers": 1}.items()]
 

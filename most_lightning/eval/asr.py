@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 
 from most_lightning.metrics.transcripts import TranscriptErrorRates
@@ -42,8 +44,8 @@ def generate_examples(ctx, examples: list, max_new_tokens: int, decoding: str = 
     raise ValueError(f"decoding={decoding!r}: allowed values are {ASR_DECODINGS}")
 
 
-def evaluate_asr(ctx, split: str = "test", limit: int | None = None, decodings=("greedy",), beam_size: int = 4,
-                 length_penalty: float = 1.0, max_new_tokens: int = 96, n_examples: int = 5) -> dict:
+def evaluate_asr(ctx, *, split: str, limit: int | None, decodings: Sequence[str], beam_size: int,
+                 length_penalty: float, max_new_tokens: int, n_examples: int) -> dict:
     """Transcribe a prepared split's speech and score WER/CER per decoding. The prompts carry the utterances'
     units, or for a continuous model (audio=continuous, MoST-C) frame slots filled with its encoder's projected
     features. Bad samples (missing audio, empty transcripts, bad units) are skipped by the data config's

@@ -7,10 +7,11 @@ eval.fail_fast is set. Writes eval_report.json and eval_report.md into the run d
 
 from __future__ import annotations
 
+import inspect
 import logging
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -116,9 +117,28 @@ def not_applicable(name: str, ctx) -> str | None:
     return None
 
 
+def check_task_settings(name: str, task: Callable[..., dict], settings: Mapping[str, Any],
+                        unset: Iterable[str] = ()) -> None:
+    """A task's settings are exactly its function's keyword-only parameters, all given (conf/eval/tasks/<task>.yaml
+    writes each one, the function defaults none); `unset`: dotted keys left at ??? in the suite. Raises a
+    ValueError naming the task and the settings."""
+    params = inspect.signature(task).parameters.values()
+    known = {p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY}
+    required = {p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY and p.default is p.empty}
+    unknown, missing = sorted(set(settings) - known), sorted(required - set(settings))
+    if unknown:
+        raise ValueError(f"eval.tasks.{name} has unknown setting(s) {unknown}; known: {sorted(known)}")
+    if missing:
+        raise ValueError(f"eval.tasks.{name} lacks setting(s) {missing}; conf/eval/tasks/{name}.yaml holds them "
+                         f"all: include it in the suite's defaults as tasks/{name}@tasks.{name}")
+    if unset:
+        raise ValueError(f"eval.tasks.{name} needs a value for {sorted(f'eval.tasks.{name}.{k}' for k in unset)} "
+                         "(??? in its yaml), e.g. on the command line")
+
+
 def suite_tasks(suite: DictConfig, only: list[str] | None = None) -> dict[str, dict[str, Any]]:
     """{task: settings} of the suite's enabled tasks (a task set to null or enabled: false is skipped); `only`
-    picks some of them by name. Unknown names are refused with the known ones."""
+    picks some of them by name. Unknown names, and settings that do not fit the task, are refused."""
     registry = _task_registry()
     tasks = {k: v for k, v in _plain(suite.tasks).items() if v is not None and v.get("enabled", True) is not False}
     unknown = sorted(set(tasks) - set(registry))
@@ -130,7 +150,11 @@ def suite_tasks(suite: DictConfig, only: list[str] | None = None) -> dict[str, d
             raise ValueError(f"eval task(s) {missing} are not enabled in the eval suite {suite.get('name', '?')!r} "
                              f"(enabled: {sorted(tasks)}); pick its suite with eval=<file of conf/eval>")
         tasks = {k: v for k, v in tasks.items() if k in only}
-    return {name: {k: v for k, v in settings.items() if k != "enabled"} for name, settings in tasks.items()}
+    tasks = {name: {k: v for k, v in settings.items() if k != "enabled"} for name, settings in tasks.items()}
+    for name, settings in tasks.items():
+        unset = {key.split(f"tasks.{name}.", 1)[-1] for key in OmegaConf.missing_keys(suite.tasks[name])}  # full paths
+        check_task_settings(name, registry[name], settings, unset)
+    return tasks
 
 
 def run_tasks(ctx, tasks: dict[str, dict[str, Any]], fail_fast: bool) -> dict[str, dict[str, Any]]:

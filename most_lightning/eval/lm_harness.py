@@ -105,8 +105,8 @@ class MoSTHarnessLM(LM):
         return out
 
 
-def evaluate_lm_harness(ctx, tasks: Sequence[str], include_path: str | None = None, limit: int | None = None,
-                        num_fewshot: int | None = None, max_gen_toks: int = 64) -> dict[str, Any]:
+def evaluate_lm_harness(ctx, *, tasks: Sequence[str], include_path: str | None, limit: int | None,
+                        num_fewshot: int | None, max_gen_toks: int) -> dict[str, Any]:
     """Run harness tasks (names, or task yaml files under include_path) and flatten their metrics."""
     import lm_eval
     from lm_eval.tasks import TaskManager

@@ -117,20 +117,22 @@ def _units(ctx, path: Path, cache: dict[Path, list[int] | None]) -> list[int] | 
     return cache[path]
 
 
-def evaluate_minimal_pairs(ctx, sets: Mapping[str, Mapping[str, Any]], limit: int | None = None) -> dict:
+def evaluate_minimal_pairs(ctx, *, sets: Mapping[str, Mapping[str, Any]], limit: int | None) -> dict:
     if not sets:
         raise ValueError("minimal_pairs.sets is empty: name at least one {layout, path}")
     metrics: dict[str, Any] = {}
     for name, spec in sets.items():
         spec = dict(spec)
         demo = spec.pop("demo", None)  # build a flite demo set of this kind into the run directory
-        n_items = int(spec.pop("n_items", 40))
+        n_items = spec.pop("n_items", None)
         if demo:
+            if n_items is None:
+                raise ValueError(f"minimal_pairs.sets.{name}: a demo set needs n_items=<pairs to build>")
             from most_lightning.eval.demo_pairs import build_demo_pairs, corpus_texts
 
             sentences, train = corpus_texts(ctx.datamodule)
             spec["path"] = str(build_demo_pairs(demo, ctx.output_dir / "demo_pairs" / name, sentences, train,
-                                                n_items))
+                                                int(n_items)))
         if not spec.get("path"):
             raise ValueError(f"minimal_pairs.sets.{name}: give path=<dir> (or demo=lexical|syntactic|shuffled)")
         pairs = read_pairs(spec.pop("layout"), spec.pop("path"), **spec)

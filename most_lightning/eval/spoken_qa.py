@@ -32,8 +32,6 @@ from most_lightning.metrics.scores import contains_answer, exact_match
 from most_lightning.text.tokenizer import decode_text_rows
 
 log = logging.getLogger(__name__)
-S2T_INSTRUCTION = "Answer the following question in text."
-S2S_INSTRUCTION = "Answer the following question in speech."
 
 
 @dataclass
@@ -100,12 +98,10 @@ def _prompt(ctx, instruction: str, units: list[int]) -> list[int]:
             + t.encode_text("\n\nOutput: "))
 
 
-def evaluate_spoken_qa(ctx, sets: Mapping[str, Mapping[str, Any]], limit: int | None = None,
-                       modes: Sequence[str] = ("s2t", "s2s"), max_new_tokens: int = 32,
-                       max_new_units: int = 200, s2t_instruction: str = S2T_INSTRUCTION,
-                       s2s_instruction: str = S2S_INSTRUCTION, voice_missing: bool = True, voice: str = "slt",
-                       vocoder: Mapping[str, Any] | None = None, recognizer: Mapping[str, Any] | str = "pocketsphinx",
-                       normalizer: Mapping[str, Any] | None = None, n_examples: int = 3) -> dict:
+def evaluate_spoken_qa(ctx, *, sets: Mapping[str, Mapping[str, Any]], limit: int | None, modes: Sequence[str],
+                       max_new_tokens: int, max_new_units: int, s2t_instruction: str, s2s_instruction: str,
+                       voice_missing: bool, voice: str, vocoder: Mapping[str, Any], recognizer: Mapping[str, Any] | str,
+                       normalizer: Mapping[str, Any] | None, n_examples: int) -> dict:
     bad = [m for m in modes if m not in ("s2t", "s2s")]
     if bad:
         raise ValueError(f"spoken_qa.modes has {bad}; allowed: s2t, s2s")
@@ -138,7 +134,7 @@ def evaluate_spoken_qa(ctx, sets: Mapping[str, Mapping[str, Any]], limit: int | 
             from most_lightning.eval.tts import build_vocoder, get_recognizer
 
             if "qa_vocoder" not in ctx.cache:
-                ctx.cache["qa_vocoder"] = build_vocoder(ctx, "qa", vocoder or {"kind": "mean_mel"})
+                ctx.cache["qa_vocoder"] = build_vocoder(ctx, "qa", vocoder)
             vocode = ctx.cache["qa_vocoder"]
             waves = []
             for chunk in ctx.batches(usable, f"{name} s2s"):

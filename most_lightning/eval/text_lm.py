@@ -11,7 +11,7 @@ from most_lightning.data.collate import collate_teacher_forced
 from most_lightning.data.tasks import TaskFormatter
 
 
-def held_out_sentences(ctx, split: str = "test", limit: int | None = None, text_file: str | None = None) -> list[str]:
+def held_out_sentences(ctx, split: str, limit: int | None, text_file: str | None) -> list[str]:
     """Sentences from a text file (one per line) or the transcripts of a speech split (unseen in training)."""
     if text_file:
         path = Path(text_file)
@@ -26,8 +26,7 @@ def held_out_sentences(ctx, split: str = "test", limit: int | None = None, text_
 
 
 @torch.no_grad()
-def evaluate_text_perplexity(ctx, split: str = "test", limit: int | None = None,
-                             text_file: str | None = None) -> dict:
+def evaluate_text_perplexity(ctx, *, split: str, limit: int | None, text_file: str | None) -> dict:
     sentences = held_out_sentences(ctx, split, limit, text_file)
     if not sentences:
         raise ValueError(f"text_ppl: no sentences in {'text_file ' + text_file if text_file else 'split ' + split}")

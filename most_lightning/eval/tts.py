@@ -74,7 +74,10 @@ def build_vocoder(ctx, name: str, spec: Mapping[str, Any]):
         else:
             from most_lightning.audio.mean_mel_vocoder import MeanMelConfig
 
-            pairs, _ = split_utterances(ctx, "train", int(spec.get("fit_utterances", 300)))
+            if "fit_utterances" not in spec:
+                raise ValueError(f"vocoder {name!r}: a mean_mel vocoder needs fit_utterances=<train utterances> "
+                                 "(or path=<a saved one>)")
+            pairs, _ = split_utterances(ctx, "train", int(spec["fit_utterances"]))
             # the units' own frame rate (25 Hz k-means, 50 Hz phone classifier), 10 ms mel frames
             unit_hop = round(ctx.unit_extractor().sample_rate / ctx.unit_extractor().frame_rate)
             config = MeanMelConfig(n_units=ctx.tokenizer.n_units, unit_hop=unit_hop, sub_frames=max(unit_hop // 160, 1))
@@ -182,11 +185,10 @@ def _score(ctx, hyps: list[str], refs: list[str]) -> tuple[float, float]:
     return float(s["wer"]), float(s["cer"])
 
 
-def evaluate_tts(ctx, split: str = "test", limit: int | None = None, max_new_tokens: int = 300,
-                 vocoders: Mapping[str, Mapping[str, Any]] | None = None,
-                 recognizer: Mapping[str, Any] | str = "pocketsphinx", ground_truth: bool = True,
-                 resynthesis: bool = True, save_audio: int = 2, n_examples: int = 3,
-                 no_repeat_ngram_size: int = 0) -> dict:
+def evaluate_tts(ctx, *, split: str, limit: int | None, max_new_tokens: int,
+                 vocoders: Mapping[str, Mapping[str, Any] | None], recognizer: Mapping[str, Any] | str,
+                 ground_truth: bool, resynthesis: bool, save_audio: int, n_examples: int,
+                 no_repeat_ngram_size: int) -> dict:
     from most_lightning.audio.io import encode_audio
     from most_lightning.audio.units import dedup_units
 

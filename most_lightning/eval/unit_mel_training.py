@@ -65,8 +65,9 @@ def train_unit_mel_vocoder(extractor, sentences: Sequence[str], voice: str = "sl
     return fit_unit_mel_vocoder(pairs, config, steps=steps, batch_size=batch_size, seed=seed, on_step=report)
 
 
-# settings of a `unit_mel` vocoder spec (conf/eval/tts.yaml) and their defaults; the cache key is all of them
-UNIT_MEL_SETTINGS = {"voice": "slt", "fit_utterances": 400, "steps": 1500, "channels": 192, "layers": 6}
+# settings of a `unit_mel` vocoder spec that trains one (conf/eval/tasks/tts.yaml writes them all); together they
+# are the cache key
+UNIT_MEL_SETTINGS = ("voice", "fit_utterances", "steps", "channels", "layers")
 
 
 def cached_unit_mel_vocoder(ctx, spec: Mapping[str, Any]) -> UnitMelVocoder:
@@ -78,7 +79,11 @@ def cached_unit_mel_vocoder(ctx, spec: Mapping[str, Any]) -> UnitMelVocoder:
     unknown = sorted(set(spec) - set(UNIT_MEL_SETTINGS) - {"kind", "path"})
     if unknown:
         raise ValueError(f"unit_mel vocoder: unknown setting(s) {unknown}; known: {sorted(UNIT_MEL_SETTINGS)} and path")
-    settings = {key: spec.get(key, default) for key, default in UNIT_MEL_SETTINGS.items()}
+    missing = sorted(set(UNIT_MEL_SETTINGS) - set(spec))
+    if missing:
+        raise ValueError(f"unit_mel vocoder: missing setting(s) {missing} (conf/eval/tasks/tts.yaml's unit_mel "
+                         "vocoder lists them all), or give path=<a saved vocoder>")
+    settings = {key: spec[key] for key in UNIT_MEL_SETTINGS}
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
     directory = Path(ctx.datamodule.corpus_dir) / "vocoders" / f"unit_mel-{digest}"
     directory.parent.mkdir(parents=True, exist_ok=True)
