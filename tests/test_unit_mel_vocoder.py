@@ -101,3 +101,24 @@ def test_trained_on_a_tiny_set_it_reproduces_the_mel_frames():
     assert sum(errors) / len(errors) < 0.3 * sum(baselines) / len(baselines)
     # the duration table learned the mean run lengths of the training units: unit 2 ran 5, 2, 7, 3 frames
     assert float(vocoder.durations.mean_frames[2]) == pytest.approx(4.25)
+
+
+@pytest.mark.skipif(__import__("shutil").which("flite") is None, reason="needs the flite program (setup.sh)")
+def test_a_vocoder_trained_for_a_corpus_covers_the_models_unit_vocabulary():
+    """A phone classifier produces fewer classes (e.g. 41) than the corpus reserves unit tokens for (64): the
+    vocoder must take every unit id the model can emit, or the TTS eval refuses it."""
+    from most_lightning.eval.unit_mel_training import train_unit_mel_vocoder
+
+    class ThreeClassExtractor:  # waveform -> one of 3 "phones" per 20 ms frame, by energy
+        sample_rate, frame_rate, n_units = 16_000, 50, 3
+
+        def __call__(self, wave):
+            frames = wave[: len(wave) // 320 * 320].view(-1, 320).abs().mean(1)
+            return torch.bucketize(frames, torch.tensor([0.01, 0.1]))
+
+    small = dict(steps=2, channels=8, layers=1, batch_size=1)
+    vocoder = train_unit_mel_vocoder(ThreeClassExtractor(), ["a cat"], n_units=5, **small)
+    assert vocoder.n_units == 5 and vocoder([4, 0, 2]).numel() > 0  # an id the extractor never gave is voiced
+    assert train_unit_mel_vocoder(ThreeClassExtractor(), ["a cat"], **small).n_units == 3
+    with pytest.raises(ValueError, match="n_units=2 is fewer than the 3 units the extractor produces"):
+        train_unit_mel_vocoder(ThreeClassExtractor(), ["a cat"], n_units=2, **small)

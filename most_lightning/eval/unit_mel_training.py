@@ -45,12 +45,18 @@ def speak(sentences: Sequence[str], voice: str, directory: Path) -> list[torch.T
 
 
 def train_unit_mel_vocoder(extractor, sentences: Sequence[str], voice: str = "slt", steps: int = 1500,
-                           batch_size: int = 16, seed: int = 0, **config_overrides) -> UnitMelVocoder:
-    """extractor: the corpus's UnitExtractor (waveform -> NON-deduplicated unit ids at its frame rate)."""
+                           batch_size: int = 16, seed: int = 0, n_units: int | None = None,
+                           **config_overrides) -> UnitMelVocoder:
+    """extractor: the corpus's UnitExtractor (waveform -> NON-deduplicated unit ids at its frame rate).
+    n_units: the model's unit vocabulary (the corpus's `n_units`, which may reserve more ids than the extractor
+    produces, e.g. 64 for a phone classifier of 41 classes); default the extractor's."""
     if not sentences:
         raise ValueError("train_unit_mel_vocoder needs at least one sentence")
+    n_units = extractor.n_units if n_units is None else n_units
+    if n_units < extractor.n_units:
+        raise ValueError(f"n_units={n_units} is fewer than the {extractor.n_units} units the extractor produces")
     unit_hop = round(extractor.sample_rate / extractor.frame_rate)
-    config = UnitMelConfig(n_units=extractor.n_units, sample_rate=extractor.sample_rate, unit_hop=unit_hop,
+    config = UnitMelConfig(n_units=n_units, sample_rate=extractor.sample_rate, unit_hop=unit_hop,
                            **config_overrides)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
@@ -83,7 +89,7 @@ def cached_unit_mel_vocoder(ctx, spec: Mapping[str, Any]) -> UnitMelVocoder:
     if missing:
         raise ValueError(f"unit_mel vocoder: missing setting(s) {missing} (conf/eval/tasks/tts.yaml's unit_mel "
                          "vocoder lists them all), or give path=<a saved vocoder>")
-    settings = {key: spec[key] for key in UNIT_MEL_SETTINGS}
+    settings = {key: spec[key] for key in UNIT_MEL_SETTINGS} | {"n_units": ctx.tokenizer.n_units}
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
     directory = Path(ctx.datamodule.corpus_dir) / "vocoders" / f"unit_mel-{digest}"
     directory.parent.mkdir(parents=True, exist_ok=True)
@@ -94,7 +100,8 @@ def cached_unit_mel_vocoder(ctx, spec: Mapping[str, Any]) -> UnitMelVocoder:
             utterances, _ = split_utterances(ctx, "train", int(settings["fit_utterances"]))
             vocoder = train_unit_mel_vocoder(ctx.unit_extractor(), [u.transcript for u in utterances],
                                              voice=settings["voice"], steps=int(settings["steps"]),
-                                             channels=int(settings["channels"]), layers=int(settings["layers"]))
+                                             channels=int(settings["channels"]), layers=int(settings["layers"]),
+                                             n_units=settings["n_units"])
             partial = directory.with_name(directory.name + ".partial")  # a killed run leaves no half-written cache
             shutil.rmtree(partial, ignore_errors=True)
             vocoder.save(partial)
@@ -135,7 +142,8 @@ def main() -> None:
     manifest = json.loads((args.corpus / "manifest.json").read_text())
     extractor = UnitExtractor.load(args.corpus / manifest.get("unit_extractor", "unit_extractor"))
     sentences = corpus_sentences(args.corpus, "train", args.sentences)
-    vocoder = train_unit_mel_vocoder(extractor, sentences, voice=args.voice, steps=args.steps)
+    vocoder = train_unit_mel_vocoder(extractor, sentences, voice=args.voice, steps=args.steps,
+                                     n_units=manifest.get("n_units"))  # the corpus's unit tokens
     vocoder.save(args.out)
     print(f"saved to {args.out}")
 
