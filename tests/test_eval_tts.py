@@ -92,6 +92,9 @@ def test_tts_suite_through_the_entry_point(tiny_run, tmp_path):
     ceiling on the original flite audio, each vocoder's resynthesis WER and the model's TTS WER, each equal to
     jiwer's WER on what the recogniser said. The unit_mel vocoder is trained once per corpus and settings."""
     mean_mel = "+eval.tasks.tts.vocoders.mean_mel={kind: mean_mel, fit_utterances: 20}"
+    _, data_dir = tiny_run
+    for cache in data_dir.glob("demo/*/vocoders"):  # another test of the session may have trained this one
+        shutil.rmtree(cache)
     args = ("eval=tts", "eval.tasks.tts.limit=3", "eval.tasks.tts.max_new_tokens=40", *SMALL_UNIT_MEL)
     out, result = run_eval_cli(tiny_run, tmp_path / "eval", *args, mean_mel)
     report = json.loads((out / "eval_report.json").read_text())
@@ -112,7 +115,6 @@ def test_tts_suite_through_the_entry_point(tiny_run, tmp_path):
     assert (out / "vocoders" / "mean_mel" / "mean_mel_vocoder.json").is_file()
     assert list((out / "tts_audio").glob("*.resynth.flac"))
     # the unit_mel vocoder went into the corpus's cache with its settings; a second run loads it
-    _, data_dir = tiny_run
     cached = list(data_dir.glob("demo/*/vocoders/unit_mel-*/settings.json"))
     assert len(cached) == 1 and json.loads(cached[0].read_text())["steps"] == 3
     assert "training it once" in _logs(result)
