@@ -150,6 +150,41 @@ def test_summarizer_marks_failed_and_missing_runs(tmp_path):
         assert (out / name).stat().st_size > 0, name
 
 
+def _eval_report(path: Path, checkpoint: Path, metrics: dict) -> None:
+    path.mkdir(parents=True)
+    (path / "eval_report.json").write_text(json.dumps({"suite": "tts", "checkpoint": {"path": str(checkpoint)},
+                                                       "tasks": {"tts": {"metrics": metrics}}}))
+
+
+def test_a_later_evaluation_of_a_jobs_own_checkpoint_fills_the_metrics_it_lacks(tmp_path):
+    from most_lightning.experiments.summarize import main
+
+    sweep = tmp_path / "multirun"
+    job = write_job(sweep, 0, ["seed=1"], {"router": {"name": "vanilla"}, "seed": 1},
+                    {"test/asr_wer": 0.3, "eval/tts/stop_rate": 0.5})
+    other = write_job(sweep, 1, ["seed=2"], {"router": {"name": "vanilla"}, "seed": 2}, {"test/asr_wer": 0.4})
+    for run in (job, other):
+        (run / "checkpoints").mkdir()
+        (run / "checkpoints" / "last.ckpt").write_bytes(b"")
+    _eval_report(job / "tts_eval", job / "checkpoints" / "last.ckpt", {"wer_unit_mel": 0.65, "stop_rate": 0.99})
+    # an evaluation stored in the job's folder but of another run's weights adds nothing
+    _eval_report(other / "stray_eval", job / "checkpoints" / "last.ckpt", {"wer_unit_mel": 0.1})
+
+    out = tmp_path / "summary"
+    main([str(sweep), "--metrics", "test/asr_wer", "eval/tts/wer_unit_mel", "--cell-keys", "router.name",
+          "--out", str(out)])
+    with open(out / "runs.csv") as f:
+        rows = {r["seed"]: r for r in csv.DictReader(f)}
+    assert float(rows["1"]["eval/tts/wer_unit_mel"]) == 0.65
+    assert float(rows["1"]["eval/tts/stop_rate"]) == 0.5  # the job's own metrics.json wins
+    assert rows["1"]["later_evals"] == str(job / "tts_eval" / "eval_report.json")
+    assert rows["2"]["eval/tts/wer_unit_mel"] == "" and rows["2"]["later_evals"] == ""
+
+    _eval_report(job / "tts_eval_again", job / "checkpoints" / "last.ckpt", {"wer_unit_mel": 0.7})
+    with pytest.raises(ValueError, match=r"eval/tts/wer_unit_mel .* two later evaluations"):
+        main([str(sweep), "--out", str(out)])
+
+
 def _complete_runs(values):
     from most_lightning.experiments.summarize import Run
 

@@ -236,23 +236,24 @@ def test_every_parameter_gets_a_gradient_on_a_speech_only_batch(router):
     assert [n for n, p in module.named_parameters() if p.requires_grad and p.grad is None] == []
 
 
-def test_experts_and_router_are_decayed_norms_are_not():
+# DeepSpeedCPUAdam compiles DeepSpeed's cpu_adam extension on first use (~40 s): the slow tier
+@pytest.mark.parametrize("cpu_offload", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_experts_and_router_are_decayed_norms_are_not(cpu_offload):
     from most_lightning.lit.module import build_adamw
     from tests.distributed_worker import build_module
 
     module = build_module({})
     names = {id(p): n for n, p in module.named_parameters()}
-    for cpu_offload in (False, True):
-        optimizer = build_adamw(module, {"lr": 1e-3, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.1},
-                                cpu_offload=cpu_offload)
-        groups = {g["name"]: (g["weight_decay"], {names[id(p)] for p in g["params"]}) for g in optimizer.param_groups}
-        decayed = groups["matrices"][1]
-        assert groups["matrices"][0] == 0.1 and groups["vectors"][0] == 0.0
-        assert {n for n in decayed if ".experts." in n} == {n for n in names.values() if ".experts." in n} != set()
-        assert {n for n in decayed if n.endswith("mlp.gate.weight")} != set()
-        assert not any("norm" in n for n in decayed)
-        assert decayed | groups["vectors"][1] == {n for n, p in module.named_parameters() if p.requires_grad}
-        assert type(optimizer).__name__ == ("DeepSpeedCPUAdam" if cpu_offload else "AdamW")
+    optimizer = build_adamw(module, {"lr": 1e-3, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.1},
+                            cpu_offload=cpu_offload)
+    groups = {g["name"]: (g["weight_decay"], {names[id(p)] for p in g["params"]}) for g in optimizer.param_groups}
+    decayed = groups["matrices"][1]
+    assert groups["matrices"][0] == 0.1 and groups["vectors"][0] == 0.0
+    assert {n for n in decayed if ".experts." in n} == {n for n in names.values() if ".experts." in n} != set()
+    assert {n for n in decayed if n.endswith("mlp.gate.weight")} != set()
+    assert not any("norm" in n for n in decayed)
+    assert decayed | groups["vectors"][1] == {n for n, p in module.named_parameters() if p.requires_grad}
+    assert type(optimizer).__name__ == ("DeepSpeedCPUAdam" if cpu_offload else "AdamW")
 
 
 def test_csv_writer_copied_before_the_fit_keeps_the_fit_columns(tmp_path):

@@ -6,7 +6,10 @@
 
 Sources: Hydra multirun directories (one job subdirectory each) and/or an Optuna study (storage URL + name).
 A job directory's config comes from config_resolved.yaml (else .hydra/config.yaml), its metrics from
-metrics.json, its git commit from provenance.json. Runs are never dropped: a job without metrics.json is
+metrics.json, its git commit from provenance.json. An eval suite run later on one of the job's own checkpoints, with
+its run directory inside the job's (`python run.py mode=eval ckpt_path=<job>/checkpoints/<ckpt>
+hydra.run.dir=<job>/<name>`), adds its metrics as eval/<task>/<metric> where metrics.json lacks them (the
+runs.csv column later_evals names the reports used). Runs are never dropped: a job without metrics.json is
 "failed", an Optuna trial keeps its state (pruned / failed with the reason), and a job the sweep asked for
 (the grid in multirun.yaml) without a directory is "missing".
 
@@ -47,6 +50,7 @@ class Run:
     metrics: dict[str, float | None] = field(default_factory=dict)
     trial_number: int | None = None
     git_commit: str | None = None
+    later_evals: list[str] = field(default_factory=list)
 
     def value(self, key: str) -> Any:
         if key in self.config:
@@ -108,6 +112,26 @@ def _load_overrides(run_dir: Path) -> list[str]:
     return [str(o) for o in OmegaConf.load(path)] if path.is_file() else []
 
 
+def later_eval_metrics(run_dir: Path) -> dict[str, tuple[float, str]]:
+    """{"eval/<task>/<metric>": (value, report path)} from eval reports in run_dir's subdirectories that evaluated
+    one of run_dir's own checkpoints. Two reports giving the same metric is an error."""
+    from most_lightning.eval.report import flat_metrics
+
+    metrics: dict[str, tuple[float, str]] = {}
+    for report_path in sorted(run_dir.glob("*/eval_report.json")):
+        report = json.loads(report_path.read_text())
+        checkpoint = Path(report.get("checkpoint", {}).get("path") or "")
+        if checkpoint.resolve() != (run_dir / "checkpoints" / checkpoint.name).resolve():
+            continue
+        for name, value in flat_metrics(report).items():
+            key = f"eval/{name}"
+            if key in metrics:
+                raise ValueError(f"{key} of {run_dir} is given by two later evaluations, {metrics[key][1]} and "
+                                 f"{report_path}: keep one")
+            metrics[key] = (value, str(report_path))
+    return metrics
+
+
 def load_run_dir(run_dir: Path, source: str) -> Run:
     run = Run(source=source, status="failed", run_dir=str(run_dir), overrides=_load_overrides(run_dir),
               config=_load_config(run_dir))
@@ -115,6 +139,9 @@ def load_run_dir(run_dir: Path, source: str) -> Run:
     if metrics_path.is_file():
         run.metrics = json.loads(metrics_path.read_text())
         run.status = "complete"
+        added = {k: v for k, v in later_eval_metrics(run_dir).items() if k not in run.metrics}
+        run.metrics.update({k: value for k, (value, _) in added.items()})
+        run.later_evals = sorted({report for _, report in added.values()})
     else:
         run.reason = "no metrics.json: the job stopped before the end (see its run.log)"
     provenance = run_dir / "provenance.json"
@@ -338,14 +365,14 @@ def markdown_table(rows: list[dict[str, Any]], cell_keys: list[str], metrics: li
 def write_runs_csv(path: Path, runs: list[Run], cell_keys: list[str], seed_key: str) -> None:
     metric_names = sorted({m for r in runs for m in r.metrics})
     config_names = sorted({c for r in runs for c in r.config})
-    header = ["source", "status", "reason", "run_dir", "trial_number", "git_commit", "overrides", seed_key,
+    header = ["source", "status", "reason", "run_dir", "trial_number", "git_commit", "later_evals", "overrides", seed_key,
               *cell_keys, *metric_names, *(f"config.{c}" for c in config_names)]
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(header)
         for r in runs:
             writer.writerow([r.source, r.status, r.reason, r.run_dir or "", r.trial_number, r.git_commit or "",
-                             " ".join(r.overrides), r.value(seed_key), *(r.value(k) for k in cell_keys),
+                             " ".join(r.later_evals), " ".join(r.overrides), r.value(seed_key), *(r.value(k) for k in cell_keys),
                              *(r.metrics.get(m) for m in metric_names), *(r.config.get(c) for c in config_names)])
 
 
