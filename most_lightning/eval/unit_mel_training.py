@@ -80,8 +80,6 @@ def cached_unit_mel_vocoder(ctx, spec: Mapping[str, Any]) -> UnitMelVocoder:
     """The unit_mel vocoder of the eval context's corpus and these settings: loaded from
     <corpus>/vocoders/unit_mel-<settings hash>/ when an earlier run trained it, else trained on the corpus's train
     sentences (spoken by flite's `voice`) and saved there. Concurrent runs wait for the first to finish."""
-    from most_lightning.eval.tts import split_utterances
-
     unknown = sorted(set(spec) - set(UNIT_MEL_SETTINGS) - {"kind", "path"})
     if unknown:
         raise ValueError(f"unit_mel vocoder: unknown setting(s) {unknown}; known: {sorted(UNIT_MEL_SETTINGS)} and path")
@@ -97,8 +95,8 @@ def cached_unit_mel_vocoder(ctx, spec: Mapping[str, Any]) -> UnitMelVocoder:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not (directory / CONFIG_FILE).is_file():
             log.info(f"unit_mel vocoder {settings}: training it once for this corpus, into {directory}")
-            utterances, _ = split_utterances(ctx, "train", int(settings["fit_utterances"]))
-            vocoder = train_unit_mel_vocoder(ctx.unit_extractor(), [u.transcript for u in utterances],
+            sentences = shard_sentences(ctx.datamodule.shards("train"), int(settings["fit_utterances"]))
+            vocoder = train_unit_mel_vocoder(ctx.unit_extractor(), sentences,
                                              voice=settings["voice"], steps=int(settings["steps"]),
                                              channels=int(settings["channels"]), layers=int(settings["layers"]),
                                              n_units=settings["n_units"])
@@ -111,11 +109,12 @@ def cached_unit_mel_vocoder(ctx, spec: Mapping[str, Any]) -> UnitMelVocoder:
     return UnitMelVocoder.load(directory)
 
 
-def corpus_sentences(corpus_dir: Path, split: str, limit: int) -> list[str]:
+def shard_sentences(shards: Sequence[str], limit: int) -> list[str]:
+    """The first `limit` transcripts of speech shards (the text only: flite speaks them again in one voice)."""
     from most_lightning.data.samples import BadSamplePolicy, iter_shard
 
     sentences: list[str] = []
-    for shard in sorted((corpus_dir / "speech").glob(f"{split}-*.tar")):
+    for shard in shards:
         for sample in iter_shard(str(shard), BadSamplePolicy("skip")):
             text = sample.get("txt")
             if text:
@@ -123,6 +122,10 @@ def corpus_sentences(corpus_dir: Path, split: str, limit: int) -> list[str]:
             if len(sentences) >= limit:
                 return sentences
     return sentences
+
+
+def corpus_sentences(corpus_dir: Path, split: str, limit: int) -> list[str]:
+    return shard_sentences(sorted(str(p) for p in (corpus_dir / "speech").glob(f"{split}-*.tar")), limit)
 
 
 def main() -> None:
