@@ -3,7 +3,7 @@ extractor), then resynthesise the TRUE units (with their run lengths) of held-ou
 them with pocketsphinx, next to the original audio (the judge's ceiling) and, with --dedup, the same units
 deduplicated with the vocoder's duration table (what a TTS model's output gets).
 
-    python experiments/unit_mel_vocoder_check.py data/demo/<hash> --sentences 400 --steps 1500 --test 20
+    python experiments/unit_mel_vocoder_check.py data/demo/<hash> --test 20   # conf/eval/tasks/tts.yaml's settings
     python experiments/unit_mel_vocoder_check.py data/demo/<hash> --vocoder out/vocoder --test 20   # reuse one
 
 Prints a JSON line with WERs and wall times, and writes a few FLACs to --audio-out.
@@ -26,18 +26,15 @@ def main() -> None:
     from most_lightning.audio.units import UnitExtractor, dedup_units
     from most_lightning.data.samples import AUDIO_MEMBER, BadSamplePolicy, decode_speech_sample, iter_shard
     from most_lightning.eval.recognizers import build_recognizer
-    from most_lightning.eval.unit_mel_training import corpus_sentences, train_unit_mel_vocoder
+    from most_lightning.eval.unit_mel_training import (add_unit_mel_arguments, corpus_sentences,
+                                                       train_unit_mel_vocoder, unit_mel_defaults)
     from most_lightning.metrics.transcripts import TranscriptErrorRates
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("corpus", type=Path)
     p.add_argument("--vocoder", type=Path, default=None, help="a saved vocoder (else train one)")
     p.add_argument("--save", type=Path, default=None, help="save the trained vocoder here")
-    p.add_argument("--sentences", type=int, default=400)
-    p.add_argument("--steps", type=int, default=1500)
-    p.add_argument("--voice", default="slt")
-    p.add_argument("--channels", type=int, default=192, help="decoder width")
-    p.add_argument("--layers", type=int, default=6, help="decoder conv layers")
+    add_unit_mel_arguments(p, unit_mel_defaults())
     p.add_argument("--test", type=int, default=20)
     p.add_argument("--dedup", action="store_true", help="also: deduplicated units + the duration table")
     p.add_argument("--audio-out", type=Path, default=Path("/tmp/unit_mel_check"))

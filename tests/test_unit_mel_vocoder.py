@@ -48,7 +48,7 @@ def test_duration_table_is_the_mean_run_length():
 
 def test_config_rejects_a_unit_hop_that_is_not_a_multiple_of_the_mel_hop():
     with pytest.raises(ValueError, match="unit_hop \\(300\\) must be a positive multiple of mel_hop \\(160\\)"):
-        UnitMelConfig(n_units=4, unit_hop=300)
+        UnitMelConfig(n_units=4, channels=8, layers=1, unit_hop=300)
 
 
 def test_decoder_and_vocoder_shapes(tmp_path):
@@ -116,7 +116,7 @@ def test_a_vocoder_trained_for_a_corpus_covers_the_models_unit_vocabulary():
             frames = wave[: len(wave) // 320 * 320].view(-1, 320).abs().mean(1)
             return torch.bucketize(frames, torch.tensor([0.01, 0.1]))
 
-    small = dict(steps=2, channels=8, layers=1, batch_size=1)
+    small = dict(voice="slt", steps=2, channels=8, layers=1, batch_size=1)
     vocoder = train_unit_mel_vocoder(ThreeClassExtractor(), ["a cat"], n_units=5, **small)
     assert vocoder.n_units == 5 and vocoder([4, 0, 2]).numel() > 0  # an id the extractor never gave is voiced
     assert train_unit_mel_vocoder(ThreeClassExtractor(), ["a cat"], **small).n_units == 3

@@ -9,7 +9,7 @@ per unit (MeanMelVocoder) averages every voice, pitch and context into a buzz no
   speech of that voice (flite, fixed pitch and speed, so the harmonics it learns are consistent);
 - InverseMelScale + Griffin-Lim (torchaudio) turn the mel frames into a waveform.
 
-    vocoder = fit_unit_mel_vocoder(pairs_of_wave_and_units, UnitMelConfig(n_units=64, unit_hop=320))
+    vocoder = fit_unit_mel_vocoder(pairs_of_wave_and_units, UnitMelConfig(n_units=64, channels=192, layers=6))
     vocoder.save(dir); wave = UnitMelVocoder.load(dir)(units, deduplicated=True)
 """
 
@@ -36,14 +36,14 @@ LOG_FLOOR = 1e-5
 @dataclass(frozen=True)
 class UnitMelConfig:
     n_units: int
+    channels: int  # decoder width and depth: conf/eval/tasks/tts.yaml's unit_mel vocoder holds the values used
+    layers: int
     sample_rate: int = 16_000
     unit_hop: int = 320  # samples per unit frame: the unit extractor's rate (320 = 50 Hz, 640 = 25 Hz)
     mel_hop: int = 160  # samples per mel frame; unit_hop must be a multiple of it
     n_fft: int = 1024
     win_length: int = 400
     n_mels: int = 80
-    channels: int = 192
-    layers: int = 6
     kernel_size: int = 5
     griffin_lim_iters: int = 32
 

@@ -5,7 +5,10 @@ One voice with a fixed prosody keeps the harmonics the decoder learns consistent
 voices with varied pitch and speed, whose average mel is a buzz). The units are voice-independent (a phone
 classifier), so units from any voice, or from the model, are voiced in this one.
 
-    python -m most_lightning.eval.unit_mel_training data/demo/<hash> out/vocoder [--sentences 400 --steps 1500]
+    python -m most_lightning.eval.unit_mel_training data/demo/<hash> out/vocoder [--sentences N --steps N]
+
+Settings (voice, sentences, steps, decoder width and depth) have one home, the TTS task's unit_mel vocoder in
+conf/eval/tasks/tts.yaml: the eval suite and these command lines read them from there.
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ def speak(sentences: Sequence[str], voice: str, directory: Path) -> list[torch.T
     return waves
 
 
-def train_unit_mel_vocoder(extractor, sentences: Sequence[str], voice: str = "slt", steps: int = 1500,
+def train_unit_mel_vocoder(extractor, sentences: Sequence[str], *, voice: str, steps: int, channels: int, layers: int,
                            batch_size: int = 16, seed: int = 0, n_units: int | None = None,
                            **config_overrides) -> UnitMelVocoder:
     """extractor: the corpus's UnitExtractor (waveform -> NON-deduplicated unit ids at its frame rate).
@@ -56,8 +59,8 @@ def train_unit_mel_vocoder(extractor, sentences: Sequence[str], voice: str = "sl
     if n_units < extractor.n_units:
         raise ValueError(f"n_units={n_units} is fewer than the {extractor.n_units} units the extractor produces")
     unit_hop = round(extractor.sample_rate / extractor.frame_rate)
-    config = UnitMelConfig(n_units=n_units, sample_rate=extractor.sample_rate, unit_hop=unit_hop,
-                           **config_overrides)
+    config = UnitMelConfig(n_units=n_units, channels=channels, layers=layers, sample_rate=extractor.sample_rate,
+                           unit_hop=unit_hop, **config_overrides)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         waves = speak(sentences, voice, Path(tmp))
@@ -74,6 +77,15 @@ def train_unit_mel_vocoder(extractor, sentences: Sequence[str], voice: str = "sl
 # settings of a `unit_mel` vocoder spec that trains one (conf/eval/tasks/tts.yaml writes them all); together they
 # are the cache key
 UNIT_MEL_SETTINGS = ("voice", "fit_utterances", "steps", "channels", "layers")
+TTS_TASK_YAML = Path(__file__).resolve().parents[2] / "conf" / "eval" / "tasks" / "tts.yaml"
+
+
+def unit_mel_defaults() -> dict[str, Any]:
+    """The unit_mel vocoder settings of conf/eval/tasks/tts.yaml: the command lines' defaults."""
+    from omegaconf import OmegaConf
+
+    spec = OmegaConf.load(TTS_TASK_YAML).vocoders.unit_mel
+    return {key: spec[key] for key in UNIT_MEL_SETTINGS}
 
 
 def cached_unit_mel_vocoder(ctx, spec: Mapping[str, Any]) -> UnitMelVocoder:
@@ -128,15 +140,24 @@ def corpus_sentences(corpus_dir: Path, split: str, limit: int) -> list[str]:
     return shard_sentences(sorted(str(p) for p in (corpus_dir / "speech").glob(f"{split}-*.tar")), limit)
 
 
+def add_unit_mel_arguments(parser: argparse.ArgumentParser, defaults: Mapping[str, Any]) -> None:
+    """The vocoder's training settings as options, defaulting to `defaults` (unit_mel_defaults())."""
+    for flag, key, kind, text in (("--sentences", "fit_utterances", int, "train sentences to speak"),
+                                  ("--voice", "voice", str, "the flite voice the vocoder learns"),
+                                  ("--steps", "steps", int, "training steps"),
+                                  ("--channels", "channels", int, "decoder width"),
+                                  ("--layers", "layers", int, "decoder conv layers")):
+        parser.add_argument(flag, type=kind, default=defaults[key], help=f"{text} (default: %(default)s)")
+
+
 def main() -> None:
     from most_lightning.audio.units import UnitExtractor
 
+    defaults = unit_mel_defaults()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("corpus", type=Path, help="a demo corpus directory (data/demo/<hash>)")
     p.add_argument("out", type=Path, help="where to save the vocoder")
-    p.add_argument("--sentences", type=int, default=400, help="train sentences to speak")
-    p.add_argument("--voice", default="slt")
-    p.add_argument("--steps", type=int, default=1500)
+    add_unit_mel_arguments(p, defaults)
     p.add_argument("--threads", type=int, default=None)
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -146,6 +167,7 @@ def main() -> None:
     extractor = UnitExtractor.load(args.corpus / manifest.get("unit_extractor", "unit_extractor"))
     sentences = corpus_sentences(args.corpus, "train", args.sentences)
     vocoder = train_unit_mel_vocoder(extractor, sentences, voice=args.voice, steps=args.steps,
+                                     channels=args.channels, layers=args.layers,
                                      n_units=manifest.get("n_units"))  # the corpus's unit tokens
     vocoder.save(args.out)
     print(f"saved to {args.out}")
