@@ -122,17 +122,23 @@ def cached_unit_mel_vocoder(ctx, spec: Mapping[str, Any]) -> UnitMelVocoder:
 
 
 def shard_sentences(shards: Sequence[str], limit: int) -> list[str]:
-    """The first `limit` transcripts of speech shards (the text only: flite speaks them again in one voice)."""
+    """The first `limit` transcripts of speech shards (the text only: flite speaks them again in one voice);
+    unreadable samples are skipped and counted in the log."""
     from most_lightning.data.samples import BadSamplePolicy, iter_shard
 
     sentences: list[str] = []
+    policy = BadSamplePolicy("skip")
     for shard in shards:
-        for sample in iter_shard(str(shard), BadSamplePolicy("skip")):
+        for sample in iter_shard(str(shard), policy):
             text = sample.get("txt")
             if text:
                 sentences.append(text.decode() if isinstance(text, bytes) else str(text))
             if len(sentences) >= limit:
-                return sentences
+                break
+        if len(sentences) >= limit:
+            break
+    if policy.total:
+        log.warning(f"unit_mel vocoder sentences: {policy.total} unreadable sample(s) skipped")
     return sentences
 
 
@@ -153,11 +159,10 @@ def add_unit_mel_arguments(parser: argparse.ArgumentParser, defaults: Mapping[st
 def main() -> None:
     from most_lightning.audio.units import UnitExtractor
 
-    defaults = unit_mel_defaults()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("corpus", type=Path, help="a demo corpus directory (data/demo/<hash>)")
     p.add_argument("out", type=Path, help="where to save the vocoder")
-    add_unit_mel_arguments(p, defaults)
+    add_unit_mel_arguments(p, unit_mel_defaults())
     p.add_argument("--threads", type=int, default=None)
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
