@@ -365,14 +365,15 @@ def markdown_table(rows: list[dict[str, Any]], cell_keys: list[str], metrics: li
 def write_runs_csv(path: Path, runs: list[Run], cell_keys: list[str], seed_key: str) -> None:
     metric_names = sorted({m for r in runs for m in r.metrics})
     config_names = sorted({c for r in runs for c in r.config})
-    header = ["source", "status", "reason", "run_dir", "trial_number", "git_commit", "later_evals", "overrides", seed_key,
-              *cell_keys, *metric_names, *(f"config.{c}" for c in config_names)]
+    header = ["source", "status", "reason", "run_dir", "trial_number", "git_commit", "later_evals", "overrides",
+              seed_key, *cell_keys, *metric_names, *(f"config.{c}" for c in config_names)]
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(header)
         for r in runs:
             writer.writerow([r.source, r.status, r.reason, r.run_dir or "", r.trial_number, r.git_commit or "",
-                             " ".join(r.later_evals), " ".join(r.overrides), r.value(seed_key), *(r.value(k) for k in cell_keys),
+                             " ".join(r.later_evals), " ".join(r.overrides), r.value(seed_key),
+                             *(r.value(k) for k in cell_keys),
                              *(r.metrics.get(m) for m in metric_names), *(r.config.get(c) for c in config_names)])
 
 
