@@ -217,7 +217,7 @@ def evaluate_after_test(cfg: DictConfig, module: Any, datamodule: Any, checkpoin
     LitModule in memory), after the test stage; writes eval_report.json/.md into the run directory and returns
     {"eval/<task>/<metric>": value}."""
     from most_lightning.eval.context import EvalContext
-    from most_lightning.eval.report import flat_metrics, write_report
+    from most_lightning.eval.report import run_metrics, write_report
     from most_lightning.metrics.normalize import TextNormalizer
 
     suite = cfg.eval
@@ -236,4 +236,4 @@ def evaluate_after_test(cfg: DictConfig, module: Any, datamodule: Any, checkpoin
     finally:
         model.train(was_training)
     write_report(report, ctx.output_dir)
-    return {f"eval/{name}": value for name, value in flat_metrics(report).items()}
+    return run_metrics(report)

@@ -28,6 +28,11 @@ def flat_metrics(report: dict[str, Any]) -> dict[str, float]:
     return out
 
 
+def run_metrics(report: dict[str, Any]) -> dict[str, float]:
+    """The report's metrics as a training run records them: {"eval/<task>/<metric>": value}."""
+    return {f"eval/{name}": value for name, value in flat_metrics(report).items()}
+
+
 def markdown_table(report: dict[str, Any]) -> str:
     head = report.get("checkpoint", {})
     lines = [f"# Eval report: suite `{report.get('suite', '?')}`", "",

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import fcntl
 import hashlib
+import itertools
 import json
 import logging
 import shutil
@@ -126,24 +127,18 @@ def shard_sentences(shards: Sequence[str], limit: int) -> list[str]:
     unreadable samples are skipped and counted in the log."""
     from most_lightning.data.samples import BadSamplePolicy, iter_shard
 
-    sentences: list[str] = []
     policy = BadSamplePolicy("skip")
-    for shard in shards:
-        for sample in iter_shard(str(shard), policy):
-            text = sample.get("txt")
-            if text:
-                sentences.append(text.decode() if isinstance(text, bytes) else str(text))
-            if len(sentences) >= limit:
-                break
-        if len(sentences) >= limit:
-            break
+    texts = (sample.get("txt") for shard in shards for sample in iter_shard(str(shard), policy))
+    sentences = [t.decode() if isinstance(t, bytes) else str(t) for t in itertools.islice(filter(None, texts), limit)]
     if policy.total:
         log.warning(f"unit_mel vocoder sentences: {policy.total} unreadable sample(s) skipped")
     return sentences
 
 
 def corpus_sentences(corpus_dir: Path, split: str, limit: int) -> list[str]:
-    return shard_sentences(sorted(str(p) for p in (corpus_dir / "speech").glob(f"{split}-*.tar")), limit)
+    """shard_sentences over a demo corpus's split, its shards as its manifest lists them."""
+    manifest = json.loads((corpus_dir / "manifest.json").read_text())
+    return shard_sentences([str(corpus_dir / s["path"]) for s in manifest["speech"][split]["shards"]], limit)
 
 
 def add_unit_mel_arguments(parser: argparse.ArgumentParser, defaults: Mapping[str, Any]) -> None:

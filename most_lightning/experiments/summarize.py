@@ -115,7 +115,7 @@ def _load_overrides(run_dir: Path) -> list[str]:
 def later_eval_metrics(run_dir: Path) -> dict[str, tuple[float, str]]:
     """{"eval/<task>/<metric>": (value, report path)} from eval reports in run_dir's subdirectories that evaluated
     one of run_dir's own checkpoints. Two reports giving the same metric is an error."""
-    from most_lightning.eval.report import flat_metrics
+    from most_lightning.eval.report import run_metrics
 
     metrics: dict[str, tuple[float, str]] = {}
     for report_path in sorted(run_dir.glob("*/eval_report.json")):
@@ -123,8 +123,7 @@ def later_eval_metrics(run_dir: Path) -> dict[str, tuple[float, str]]:
         checkpoint = Path(report.get("checkpoint", {}).get("path") or "")
         if checkpoint.resolve() != (run_dir / "checkpoints" / checkpoint.name).resolve():
             continue
-        for name, value in flat_metrics(report).items():
-            key = f"eval/{name}"
+        for key, value in run_metrics(report).items():
             if key in metrics:
                 raise ValueError(f"{key} of {run_dir} is given by two later evaluations, {metrics[key][1]} and "
                                  f"{report_path}: keep one")
