@@ -260,10 +260,11 @@ if __name__ == "__main__":
     register_sweeper_plugin()
     sys.argv = continue_killed_run(sys.argv)
     # torchrun / srun started this process: every rank writes into one run dir (see lit/launch.py)
-    from most_lightning.lit.launch import close_process_group, pin_run_dir_for_launched_ranks
+    from most_lightning.lit.launch import close_process_group, exit_launched_rank, pin_run_dir_for_launched_ranks
 
     pin_run_dir_for_launched_ranks(sys.argv)
     try:
         main()
     finally:
         close_process_group()
+    exit_launched_rank()

@@ -26,8 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 TINY_MODEL = dict(preset="tiny", hidden_size=32, num_heads=2, intermediate_size=64, moe_intermediate_size=16,
-                  kv_lora_rank=8, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8, num_layers=2,
-                  cpu_matmul="torch")  # every rank the same kernels, and no per-host backend measurement
+                  kv_lora_rank=8, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8, num_layers=2)
 VOCAB = 96
 SEQ = 12
 ROWS = 2
@@ -171,7 +170,8 @@ def trained_weights(trainer, module, out: Path) -> dict[str, torch.Tensor] | Non
 
 
 if __name__ == "__main__":
-    from most_lightning.lit.launch import close_process_group
+    from most_lightning.lit.launch import close_process_group, exit_launched_rank
 
     main()
     close_process_group()
+    exit_launched_rank()

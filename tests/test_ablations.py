@@ -185,6 +185,44 @@ def test_a_later_evaluation_of_a_jobs_own_checkpoint_fills_the_metrics_it_lacks(
         main([str(sweep), "--out", str(out)])
 
 
+def test_a_runs_csv_of_an_earlier_summary_joins_new_runs_and_a_folder_given_again_replaces_its_row(tmp_path):
+    """A study finished on another machine: its first cells survive only as the runs.csv of their summary."""
+    from most_lightning.experiments.summarize import main
+
+    def cell(root: Path, shared: int, values: dict) -> Path:
+        for num, ((router, seed), wer) in enumerate(values.items()):
+            write_job(root, num, [f"router={router}", f"seed={seed}"],
+                      {"router": {"name": router}, "seed": seed, "model": {"n_shared_experts": shared, "flag": True}},
+                      {"test/asr_wer": wer, "eval/tts/stop_rate": 1.0})
+        return root
+
+    first = cell(tmp_path / "first", 1, {("vanilla", 1): 0.30, ("vanilla", 2): 0.34})
+    keys = ["--cell-keys", "router.name", "model.n_shared_experts", "--metrics", "test/asr_wer"]
+    main([str(first), *keys, "--out", str(tmp_path / "earlier")])
+    second = cell(tmp_path / "second", 0, {("vanilla", 1): 0.40, ("vanilla", 2): 0.50})
+
+    out = tmp_path / "joined"
+    main([str(tmp_path / "earlier" / "runs.csv"), str(second), *keys, "--out", str(out)])
+    with open(out / "runs.csv") as f:
+        rows = {(r["model.n_shared_experts"], r["seed"]): r for r in csv.DictReader(f)}
+    assert sorted(rows) == [("0", "1"), ("0", "2"), ("1", "1"), ("1", "2")]
+    assert float(rows[("1", "2")]["test/asr_wer"]) == 0.34 and rows[("1", "2")]["config.model.flag"] == "True"
+    assert rows[("1", "1")]["git_commit"] == "abc123" and rows[("1", "1")]["run_dir"] == str(first / "0")
+    table = (out / "summary.md").read_text()
+    earlier_cell = statistics.fmean([0.30, 0.34]), statistics.stdev([0.30, 0.34])
+    assert f"| vanilla | 1 | 2/0/0/0 | 1 2 | {earlier_cell[0]:.4g} ± {earlier_cell[1]:.4g} |" in table, table
+    diffs = [0.40 - 0.30, 0.50 - 0.34]  # paired by seed across the csv's runs and the new ones
+    assert f"{statistics.fmean(diffs):.4g} ± {statistics.stdev(diffs):.4g}" in table, table
+
+    main([str(tmp_path / "earlier" / "runs.csv"), str(first), *keys, "--out", str(tmp_path / "again")])
+    with open(tmp_path / "again" / "runs.csv") as f:
+        assert len(list(csv.DictReader(f))) == 2  # the folders replaced their rows
+
+    (tmp_path / "other.csv").write_text("name,value\nx,1\n")
+    with pytest.raises(SystemExit, match="not a runs.csv written by this summariser"):
+        main([str(tmp_path / "other.csv"), "--out", str(tmp_path / "bad")])
+
+
 def _complete_runs(values):
     from most_lightning.experiments.summarize import Run
 

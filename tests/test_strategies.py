@@ -5,6 +5,9 @@ contribution of MoST-C's projection, and the optimizer groups the weight-decay p
 from __future__ import annotations
 
 import csv
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -184,6 +187,24 @@ def test_process_group_is_closed_before_interpreter_shutdown(tmp_path):
     assert dist.is_initialized()
     close_process_group()
     assert not dist.is_initialized()
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_a_finished_launched_rank_leaves_without_interpreter_finalisation(world):
+    """Ranks of a launch leave through os._exit once their output is flushed, so no Gloo work freed during
+    finalisation can abort them; a single process exits the normal way (its atexit handlers run)."""
+    script = ("import atexit, logging, sys\n"
+              "from most_lightning.lit.launch import exit_launched_rank\n"
+              "atexit.register(lambda: print('finalised'))\n"
+              "logging.basicConfig(stream=sys.stderr, level=logging.INFO)\n"
+              "print('trained', end='')\n"
+              "logging.getLogger('rank').info('logged')\n"
+              "exit_launched_rank()\n")
+    env = {**os.environ, "WORLD_SIZE": str(world), "RANK": "0", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("trained") and "logged" in done.stderr  # unflushed output still comes out
+    assert ("finalised" in done.stdout) == (world == 1)
 
 
 def test_pinning_leaves_single_processes_and_explicit_dirs_alone_and_refuses_multirun():

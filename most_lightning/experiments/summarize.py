@@ -4,7 +4,9 @@
     python -m most_lightning.experiments.summarize <multirun dir> ... --study sqlite:///logs/optuna/split_ratio.db \
         --study-name split_ratio --metrics val/nll test/asr_wer --out results/
 
-Sources: Hydra multirun directories (one job subdirectory each) and/or an Optuna study (storage URL + name).
+Sources: Hydra multirun directories (one job subdirectory each) and/or an Optuna study (storage URL + name), and
+runs.csv files of earlier summaries (runs summarised on another machine, their folders gone; a run folder given
+too replaces its row).
 A job directory's config comes from config_resolved.yaml (else .hydra/config.yaml), its metrics from
 metrics.json, its git commit from provenance.json. An eval suite run later on one of the job's own checkpoints, with
 its run directory inside the job's (`python run.py mode=eval ckpt_path=<job>/checkpoints/<ckpt>
@@ -189,6 +191,38 @@ def load_multirun(multirun_dir: Path) -> list[Run]:
             if sorted(combo) not in have:
                 runs.append(Run(source=source, status="missing", overrides=combo,
                                 reason="in the sweep's grid (multirun.yaml) but no job directory"))
+    return runs
+
+
+RUNS_CSV_FIELDS = ("source", "status", "reason", "run_dir", "trial_number", "git_commit", "later_evals", "overrides")
+
+
+def _csv_value(text: str) -> Any:
+    return {"True": True, "False": False}.get(text, _parse_scalar(text))
+
+
+def load_runs_csv(path: Path) -> list[Run]:
+    """The runs of a runs.csv this module wrote, as they were summarised: a study's earlier runs whose folders
+    are not on this machine. A column is a metric unless it is one of the fixed fields or names a config key
+    (the seed and cell columns repeat config values)."""
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    header = list(rows[0]) if rows else []
+    if not set(RUNS_CSV_FIELDS) <= set(header):
+        raise SystemExit(f"{path}: not a runs.csv written by this summariser (it needs the columns "
+                         f"{', '.join(RUNS_CSV_FIELDS)})")
+    config_keys = {c.removeprefix("config.") for c in header if c.startswith("config.")}
+    metric_keys = [c for c in header
+                   if c not in RUNS_CSV_FIELDS and not c.startswith("config.") and c not in config_keys]
+    runs = []
+    for row in rows:
+        runs.append(Run(
+            source=row["source"], status=row["status"], reason=row["reason"], run_dir=row["run_dir"] or None,
+            trial_number=int(row["trial_number"]) if row["trial_number"] else None,
+            git_commit=row["git_commit"] or None, later_evals=row["later_evals"].split(),
+            overrides=row["overrides"].split(),
+            config={k: _csv_value(row[f"config.{k}"]) for k in config_keys if row[f"config.{k}"] != ""},
+            metrics={k: float(row[k]) for k in metric_keys if row[k] != ""}))
     return runs
 
 
@@ -526,16 +560,21 @@ def summarize(sources: list[str], out: Path, study_storage: str | None = None, s
               heatmap_runs: list[str] | None = None, n_heatmaps: int = 4) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     runs: list[Run] = []
+    earlier: list[Run] = []  # from runs.csv files; a run folder loaded here replaces its row
     for source in sources:
         path = Path(source)
         if source.startswith(("sqlite:", "journal:", "postgresql:", "mysql:")):
             study_storage = source
+        elif path.suffix == ".csv" and path.is_file():
+            earlier.extend(load_runs_csv(path))
         elif is_run_dir(path) and not (path / "multirun.yaml").is_file():
             runs.append(load_run_dir(path, path.parent.name))
         elif path.is_dir():
             runs.extend(load_multirun(path))
         else:
-            raise SystemExit(f"{source}: not a run directory, a multirun directory or a storage URL")
+            raise SystemExit(f"{source}: not a run directory, a multirun directory, a runs.csv or a storage URL")
+    on_disk = {str(Path(r.run_dir)) for r in runs if r.run_dir}
+    runs = [r for r in earlier if not r.run_dir or str(Path(r.run_dir)) not in on_disk] + runs
     study = None
     if study_storage:
         known = {str(Path(r.run_dir).resolve()): r for r in runs if r.run_dir}
@@ -589,7 +628,8 @@ def summarize(sources: list[str], out: Path, study_storage: str | None = None, s
     if not heatmap_runs:  # one run (lowest seed) per cell of the first source
         first = next(iter(by_source.values()))
         for cell in sorted({cell_of(r, cell_keys) for r in first}, key=lambda c: tuple(str(v) for v in c)):
-            members = sorted((r for r in first if cell_of(r, cell_keys) == cell and r.status == "complete"),
+            members = sorted((r for r in first if cell_of(r, cell_keys) == cell and r.status == "complete"
+                              and Path(r.run_dir or "", "expert_load_test.csv").is_file()),
                              key=lambda r: str(r.value(seed_key)))
             if members and len(chosen) < n_heatmaps:
                 chosen.append(members[0])
@@ -608,7 +648,8 @@ def summarize(sources: list[str], out: Path, study_storage: str | None = None, s
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m most_lightning.experiments.summarize", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("sources", nargs="+", help="multirun dirs, run dirs, or an Optuna storage URL")
+    parser.add_argument("sources", nargs="+",
+                        help="multirun dirs, run dirs, runs.csv files of earlier summaries, or an Optuna storage URL")
     parser.add_argument("--study", help="Optuna storage URL (sqlite:///..., journal:///...)")
     parser.add_argument("--study-name", help="study in that storage (needed if it holds several)")
     parser.add_argument("--metrics", nargs="+", help="metrics for the table and plots (default: a few headline ones)")
