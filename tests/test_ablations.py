@@ -245,6 +245,26 @@ def test_paired_differences_by_hand():
     assert row["detectable"] == pytest.approx(4.303 * std / 3 ** 0.5)
 
 
+def test_a_factorial_grid_compares_every_two_cells_that_differ_in_one_factor():
+    from most_lightning.experiments.summarize import Run, paired_differences
+
+    wer = {("modality_aware", 0): [0.40, 0.44], ("modality_aware", 1): [0.36, 0.35],
+           ("vanilla", 0): [0.38, 0.39], ("vanilla", 1): [0.33, 0.34]}
+    runs = [Run(source="s", status="complete", config={"router.name": router, "model.n_shared_experts": shared,
+                                                       "seed": seed}, metrics={"test/asr_wer": values[seed - 1]})
+            for (router, shared), values in wer.items() for seed in (1, 2)]
+    rows = paired_differences(runs, ["router.name", "model.n_shared_experts"], ["test/asr_wer"], "seed")
+    got = {(r["cell"], r["reference"]): r["mean"] for r in rows}
+    # the router at each shared-expert count, the shared expert under each router; never both factors at once
+    ma0, ma1 = "name=modality_aware, n_shared_experts=0", "name=modality_aware, n_shared_experts=1"
+    va0, va1 = "name=vanilla, n_shared_experts=0", "name=vanilla, n_shared_experts=1"
+    expected = {(ma1, ma0): (-0.04 - 0.09) / 2, (va0, ma0): (-0.02 - 0.05) / 2,
+                (va1, ma1): (-0.03 - 0.01) / 2, (va1, va0): (-0.05 - 0.05) / 2}
+    assert set(got) == set(expected)
+    for pair, mean in expected.items():
+        assert got[pair] == pytest.approx(mean), pair
+
+
 def test_a_seed_list_that_does_not_divide_into_the_cells_is_an_error(tmp_path):
     from most_lightning.experiments.summarize import UnpairedSeedsError, paired_differences
 

@@ -338,27 +338,34 @@ def _cell_name(cell: tuple, cell_keys: list[str]) -> str:
     return ", ".join(f"{k.split('.')[-1]}={_show(v)}" for k, v in zip(cell_keys, cell))
 
 
+def comparison_pairs(cells: list[tuple], reference: tuple | None = None) -> list[tuple[tuple, tuple]]:
+    """(cell, reference) pairs to compare. With one cell key (or a reference given): every cell against the
+    reference (default: the first). With several keys (a factorial grid): every two cells that differ in exactly
+    one key, each factor's effect at each level of the others, the later cell minus the earlier."""
+    if reference is not None or len(cells[0]) < 2:
+        reference = reference if reference is not None else cells[0]
+        return [(cell, reference) for cell in cells if cell != reference]
+    return [(b, a) for a, b in itertools.combinations(cells, 2) if sum(x != y for x, y in zip(a, b)) == 1]
+
+
 def paired_differences(runs: list[Run], cell_keys: list[str], metrics: list[str], seed_key: str,
                        reference: tuple | None = None) -> list[dict[str, Any]]:
-    """For every cell against the reference cell (default: the first), per metric: the per-seed differences'
-    mean, std, t statistic and whether |t| exceeds the two-sided 5% critical value (the difference exceeds the
-    seed noise); also the smallest difference the study could detect at this noise (t_crit * std / sqrt(n))."""
+    """For every pair of `comparison_pairs`, per metric: the per-seed differences' mean, std, t statistic and
+    whether |t| exceeds the two-sided 5% critical value (the difference exceeds the seed noise); also the smallest
+    difference the study could detect at this noise (t_crit * std / sqrt(n))."""
     cells = seeds_by_cell(runs, cell_keys, seed_key)
     if not cells:
         return []
     order = sorted(cells, key=lambda c: tuple(str(v) for v in c))
-    reference = reference if reference is not None else order[0]
     value = {(cell_of(r, cell_keys), str(r.value(seed_key))): r.metrics for r in runs if r.status == "complete"}
     rows = []
-    for cell in order:
-        if cell == reference:
-            continue
+    for cell, base in comparison_pairs(order, reference):
         for metric in metrics:
-            diffs = [value[(cell, str(s))].get(metric, math.nan) - value[(reference, str(s))].get(metric, math.nan)
+            diffs = [value[(cell, str(s))].get(metric, math.nan) - value[(base, str(s))].get(metric, math.nan)
                      for s in cells[cell]]
             diffs = [d for d in diffs if math.isfinite(d)]
             n = len(diffs)
-            row = {"cell": _cell_name(cell, cell_keys), "reference": _cell_name(reference, cell_keys), "metric": metric,
+            row = {"cell": _cell_name(cell, cell_keys), "reference": _cell_name(base, cell_keys), "metric": metric,
                    "n": n, "mean": statistics.fmean(diffs) if diffs else None,
                    "std": statistics.stdev(diffs) if n > 1 else None}
             if n > 1:
@@ -610,8 +617,9 @@ def summarize(sources: list[str], out: Path, study_storage: str | None = None, s
             paired = []  # runs that failed or are missing break the pairing: say so instead of comparing
             sections.append(f"## paired by seed: not possible\n\n{err}\n")
         if paired:
-            sections.append("## paired by seed (each cell minus the first; t against the two-sided 5% critical "
-                            "value)\n\n" + paired_table(paired))
+            sections.append("## paired by seed (cell minus reference: with one cell key each cell against the "
+                            "first, with several every two cells that differ in one key; t against the two-sided "
+                            "5% critical value)\n\n" + paired_table(paired))
     problems = [r for r in runs if r.status != "complete"]
     if problems:
         sections.append("## runs that did not complete\n\n" + "\n".join(
