@@ -88,10 +88,10 @@ def close_process_group() -> None:
 
 def exit_launched_rank() -> None:
     """End a rank of a multi-process launch (WORLD_SIZE > 1) that finished its work: flush the output and leave
-    with status 0 through ``os._exit``, skipping interpreter finalisation. Even after the group is destroyed,
-    async Gloo work that DeepSpeed still references (ZeRO-3's prefetching all-gathers) is freed during
-    finalisation, and a finished rank can abort there ("terminate called without an active exception"; one
-    two-rank CPU ZeRO-3 run of a few dozen in CI). A single process returns and exits normally."""
+    with status 0 through ``os._exit``, skipping interpreter finalisation. Even with the group destroyed, a finished
+    two-rank CPU ZeRO-3 rank aborted there once in CI ("terminate called without an active exception"): Gloo work
+    objects still referenced from Python (as DeepSpeed's async all-gathers keep them) are freed while the
+    interpreter is torn down. A single process returns and exits normally."""
     world, _ = _world_and_rank(dict(os.environ))
     if world <= 1:
         return
